@@ -1,0 +1,136 @@
+"""The LightningDataModule: a source, seeded stratified splits, the small-data subset, and transforms."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from tl.data.sources import ImageSet
+from tl.data.splits import make_splits, subset_per_class
+from tl.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Indexes into an `ImageSet`; images come from memory (uint8 tensors) or are decoded from disk on access."""
+
+    def __init__(self, images: ImageSet, indices: np.ndarray, transform):
+        self.set, self.indices, self.transform = images, np.asarray(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_image(self, i: int) -> Image.Image:
+        j = int(self.indices[i])
+        if self.set.images is not None:
+            arr = self.set.images[j].permute(1, 2, 0).numpy()
+            img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        else:
+            with Image.open(self.set.paths[j]) as f:
+                img = f.copy()
+        return img.convert("RGB")  # grayscale and palette images become 3 channels
+
+    def __getitem__(self, i: int):
+        return self.transform(self.load_image(i)), int(self.set.targets[self.indices[i]])
+
+
+class TransferDataModule(pl.LightningDataModule):
+    """Feeds train/val/test loaders for one source, split deterministically from `seed`.
+
+    Args:
+        source: an object with `load() -> ImageSet` (see `tl.data.sources`), usually built by Hydra.
+        preprocess: the backbone's input size, interpolation, crop and mean/std (`backbone_preprocess`).
+        image_size, crop_pct: override the backbone's input size and centre-crop fraction (e.g. for 8x8 digits).
+        augment: the augmentation policy for training (a conf/augment/ node); None means none.
+        val_fraction, test_fraction: parts of the data carved out (stratified) when the source gives no such split.
+        samples_per_class: if set, train on this many examples per class, drawn from train only.
+        mirror_invariant: False switches flips off (digits, text).
+        batch_size: training batch size; evaluation uses `eval_batch_size` (default 2x).
+        num_workers: loader processes; None picks 0 for in-memory data and the core count (max 8) for files.
+        seed: fixes splits and the subset.
+        root, on_bad_file: where the data lives and what to do with unreadable files; the source reads them
+            (through the config), they are kept here for the record.
+    """
+
+    def __init__(self, source: Any, preprocess: dict, augment: dict | None = None, val_fraction: float = 0.15,
+                 test_fraction: float = 0.15, samples_per_class: int | None = None, mirror_invariant: bool = True,
+                 batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int | None = None,
+                 seed: int = 0, image_size: int | None = None, crop_pct: float | None = None,
+                 root: str | None = None, on_bad_file: str = "skip"):
+        super().__init__()
+        self.source, self.augment, self.root, self.on_bad_file = source, augment, root, on_bad_file
+        self.preprocess = dict(preprocess)
+        if image_size is not None:
+            self.preprocess["input_size"] = [3, int(image_size), int(image_size)]
+        if crop_pct is not None:
+            self.preprocess["crop_pct"] = float(crop_pct)
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.samples_per_class, self.mirror_invariant, self.seed = samples_per_class, mirror_invariant, seed
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
+        self.num_workers = num_workers
+        self.images: ImageSet | None = None
+        self.split_indices: dict[str, np.ndarray] = {}
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.images is not None:
+            return
+        self.images = self.source.load()
+        splits = make_splits(self.images.targets, self.images.given_splits, self.val_fraction, self.test_fraction,
+                             self.seed)
+        splits["train"] = subset_per_class(splits["train"], self.images.targets, self.samples_per_class, self.seed,
+                                           self.images.classes)
+        self.split_indices = splits
+        log.info("Data: %d classes; train %d, val %d, test %d", self.num_classes,
+                 *(len(splits[s]) for s in ("train", "val", "test")))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.images.classes)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.images.classes)
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return list(self.images.skipped_files) if self.images else []
+
+    def dataset(self, split: str, augmented: bool | None = None) -> ImageDataset:
+        """The dataset for `split`; training data is augmented by the policy unless `augmented=False`."""
+        augmented = (split == "train") if augmented is None else augmented
+        tf = (train_transform(self.preprocess, self.augment, self.mirror_invariant) if augmented
+              else eval_transform(self.preprocess))
+        return ImageDataset(self.images, self.split_indices[split], tf)
+
+    # -- loaders ----------------------------------------------------------------------------------------------
+    def _workers(self) -> int:
+        if self.num_workers is not None:
+            return int(self.num_workers)
+        # In-memory images are cheap to transform: extra processes would only compete with the model for cores.
+        return 0 if self.images.images is not None else min(8, os.cpu_count() or 1)
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self._workers()
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          # Drop only a last batch of one: BatchNorm cannot train on it; keep every other example.
+                          drop_last=shuffle and len(ds) % batch_size == 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.eval_batch_size, shuffle=False)

@@ -1,0 +1,206 @@
+"""Where images come from.
+
+A source loads a whole dataset into an `ImageSet`: class names, integer targets, and either the images themselves
+(uint8 tensors, for small datasets held in memory) or file paths (decoded lazily by the dataset). A source may also
+say which examples belong to given splits (an image folder's train/val/test, a torchvision dataset's train/test).
+Splitting, subsetting and transforms happen elsewhere (`tl.data.splits`, `tl.data.datamodule`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from tl.errors import TLError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class ImageSet:
+    """A labelled image collection: exactly one of `images` (uint8, N x C x H x W) or `paths` is set."""
+
+    classes: list[str]
+    targets: np.ndarray
+    images: torch.Tensor | None = None
+    paths: list[str] | None = None
+    given_splits: dict[str, np.ndarray] = field(default_factory=dict)  # split name -> indices
+    skipped_files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class DigitsSource:
+    """scikit-learn's bundled handwritten digits: 1,797 8x8 grayscale images, 10 classes, no download."""
+
+    def load(self) -> ImageSet:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        # Pixel values are counts 0..16; scale to the full uint8 range like any other image.
+        images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+        return ImageSet(classes=[str(c) for c in digits.target_names], targets=digits.target.astype(np.int64),
+                        images=images)
+
+
+class SyntheticSource:
+    """Procedurally generated, class-separable colour images for tests and smoke runs (deterministic per seed).
+
+    Each class is an oriented sinusoidal grating with its own frequency and colour; examples vary in phase and noise.
+    """
+
+    def __init__(self, num_classes: int = 4, samples_per_class: int = 30, image_size: int = 32, seed: int = 0):
+        if num_classes < 2:
+            raise TLError(f"data.source.num_classes={num_classes}: a classifier needs at least 2 classes")
+        self.num_classes, self.samples_per_class, self.image_size, self.seed = (
+            num_classes, samples_per_class, image_size, seed)
+
+    def load(self) -> ImageSet:
+        g = torch.Generator().manual_seed(self.seed)
+        n, s = self.samples_per_class, self.image_size
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, s), torch.linspace(0, 1, s), indexing="ij")
+        images, targets = [], []
+        for c in range(self.num_classes):
+            angle = np.pi * c / self.num_classes
+            freq = 2.0 + 2.0 * (c % 3)
+            colour = torch.tensor([(c * 0.37) % 1, (c * 0.61 + 0.3) % 1, (c * 0.83 + 0.6) % 1]).view(3, 1, 1)
+            phase = torch.rand(n, generator=g) * 2 * np.pi
+            wave = torch.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy)[None] + phase.view(n, 1, 1))
+            img = 0.5 + 0.35 * wave[:, None] * (0.5 + colour) + 0.08 * torch.randn(n, 3, s, s, generator=g)
+            images.append((img.clamp(0, 1) * 255).to(torch.uint8))
+            targets.append(np.full(n, c, dtype=np.int64))
+        return ImageSet(classes=[f"class_{c}" for c in range(self.num_classes)], targets=np.concatenate(targets),
+                        images=torch.cat(images))
+
+
+def _is_readable_image(path: Path) -> bool:
+    """True when PIL can identify and fully decode the file (catches truncated and non-image files)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+class ImageFolderSource:
+    """Images on disk: `root/<class>/*.png|jpg...`, or `root/train/<class>/...` with optional `root/val`, `root/test`.
+
+    Every file is checked once up front; unreadable files are skipped and reported (`on_bad_file=skip`) or stop the
+    run before training (`on_bad_file=error`).
+    """
+
+    def __init__(self, root: str | Path, on_bad_file: str = "skip"):
+        if on_bad_file not in ("skip", "error"):
+            raise TLError(f"data.on_bad_file={on_bad_file!r}: use skip or error")
+        self.root = Path(root).expanduser()
+        self.on_bad_file = on_bad_file
+
+    def _class_dirs(self, folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def load(self) -> ImageSet:
+        root = self.root
+        if not root.is_dir():
+            raise TLError(f"data.root={str(root)!r} does not exist or is not a folder: point data.root at a folder of "
+                          "class subfolders (DIR/<class>/*.jpg) or of train/ val/ test/ splits")
+        split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+        if split_dirs and "train" not in split_dirs:
+            raise TLError(f"data.root={str(root)!r} has {'/'.join(split_dirs)}/ but no train/ folder: add "
+                          f"{root / 'train'}/<class>/... or put class folders directly under data.root")
+        layout = split_dirs if split_dirs else {None: root}
+        classes = [p.name for p in self._class_dirs(layout.get("train", root))]
+        if not classes:
+            raise TLError(f"data.root={str(root)!r} has no class folders: expected {root}/<class>/*.jpg "
+                          f"(or {root}/train/<class>/...)")
+        index = {c: i for i, c in enumerate(classes)}
+
+        paths, targets, split_of, bad = [], [], [], []
+        for split, folder in layout.items():
+            for class_dir in self._class_dirs(folder):
+                if class_dir.name not in index:
+                    raise TLError(f"class folder {str(class_dir)!r} is not among the train classes "
+                                  f"({', '.join(classes)}): rename it or add it to train/")
+                files = sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith("."))
+                good = []
+                for f in files:
+                    if f.suffix.lower() in IMAGE_EXTENSIONS and _is_readable_image(f):
+                        good.append(f)
+                    else:
+                        bad.append(str(f))
+                if not good and (split in (None, "train")):
+                    raise TLError(f"class folder {str(class_dir)!r} has no readable images: add images "
+                                  f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...) or remove the folder")
+                paths += [str(f) for f in good]
+                targets += [index[class_dir.name]] * len(good)
+                split_of += [split] * len(good)
+        if bad and self.on_bad_file == "error":
+            raise TLError(f"{len(bad)} unreadable or non-image file(s) under data.root, first: {bad[0]!r}: remove "
+                          "them or set data.on_bad_file=skip")
+        if bad:
+            log.warning("Skipped %d unreadable or non-image file(s) under %s, e.g. %s", len(bad), root, bad[:3])
+        split_of = np.array(split_of, dtype=object)
+        given = {s: np.flatnonzero(split_of == s) for s in split_dirs}
+        return ImageSet(classes=classes, targets=np.array(targets, dtype=np.int64), paths=paths,
+                        given_splits=given, skipped_files=bad)
+
+
+class TorchvisionSource:
+    """A torchvision dataset class by name, e.g. `CIFAR10`, with keyword arguments per given split.
+
+    `splits` maps tl's split names to the dataset's constructor arguments, e.g. `{train: {train: true}, test:
+    {train: false}}`. Images are held in memory as uint8 tensors (they are decoded once, here).
+    """
+
+    def __init__(self, name: str, root: str | Path, splits: dict[str, dict], download: bool = True):
+        import torchvision.datasets as tvd
+
+        if not hasattr(tvd, name):
+            raise TLError(f"data.source.name={name!r} is not a torchvision dataset: see torchvision.datasets")
+        self.cls, self.name = getattr(tvd, name), name
+        self.root, self.splits, self.download = Path(root).expanduser(), splits, download
+
+    def _open(self, split_kwargs: dict):
+        try:
+            return self.cls(root=str(self.root), download=self.download, **split_kwargs)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError if not found
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TLError(f"could not load or download torchvision {self.name} into data.root={str(self.root)!r} "
+                          f"({first}): without internet, place its files there in torchvision's layout, or use "
+                          "data=imagefolder data.root=DIR") from e
+
+    def load(self) -> ImageSet:
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        images, targets, given, classes = [], [], {}, None
+        for split, kwargs in self.splits.items():
+            ds = self._open(dict(kwargs))
+            start = sum(len(t) for t in targets)
+            xs, ys = [], []
+            for img, y in ds:  # decode once; datasets are (PIL image, int) pairs
+                xs.append(pil_to_tensor(img.convert("RGB")))
+                ys.append(int(y))
+            sizes = {tuple(x.shape) for x in xs}
+            if len(sizes) > 1:  # variable-size images (Flowers, Pets, DTD): bring to one size once, keep aspect
+                xs = [_resize_short_center(x, 256) for x in xs]
+            images.append(torch.stack(xs))
+            targets.append(np.array(ys, dtype=np.int64))
+            given[split] = np.arange(start, start + len(ys))
+            classes = classes or list(getattr(ds, "classes", [])) or [str(c) for c in sorted(set(ys))]
+        return ImageSet(classes=[str(c) for c in classes], targets=np.concatenate(targets), images=torch.cat(images),
+                        given_splits=given)
+
+
+def _resize_short_center(x: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2.functional import center_crop, resize
+
+    return center_crop(resize(x, size, antialias=True), [size, size])

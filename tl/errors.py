@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+A `TLError` is a mistake in the user's input (a path, a value, a name): its message is one line that names the
+culprit and the fix. Entry points print it without a traceback and exit non-zero; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class TLError(Exception):
+    """Bad input: one line naming the culprit and the fix."""

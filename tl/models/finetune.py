@@ -1,0 +1,82 @@
+"""Which parameters train, and at what learning rate.
+
+Strategies (`finetune.strategy`):
+- `linear_probe`: the backbone is frozen; only the new classifier trains.
+- `partial`: the last `trainable_stages` stages of the backbone train with the classifier; earlier stages are frozen.
+- `full`: everything trains.
+Stages come from timm's own `group_matcher(coarse=True)` (stem, stage 1..n, head), so the same code works for
+ResNets, EfficientNets, ConvNeXts and ViTs. Frozen parameters never reach the optimizer, and modules that are wholly
+frozen stay in eval mode (BatchNorm running statistics and dropout frozen too).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tl.errors import TLError
+from tl.models.backbone import classifier_names
+
+STRATEGIES = ("linear_probe", "partial", "full")
+
+
+def stage_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names grouped stem-first by timm's coarse group matcher; the classifier is the last group."""
+    from timm.models import group_parameters
+
+    head = classifier_names(model)
+    groups = [[n for n in names if n not in head] for names in
+              group_parameters(model, model.group_matcher(coarse=True)).values()]
+    return [g for g in groups if g] + [sorted(head)]
+
+
+def apply_strategy(model: nn.Module, strategy: str, trainable_stages: int = 1) -> None:
+    """Set `requires_grad` for `strategy` (see module docstring)."""
+    if strategy not in STRATEGIES:
+        raise TLError(f"finetune.strategy={strategy!r} is unknown: use one of {', '.join(STRATEGIES)}")
+    groups = stage_groups(model)
+    backbone = groups[:-1]
+    if strategy == "full":
+        trainable = {n for g in groups for n in g}
+    else:
+        k = 0 if strategy == "linear_probe" else int(trainable_stages)
+        if strategy == "partial" and not 1 <= k <= len(backbone):
+            raise TLError(f"finetune.trainable_stages={trainable_stages}: this backbone has {len(backbone)} stages "
+                          f"(stem included); use 1..{len(backbone)}")
+        trainable = {n for g in backbone[len(backbone) - k:] + groups[-1:] for n in g}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+
+
+def set_frozen_modules_eval(model: nn.Module) -> None:
+    """Put every module whose parameters are all frozen into eval mode (BN statistics, dropout, drop-path)."""
+    for m in model.modules():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0, weight_decay: float = 0.0,
+                 layer_decay: float | None = None) -> list[dict]:
+    """Optimizer groups for the trainable parameters.
+
+    The classifier gets `lr`; the backbone `lr * backbone_lr_mult`, further scaled by `layer_decay ** depth` from
+    the head when layer-wise decay is set. Biases and normalisation weights (1-d tensors) get no weight decay.
+    """
+    if lr <= 0 or backbone_lr_mult < 0 or weight_decay < 0:
+        raise TLError(f"optimizer.lr={lr}, finetune.backbone_lr_mult={backbone_lr_mult}, optimizer.weight_decay="
+                      f"{weight_decay}: learning rate must be > 0, the others >= 0")
+    groups = stage_groups(model)
+    depth = {n: len(groups) - 1 - i for i, g in enumerate(groups) for n in g}  # 0 for the head
+    head = set(groups[-1])
+    buckets: dict[tuple, dict] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = n in head
+        scale = 1.0 if is_head else backbone_lr_mult * (layer_decay ** depth[n] if layer_decay else 1.0)
+        no_decay = p.ndim <= 1 or n in getattr(model, "no_weight_decay", lambda: set())()
+        key = ("head" if is_head else f"backbone{'.' + str(depth[n]) if layer_decay else ''}", no_decay)
+        group = buckets.setdefault(key, {"name": f"{key[0]}{'/no_decay' if no_decay else ''}", "params": [],
+                                         "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(p)
+    return list(buckets.values())

@@ -1,0 +1,107 @@
+"""The LightningModule: a timm backbone with a new head, a freeze policy, param groups, optimizer and schedule."""
+
+from __future__ import annotations
+
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from tl.models.backbone import create_backbone, init_head, load_pretrained
+from tl.models.finetune import apply_strategy, param_groups, set_frozen_modules_eval
+
+
+class TransferModule(pl.LightningModule):
+    """Image classifier fine-tuned from a pretrained timm backbone.
+
+    Everything needed to rebuild it (names, sizes, class names, preprocessing) is saved as plain hyperparameters, so
+    a checkpoint loads with `weights_only=True` and without the training config.
+
+    Args:
+        name: timm model name.
+        num_classes: width of the new head.
+        pretrained: where backbone weights come from (`package`, `hub`, `none` or a path); loaded once at
+            construction. Restoring from a checkpoint passes `pretrained="none"`.
+        drop_rate: dropout before the head.
+        drop_path_rate: stochastic depth rate.
+        head_init_std: std of the new head's initial weights (small: initial loss near ln(num_classes)).
+        strategy, trainable_stages: the freeze policy (`tl.models.finetune`).
+        backbone_lr_mult: backbone LR relative to the head's.
+        layer_decay: optional layer-wise LR decay on top of `backbone_lr_mult`.
+        label_smoothing: cross-entropy label smoothing.
+        optimizer: a `_partial_` optimizer config (conf/optimizer/); needs `lr` and may carry `weight_decay`.
+        scheduler: a `_partial_` schedule config (conf/scheduler/), or None for a constant LR.
+        class_names: label names, saved for prediction.
+        preprocess: the input pipeline's size, interpolation and mean/std, saved for prediction.
+    """
+
+    def __init__(self, name: str, num_classes: int, pretrained: str = "none", drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, head_init_std: float = 0.01, strategy: str = "full",
+                 trainable_stages: int = 1, backbone_lr_mult: float = 1.0, layer_decay: float | None = None,
+                 label_smoothing: float = 0.0, optimizer: dict | None = None, scheduler: dict | None = None,
+                 class_names: list[str] | None = None, preprocess: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_backbone(name, num_classes, drop_rate, drop_path_rate)
+        init_head(self.model, head_init_std)
+        self.pretrained_source = load_pretrained(self.model, pretrained, name)
+        apply_strategy(self.model, strategy, trainable_stages)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.metrics = nn.ModuleDict({
+            f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro") for stage in ("train", "val", "test")})
+        if num_classes > 5:
+            self.metrics.update({f"{stage}_acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro")
+                                 for stage in ("val", "test")})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode while the rest trains (BatchNorm statistics must not drift)."""
+        super().train(mode)
+        if mode:
+            set_frozen_modules_eval(self.model)
+        return self
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        for key, metric in self.metrics.items():
+            if key.startswith(stage):
+                metric(logits, y)
+                self.log(f"{stage}/{key.split('_', 1)[1]}", metric, on_step=False, on_epoch=True,
+                         prog_bar=key == f"{stage}_acc", batch_size=len(y))
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=-1)
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_cfg = dict(hp.optimizer or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3})
+        lr, weight_decay = float(opt_cfg.pop("lr")), float(opt_cfg.pop("weight_decay", 0.0))
+        groups = param_groups(self.model, lr, hp.backbone_lr_mult, weight_decay, hp.layer_decay)
+        optimizer = instantiate(opt_cfg, _convert_="all")(groups, lr=lr)
+        if not hp.scheduler:
+            return optimizer
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        scheduler = instantiate(dict(hp.scheduler), _convert_="all")(
+            optimizer, steps_per_epoch=steps_per_epoch, max_epochs=self.trainer.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

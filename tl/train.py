@@ -1,0 +1,123 @@
+"""`python -m tl.train`: fine-tune a pretrained backbone on an image dataset.
+
+1. seed, check the output directory, print and save the config;
+2. the data module (source, splits, subset, transforms from the backbone's preprocessing);
+3. the LightningModule (backbone + new head, freeze policy, optimizer and schedule);
+4. callbacks, loggers and the Trainer from the config;
+5. fit, test with the best checkpoint, write results.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from tl.data.transforms import backbone_preprocess
+from tl.errors import TLError
+from tl.utils import build, ensure_writable, print_config, print_results, to_plain, user_errors, write_json
+
+log = logging.getLogger("tl.train")
+
+
+def build_datamodule(cfg: DictConfig):
+    """The data module for `cfg.data`, preprocessing as the backbone `cfg.model.name` expects."""
+    preprocess = backbone_preprocess(cfg.model.name)
+    return build(cfg.data, preprocess=preprocess, augment=to_plain(cfg.augment), seed=cfg.seed, _convert_="all")
+
+
+def build_module(cfg: DictConfig, datamodule, pretrained: str | None = None):
+    """The LightningModule for `cfg`, sized to the data module's classes."""
+    model_cfg = to_plain(cfg.model)
+    cls = get_class(model_cfg.pop("_target_"))
+    if pretrained is not None:
+        model_cfg["pretrained"] = pretrained
+    return cls(**model_cfg, **to_plain(cfg.finetune), num_classes=datamodule.num_classes,
+               class_names=datamodule.classes, preprocess=datamodule.preprocess,
+               optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.get("scheduler")))
+
+
+def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+    return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if ckpt_path in (None, "", "null"):
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise TLError(f"ckpt_path={ckpt_path!r}: no checkpoint at {str(path)!r}; resume with the run's own "
+                      "hydra.run.dir=DIR ckpt_path=last, or give an existing .ckpt path")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Train and test as `cfg` says; return (results, objects)."""
+    run_dir = ensure_writable(Path(cfg.paths.output_dir))
+    pl.seed_everything(cfg.seed, workers=True)
+    print_config(cfg, save_to=run_dir / "config.yaml")
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
+
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    results: dict[str, Any] = {}
+    if cfg.get("test", True):
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        results.update({k: float(v) for k, v in test_metrics[0].items()})
+    val_best = ckpt_cb.best_model_score if ckpt_cb is not None else None
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    results.update({
+        "val/acc": float(val_best) if val_best is not None else float(trainer.callback_metrics.get("val/acc", "nan")),
+        "scenario": cfg.scenario.name,
+        "strategy": cfg.finetune.strategy,
+        "model": cfg.model.name,
+        "pretrained": module.pretrained_source,
+        "augment": cfg.augment.get("name", "none"),
+        "num_classes": datamodule.num_classes,
+        "n_train": len(datamodule.split_indices["train"]),
+        "n_val": len(datamodule.split_indices["val"]),
+        "n_test": len(datamodule.split_indices["test"]),
+        "fit_seconds": round(fit_seconds, 2),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "trainable_params": n_trainable,
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "seed": cfg.seed,
+        "best_ckpt": best,
+        "run_dir": str(run_dir),
+    })
+    if datamodule.skipped_files:
+        results["skipped_files"] = {"count": len(datamodule.skipped_files), "first": datamodule.skipped_files[:10]}
+    if trainer.is_global_zero:
+        write_json(run_dir / "results.json", results)
+        print_results(results)
+    return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@user_errors
+def main(cfg: DictConfig) -> float | None:
+    results, _ = train(cfg)
+    return results.get("test/acc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Small helpers shared by the entry points: config printing, instantiation with clean errors, atomic JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from pytorch_lightning.utilities import rank_zero_only
+
+from tl.errors import TLError
+
+log = logging.getLogger("tl")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn bad input (TLError, a missing mandatory config value) into one line on stderr and exit status 2."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TLError as e:
+            print(f"tl: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except MissingMandatoryValue as e:
+            key = getattr(e, "full_key", None) or "a config value"
+            print(f"tl: error: {key} is required: set it on the command line, e.g. {key}=...", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising a TLError from the target as itself (Hydra wraps it otherwise)."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, TLError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved plain Python container from an OmegaConf node (anything else passes through)."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def ensure_writable(path: Path) -> Path:
+    """Create `path` and prove it takes a file now, not after an hour of training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise TLError(f"output directory {str(path)!r} is not writable ({e.strerror}): set hydra.run.dir=DIR "
+                      "to a writable place with free space") from e
+    return path
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@rank_zero_only
+def print_config(cfg: DictConfig, save_to: Path | None = None) -> None:
+    """Print the resolved config as a rich tree once (rank zero) and save it beside the run."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("config", style="dim")
+    for key, node in cfg.items():
+        branch = tree.add(str(key), style="bold")
+        text = OmegaConf.to_yaml(node, resolve=True) if OmegaConf.is_config(node) else str(node)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+    if save_to is not None:
+        save_to.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@rank_zero_only
+def print_results(results: dict, title: str = "results") -> None:
+    import rich
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    rich.print(table)
