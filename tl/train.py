@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,19 @@ import pytorch_lightning as pl
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from tl.cli import check_group_choices
 from tl.data.transforms import backbone_preprocess
 from tl.errors import TLError
-from tl.utils import build, ensure_writable, print_config, print_results, to_plain, user_errors, write_json
+from tl.utils import (
+    build,
+    check_required,
+    ensure_writable,
+    print_config,
+    print_results,
+    to_plain,
+    user_errors,
+    write_json,
+)
 
 log = logging.getLogger("tl.train")
 
@@ -44,8 +55,12 @@ def build_module(cfg: DictConfig, datamodule, pretrained: str | None = None):
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+    if not loggers:  # nothing to write learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
@@ -61,6 +76,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train and test as `cfg` says; return (results, objects)."""
+    check_required(cfg)
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     pl.seed_everything(cfg.seed, workers=True)
     print_config(cfg, save_to=run_dir / "config.yaml")
@@ -114,9 +130,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @user_errors
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     results, _ = train(cfg)
-    return results.get("test/acc")
+    return results.get("test/acc")  # the value a Hydra sweeper optimises
+
+
+def main() -> None:
+    check_group_choices(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

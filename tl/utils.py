@@ -14,7 +14,6 @@ from typing import Any
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.utilities import rank_zero_only
 
 from tl.errors import TLError
@@ -23,7 +22,7 @@ log = logging.getLogger("tl")
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn bad input (TLError, a missing mandatory config value) into one line on stderr and exit status 2."""
+    """Turn bad input (a TLError) into one line on stderr and exit status 2."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,10 +30,6 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except TLError as e:
             print(f"tl: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except MissingMandatoryValue as e:
-            key = getattr(e, "full_key", None) or "a config value"
-            print(f"tl: error: {key} is required: set it on the command line, e.g. {key}=...", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
@@ -51,6 +46,22 @@ def build(cfg: DictConfig, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Fail on a mandatory value (`???`) left unset, before anything runs."""
+    def walk(node: DictConfig, prefix: str):
+        for key in node.keys():
+            if OmegaConf.is_missing(node, key):
+                yield f"{prefix}{key}"
+            else:
+                child = node._get_node(key)  # the node itself: no interpolation is resolved
+                if isinstance(child, DictConfig):
+                    yield from walk(child, f"{prefix}{key}.")
+
+    missing = sorted(k for k in walk(cfg, "") if not k.startswith("hydra"))
+    if missing:
+        raise TLError(f"{missing[0]} is required: set it on the command line, e.g. {missing[0]}=...")
 
 
 def to_plain(cfg: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -64,6 +63,11 @@ class TransferModule(pl.LightningModule):
         if mode:
             set_frozen_modules_eval(self.model)
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call .train() at fit start (it keeps modes as found, and restores them after
+        # validation), so the frozen parts are put in eval here, every epoch, after any unfreezing.
+        set_frozen_modules_eval(self.model)
 
     # -- steps ------------------------------------------------------------------------------------------------
     def _step(self, batch, stage: str) -> torch.Tensor:

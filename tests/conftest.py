@@ -1,0 +1,46 @@
+"""Fixtures: compose the real Hydra config in-process, shrunk to seconds on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A tiny run: 4 synthetic classes of 32x32 gratings, 2 epochs, no progress bar.
+TINY = [
+    "data=synthetic",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.progress",
+]
+
+
+def make_cfg(tmp_path: Path, overrides: list[str] = (), config_name: str = "train"):
+    """Compose `config_name` with `overrides`, outputs under `tmp_path`, and register it as the running Hydra app."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=[*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+            del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A factory: tiny_cfg(*extra_overrides) -> config for a seconds-long synthetic run in tmp_path."""
+
+    def factory(*extra: str, run_dir: Path | None = None):
+        return make_cfg(run_dir or tmp_path, [*TINY, *extra])
+
+    return factory

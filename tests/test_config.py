@@ -1,0 +1,40 @@
+"""Every option of every config group composes, and the scenario presets set the policies they promise."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONF_DIR, make_cfg
+
+GROUPS = ["data", "model", "scenario", "trainer", "logger", "callbacks", "augment", "optimizer", "scheduler"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml")) if not p.stem.startswith("_")]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(tmp_path, group, option):
+    cfg = make_cfg(tmp_path, [f"{group}={option}"])
+    assert cfg.paths.output_dir == str(tmp_path)
+    assert cfg.scenario.name
+    if group == "scenario":
+        assert cfg.scenario.name == option
+
+
+def test_default_is_the_embedded_digits_run(tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert cfg.data.source._target_.endswith("DigitsSource")
+    assert (cfg.model.name, cfg.model.pretrained) == ("efficientnet_lite0", "package")
+
+
+def test_scenario_sets_policy_and_command_line_wins(tmp_path):
+    cfg = make_cfg(tmp_path, ["scenario=small_similar"])
+    assert cfg.finetune.strategy == "linear_probe"
+    assert cfg.augment.name == "light"
+    cfg = make_cfg(tmp_path, ["scenario=small_similar", "augment=strong", "trainer.max_epochs=3",
+                              "finetune.strategy=full"])
+    assert (cfg.augment.name, cfg.trainer.max_epochs, cfg.finetune.strategy) == ("strong", 3, "full")
+
+
+def test_large_different_turns_on_strong_regularisation(tmp_path):
+    cfg = make_cfg(tmp_path, ["scenario=large_different"])
+    assert cfg.finetune.strategy == "full" and cfg.augment.name == "strong"
+    assert cfg.model.drop_path_rate > 0 and cfg.finetune.label_smoothing > 0

@@ -1,0 +1,31 @@
+"""Command-line front door shared by the entry points.
+
+Hydra reports an unknown group option (`scenario=typo`) in a multi-line block with its search path; tl checks group
+choices first so the user gets one line naming the culprit and the options, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Exit with one line if an override picks a config group option that does not exist."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("~", "hydra", "-")):
+            continue
+        key, value = arg.lstrip("+").split("=", 1)
+        group = key.split("@", 1)[0]
+        if "." in group or not (CONF_DIR / group).is_dir() or value in ("null", ""):
+            continue
+        if value not in group_options(group):
+            print(f"tl: error: {group}={value} is not a known {group}: choose one of "
+                  f"{', '.join(group_options(group))}", file=sys.stderr)
+            sys.exit(2)
