@@ -32,6 +32,7 @@ def make_cfg(tmp_path: Path, overrides: list[str] = (), config_name: str = "trai
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path)
+            cfg.paths.cache_dir = str(tmp_path / "cache")
             del cfg["hydra"]
     return cfg
 

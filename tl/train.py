@@ -21,8 +21,10 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from tl.cli import check_group_choices
+from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
 from tl.errors import TLError
+from tl.models.backbone import classifier_names
 from tl.utils import (
     build,
     check_required,
@@ -64,6 +66,12 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
+def feature_cache_applies(cfg: DictConfig) -> bool:
+    """Cached features are exact only for a frozen backbone fed a deterministic transform."""
+    return bool(cfg.get("cache_features", True)) and cfg.finetune.strategy == "linear_probe" \
+        and cfg.augment.get("name", "none") == "none"
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
@@ -89,15 +97,21 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_data = datamodule
+    if feature_cache_applies(cfg):  # the backbone runs once per image, not once per image per epoch
+        features = FeatureCache(cfg.paths.cache_dir).get(module.model, classifier_names(module.model), datamodule)
+        fit_data = FeatureDataModule(features, datamodule.batch_size, datamodule.eval_batch_size)
+        module.features_input = True
+    trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - started
 
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     results: dict[str, Any] = {}
     if cfg.get("test", True):
-        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        test_metrics = trainer.test(module, datamodule=fit_data, ckpt_path=best, weights_only=True)
         results.update({k: float(v) for k, v in test_metrics[0].items()})
+    module.features_input = False  # the returned module takes images again
     val_best = ckpt_cb.best_model_score if ckpt_cb is not None else None
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     results.update({
@@ -107,6 +121,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "model": cfg.model.name,
         "pretrained": module.pretrained_source,
         "augment": cfg.augment.get("name", "none"),
+        "feature_cache": fit_data is not datamodule,
         "num_classes": datamodule.num_classes,
         "n_train": len(datamodule.split_indices["train"]),
         "n_val": len(datamodule.split_indices["val"]),

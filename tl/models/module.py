@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -50,12 +51,20 @@ class TransferModule(pl.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.metrics = nn.ModuleDict({
             f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro") for stage in ("train", "val", "test")})
+        # True while the head trains on cached backbone features (tl.data.features): inputs are then pooled
+        # pre-logit features, not images.
+        self.features_input = False
         if num_classes > 5:
             self.metrics.update({f"{stage}_acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro")
                                  for stage in ("val", "test")})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.classify_features(x) if self.features_input else self.model(x)
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on pooled pre-logit features: dropout, then the classifier, as timm's `forward_head` does."""
+        features = F.dropout(features, p=self.hparams.drop_rate, training=self.training)
+        return self.model.get_classifier()(features)
 
     def train(self, mode: bool = True):
         """Frozen parts stay in eval mode while the rest trains (BatchNorm statistics must not drift)."""

@@ -1,0 +1,72 @@
+"""The frozen-feature cache: used when (and only when) it is exact, keyed so that any change invalidates it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tl.data import SyntheticSource, TransferDataModule
+from tl.data.features import FeatureCache, extract_features
+from tl.data.transforms import backbone_preprocess
+from tl.models import TransferModule
+from tl.models.backbone import classifier_names
+from tl.train import train
+
+
+@pytest.mark.parametrize(("overrides", "cached"), [
+    (["scenario=small_similar", "augment=none"], True),
+    (["scenario=small_similar", "augment=light"], False),                 # augmentation: features change per epoch
+    (["scenario=small_similar", "augment=none", "finetune.strategy=partial"], False),  # trainable backbone
+    (["scenario=small_similar", "augment=none", "cache_features=false"], False),
+])
+def test_cache_is_used_only_where_exact(tiny_cfg, tmp_path, overrides, cached):
+    results, _ = train(tiny_cfg(*overrides, "trainer.max_epochs=8", "optimizer.lr=0.02"))
+    assert results["feature_cache"] is cached
+    assert bool(list((tmp_path / "cache").glob("*.pt"))) is cached
+    assert results["test/acc"] > 0.25 or not cached  # the probe learns on features (4 classes, chance 0.25)
+
+
+def test_second_run_hits_the_cache_and_changed_weights_miss_it(tmp_path):
+    dm = TransferDataModule(SyntheticSource(), backbone_preprocess("efficientnet_lite0"), image_size=32, seed=0)
+    dm.setup()
+    module = TransferModule("efficientnet_lite0", num_classes=4, pretrained="package", strategy="linear_probe")
+    cache = FeatureCache(tmp_path)
+    head = classifier_names(module.model)
+    first = cache.get(module.model, head, dm)
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.pt")}
+    assert len(files) == 3
+    again = cache.get(module.model, head, dm)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.pt")} == files  # read, not rewritten
+    assert torch.equal(first["train"][0], again["train"][0])
+
+    key = cache.key(module.model, head, dm, "train")
+    with torch.no_grad():
+        module.model.conv_stem.weight[0, 0, 0, 0] += 1e-3
+    assert cache.key(module.model, head, dm, "train") != key
+    module.model.classifier.weight.data.add_(1.0)  # the head is not part of the key: it is what trains
+    with torch.no_grad():
+        module.model.conv_stem.weight[0, 0, 0, 0] -= 1e-3
+    assert cache.key(module.model, head, dm, "train") == key
+
+    other = TransferDataModule(SyntheticSource(seed=1), dm.preprocess, seed=0)  # other images
+    other.setup()
+    assert cache.key(module.model, head, other, "train") != key
+    resized = TransferDataModule(SyntheticSource(), dm.preprocess, image_size=40, seed=0)  # other transform
+    resized.setup()
+    assert cache.key(module.model, head, resized, "train") != key
+
+
+def test_cached_and_uncached_paths_give_the_same_logits():
+    dm = TransferDataModule(SyntheticSource(), backbone_preprocess("efficientnet_lite0"), image_size=32, seed=0)
+    dm.setup()
+    module = TransferModule("efficientnet_lite0", num_classes=4, pretrained="package", strategy="linear_probe",
+                            drop_rate=0.3).eval()
+    loader = DataLoader(dm.dataset("val", augmented=False), batch_size=16)
+    feats, _ = extract_features(module.model, loader)
+    images = torch.cat([x for x, _ in loader])
+    with torch.no_grad():
+        direct = module(images)
+        module.features_input = True
+        cached = module(feats)
+    assert torch.allclose(direct, cached, atol=1e-5)
