@@ -25,6 +25,7 @@ from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
 from tl.errors import TLError
 from tl.models.backbone import classifier_names
+from tl.scenarios import recompose, resolve_auto
 from tl.utils import (
     build,
     check_required,
@@ -72,6 +73,17 @@ def feature_cache_applies(cfg: DictConfig) -> bool:
         and cfg.augment.get("name", "none") == "none"
 
 
+def log_text(trainer: pl.Trainer, tag: str, payload: dict) -> None:
+    """Put a JSON payload on every TensorBoard logger's Text tab."""
+    import json
+
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(tag, f"```\n{json.dumps(payload, indent=2)}\n```", 0)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
@@ -87,13 +99,24 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     check_required(cfg)
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     pl.seed_everything(cfg.seed, workers=True)
-    print_config(cfg, save_to=run_dir / "config.yaml")
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    evidence = None
+    if cfg.scenario.name == "auto":
+        chosen, evidence = resolve_auto(cfg, datamodule)
+        images, cfg = datamodule.images, recompose(cfg, chosen)
+        datamodule = build_datamodule(cfg)  # the chosen policy's transforms, on the images already loaded
+        datamodule.images = images
+        datamodule.setup("fit")
+        pl.seed_everything(cfg.seed, workers=True)  # train exactly as `scenario=<chosen>` would
+    print_config(cfg, save_to=run_dir / "config.yaml")
+
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg)
+    if evidence is not None:
+        log_text(trainer, "scenario/decision", evidence)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
 
     started = time.perf_counter()
@@ -135,6 +158,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "best_ckpt": best,
         "run_dir": str(run_dir),
     })
+    if evidence is not None:
+        results["scenario_evidence"] = evidence
     if datamodule.skipped_files:
         results["skipped_files"] = {"count": len(datamodule.skipped_files), "first": datamodule.skipped_files[:10]}
     if trainer.is_global_zero:

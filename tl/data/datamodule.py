@@ -82,9 +82,10 @@ class TransferDataModule(pl.LightningDataModule):
 
     # -- loading ----------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.images is not None:
+        if self.split_indices:
             return
-        self.images = self.source.load()
+        if self.images is None:  # a data module may be handed images another one loaded (scenario=auto)
+            self.images = self.source.load()
         splits = make_splits(self.images.targets, self.images.given_splits, self.val_fraction, self.test_fraction,
                              self.seed)
         splits["train"] = subset_per_class(splits["train"], self.images.targets, self.samples_per_class, self.seed,

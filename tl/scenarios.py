@@ -1,0 +1,139 @@
+"""The 2x2 transfer scenarios (conf/scenario/) and the advisor behind `scenario=auto`.
+
+auto measures the target data through the pretrained backbone and picks a preset:
+- small or large: the median number of labelled training examples per class against `small_max_per_class`;
+- similar or different: do the backbone's frozen features separate the target classes better than the raw pixels
+  do? Both get the same cross-validated logistic-regression probe on the training split (test data is never
+  looked at). Features that beat pixels by at least `similar_min_gain` carry over from the pretraining data
+  ("similar"); features that don't are the wrong ones for this domain ("different"), whatever their absolute score.
+  Comparing against pixels makes the measure relative to how hard the task is, so one threshold serves easy and
+  hard datasets.
+The decision, the measured numbers and the thresholds go to results.json (`scenario_evidence`) and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from tl.data.datamodule import ImageDataset
+from tl.data.features import FeatureCache, extract_features
+from tl.models.backbone import classifier_names, create_backbone, load_pretrained
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("small_similar", "small_different", "large_similar", "large_different")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> float:
+    """Cross-validated accuracy of a standardised logistic-regression probe."""
+    folds = int(min(folds, np.bincount(y)[np.unique(y)].min()))
+    if folds < 2:
+        return float("nan")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, x, y, cv=cv).mean())
+
+
+def decide(examples_per_class: float, feature_acc: float, pixel_acc: float, small_max_per_class: int,
+           similar_min_gain: float) -> str:
+    """The preset for the measured data (see the module docstring)."""
+    size = "small" if examples_per_class <= small_max_per_class else "large"
+    domain = "similar" if feature_acc - pixel_acc >= similar_min_gain else "different"
+    return f"{size}_{domain}"
+
+
+def _probe_indices(datamodule, max_samples: int, seed: int) -> np.ndarray:
+    train = datamodule.split_indices["train"]
+    if len(train) <= max_samples:
+        return train
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(train, train_size=max_samples, stratify=datamodule.images.targets[train],
+                               random_state=seed)
+    return np.sort(keep)
+
+
+def measure(cfg: DictConfig, datamodule) -> dict:
+    """Examples per class, and frozen-feature vs pixel probe accuracy on (at most `probe_max_samples` of) train."""
+    s = cfg.scenario
+    targets = datamodule.images.targets
+    counts = np.bincount(targets[datamodule.split_indices["train"]], minlength=datamodule.num_classes)
+    idx = _probe_indices(datamodule, int(s.probe_max_samples), cfg.seed)
+
+    model = create_backbone(cfg.model.name, datamodule.num_classes)
+    load_pretrained(model, cfg.model.pretrained, cfg.model.name)
+    if len(idx) == len(datamodule.split_indices["train"]):  # the whole split: share the linear probe's cache entry
+        cache = FeatureCache(cfg.paths.cache_dir)
+        feats, y = cache.get(model, classifier_names(model), datamodule, ("train",))["train"]
+    else:
+        loader = DataLoader(ImageDataset(datamodule.images, idx, datamodule.dataset("train", False).transform),
+                            batch_size=datamodule.eval_batch_size, num_workers=datamodule._workers())
+        feats, y = extract_features(model, loader)
+    side = int(s.pixel_size)
+    to_pixels = v2.Compose([v2.PILToTensor(), v2.Resize((side, side), antialias=True),
+                            v2.ToDtype(torch.float32, scale=True)])
+    pixels = torch.stack([to_pixels(ImageDataset(datamodule.images, idx, None).load_image(i))
+                          for i in range(len(idx))]).flatten(1)
+    y = y.numpy()
+    return {
+        "examples_per_class": float(np.median(counts)),
+        "min_examples_per_class": int(counts.min()),
+        "probe_samples": int(len(idx)),
+        "feature_probe_acc": round(probe_accuracy(feats.numpy(), y, cfg.seed), 4),
+        "pixel_probe_acc": round(probe_accuracy(pixels.numpy(), y, cfg.seed), 4),
+        "pixel_size": side,
+    }
+
+
+def resolve_auto(cfg: DictConfig, datamodule) -> tuple[str, dict]:
+    """Measure, decide, and explain: (preset name, evidence)."""
+    s = cfg.scenario
+    m = measure(cfg, datamodule)
+    chosen = decide(m["examples_per_class"], m["feature_probe_acc"], m["pixel_probe_acc"],
+                    int(s.small_max_per_class), float(s.similar_min_gain))
+    gain = m["feature_probe_acc"] - m["pixel_probe_acc"]
+    evidence = {
+        **m,
+        "feature_gain": round(gain, 4),
+        "thresholds": {"small_max_per_class": int(s.small_max_per_class),
+                       "similar_min_gain": float(s.similar_min_gain)},
+        "decision": chosen,
+        "reason": (f"{m['examples_per_class']:g} examples per class "
+                   f"{'<=' if chosen.startswith('small') else '>'} {int(s.small_max_per_class)} -> "
+                   f"{chosen.split('_')[0]}; frozen features {m['feature_probe_acc']:.3f} vs pixels "
+                   f"{m['pixel_probe_acc']:.3f} (gain {gain:+.3f} {'>=' if 'similar' in chosen else '<'} "
+                   f"{float(s.similar_min_gain)}) -> {chosen.split('_')[1]}"),
+    }
+    log.info("scenario=auto chose %s: %s", chosen, evidence["reason"])
+    return chosen, evidence
+
+
+def recompose(cfg: DictConfig, scenario: str) -> DictConfig:
+    """The config as if the user had typed `scenario=<scenario>` with the same overrides (Hydra's own precedence)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.lstrip("+~").startswith("scenario")]
+    overrides.append(f"scenario={scenario}")
+    if GlobalHydra.instance().is_initialized():
+        new = compose(hc.job.config_name, overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            new = compose(hc.job.config_name, overrides=overrides)
+    with open_dict(new):
+        new.paths = OmegaConf.create(OmegaConf.to_container(cfg.paths, resolve=True))
+    return new
