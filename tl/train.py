@@ -19,7 +19,9 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import get_class
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import WeightAveraging
 
+from tl.callbacks.snapshots import SnapshotEnsemble
 from tl.cli import check_group_choices
 from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
@@ -52,9 +54,21 @@ def build_module(cfg: DictConfig, datamodule, pretrained: str | None = None):
     cls = get_class(model_cfg.pop("_target_"))
     if pretrained is not None:
         model_cfg["pretrained"] = pretrained
+    scheduler = to_plain(cfg.get("scheduler"))
+    if snapshot_cycles(cfg):  # snapshots need the LR at its minimum at every cycle's end: warm restarts
+        scheduler = {"_target_": "tl.models.schedules.warm_restarts", "_partial_": True,
+                     "cycles": snapshot_cycles(cfg), "min_lr_ratio": float(cfg.snapshots.min_lr_ratio)}
+    mixup = {k: cfg.augment[k] for k in ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob") if k in cfg.augment}
     return cls(**model_cfg, **to_plain(cfg.finetune), num_classes=datamodule.num_classes,
-               class_names=datamodule.classes, preprocess=datamodule.preprocess,
-               optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.get("scheduler")))
+               class_names=datamodule.classes, preprocess=datamodule.preprocess, mixup=mixup or None,
+               optimizer=to_plain(cfg.optimizer), scheduler=scheduler)
+
+
+def snapshot_cycles(cfg: DictConfig) -> int:
+    cycles = int(cfg.get("snapshots", {}).get("cycles") or 0)
+    if cycles < 0:
+        raise TLError(f"snapshots.cycles={cycles}: use 0 (off) or a positive number of cycles")
+    return cycles
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
@@ -62,6 +76,12 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
 
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+    averaging = cfg.get("weight_averaging")
+    if averaging and "_target_" in averaging:
+        callbacks.append(build(averaging))
+    if snapshot_cycles(cfg):
+        snapshot_dir = Path(cfg.paths.output_dir) / "checkpoints" / "snapshots"
+        callbacks.append(SnapshotEnsemble(snapshot_cycles(cfg), snapshot_dir))
     if not loggers:  # nothing to write learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
@@ -132,6 +152,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     results: dict[str, Any] = {}
     if cfg.get("test", True):
+        # A checkpoint's state_dict holds the averaged weights under EMA/SWA; with the averaging callback still
+        # attached, loading it would put the raw weights back. Test what was averaged.
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
         test_metrics = trainer.test(module, datamodule=fit_data, ckpt_path=best, weights_only=True)
         results.update({k: float(v) for k, v in test_metrics[0].items()})
     module.features_input = False  # the returned module takes images again

@@ -6,11 +6,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from tl.models.backbone import create_backbone, init_head, load_pretrained
 from tl.models.finetune import apply_strategy, param_groups, set_frozen_modules_eval
+from tl.models.schedules import epoch_steps
 
 
 class TransferModule(pl.LightningModule):
@@ -31,6 +34,8 @@ class TransferModule(pl.LightningModule):
         backbone_lr_mult: backbone LR relative to the head's.
         layer_decay: optional layer-wise LR decay on top of `backbone_lr_mult`.
         label_smoothing: cross-entropy label smoothing.
+        mixup: batch mixing (timm's Mixup): `mixup_alpha`, `cutmix_alpha`, `prob`, `switch_prob`; off when both
+            alphas are 0 or None.
         optimizer: a `_partial_` optimizer config (conf/optimizer/); needs `lr` and may carry `weight_decay`.
         scheduler: a `_partial_` schedule config (conf/scheduler/), or None for a constant LR.
         class_names: label names, saved for prediction.
@@ -40,7 +45,8 @@ class TransferModule(pl.LightningModule):
     def __init__(self, name: str, num_classes: int, pretrained: str = "none", drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, head_init_std: float = 0.01, strategy: str = "full",
                  trainable_stages: int = 1, backbone_lr_mult: float = 1.0, layer_decay: float | None = None,
-                 label_smoothing: float = 0.0, optimizer: dict | None = None, scheduler: dict | None = None,
+                 label_smoothing: float = 0.0, mixup: dict | None = None, optimizer: dict | None = None,
+                 scheduler: dict | None = None,
                  class_names: list[str] | None = None, preprocess: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
@@ -49,6 +55,13 @@ class TransferModule(pl.LightningModule):
         self.pretrained_source = load_pretrained(self.model, pretrained, name)
         apply_strategy(self.model, strategy, trainable_stages)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.mixup = None
+        if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
+            self.mixup = Mixup(
+                mixup_alpha=mixup.get("mixup_alpha") or 0.0, cutmix_alpha=mixup.get("cutmix_alpha") or 0.0,
+                prob=mixup.get("prob", 1.0), switch_prob=mixup.get("switch_prob", 0.5),
+                label_smoothing=label_smoothing, num_classes=num_classes)
+            self.soft_criterion = SoftTargetCrossEntropy()
         self.metrics = nn.ModuleDict({
             f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro") for stage in ("train", "val", "test")})
         # True while the head trains on cached backbone features (tl.data.features): inputs are then pooled
@@ -81,8 +94,15 @@ class TransferModule(pl.LightningModule):
     # -- steps ------------------------------------------------------------------------------------------------
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
+        if stage == "train" and self.mixup is not None and not self.features_input:
+            if len(y) % 2:  # timm's Mixup pairs the batch with its mirror: it needs an even count
+                x, y = x[:-1], y[:-1]
+            mixed, soft = self.mixup(x, y)
+            logits = self(mixed)
+            loss = self.soft_criterion(logits, soft)  # accuracy below is against the unmixed labels
+        else:
+            logits = self(x)
+            loss = self.criterion(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
         for key, metric in self.metrics.items():
@@ -114,7 +134,6 @@ class TransferModule(pl.LightningModule):
         optimizer = instantiate(opt_cfg, _convert_="all")(groups, lr=lr)
         if not hp.scheduler:
             return optimizer
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         scheduler = instantiate(dict(hp.scheduler), _convert_="all")(
-            optimizer, steps_per_epoch=steps_per_epoch, max_epochs=self.trainer.max_epochs)
+            optimizer, steps_per_epoch=epoch_steps(self.trainer), max_epochs=self.trainer.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

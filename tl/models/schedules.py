@@ -13,6 +13,16 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, LRScheduler
 
 
+def epoch_steps(trainer) -> int:
+    """Optimizer steps per epoch as the schedules count them (from the Trainer's own estimate)."""
+    return max(1, int(trainer.estimated_stepping_batches) // max(1, int(trainer.max_epochs)))
+
+
+def cycle_steps(trainer, cycles: int) -> int:
+    """Optimizer steps in one warm-restart cycle; `warm_restarts` and the snapshot callback share this."""
+    return max(1, epoch_steps(trainer) * int(trainer.max_epochs) // max(1, cycles))
+
+
 def _warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 

@@ -1,0 +1,56 @@
+"""Snapshot ensembles (Huang et al., 2017, "Snapshot Ensembles: Train 1, get M for free").
+
+The learning rate follows cosine annealing with warm restarts over `cycles` equal cycles inside the normal epoch
+budget (`tl.models.schedules.warm_restarts`); at the end of each cycle, where the LR is at its minimum and the
+model sits in a local minimum, the weights are saved as a snapshot. At test time the last `ensemble_last`
+snapshots vote by averaging their softmax outputs. No extra training epochs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from tl.models.schedules import cycle_steps
+
+
+class SnapshotEnsemble(Callback):
+    """Save a snapshot at the end of every LR cycle into `dirpath` (snapshot_cycle{K}.ckpt).
+
+    Args:
+        cycles: number of cosine cycles over the run; 0 disables snapshots.
+        dirpath: where snapshots go (default: <run>/checkpoints/snapshots).
+    """
+
+    def __init__(self, cycles: int, dirpath: str | Path | None = None):
+        self.cycles, self.dirpath = int(cycles), Path(dirpath) if dirpath else None
+        self.snapshots: list[dict] = []  # {"path", "cycle", "step", "lr"}
+        self._lrs: list[float] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "checkpoints" / "snapshots"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # The LRs this step will use (the scheduler steps after the optimizer, so read them before).
+        self._lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.cycles <= 0 or trainer.global_step == 0 or trainer.global_step % cycle_steps(trainer, self.cycles):
+            return
+        cycle = trainer.global_step // cycle_steps(trainer, self.cycles)
+        if cycle > self.cycles or any(s["cycle"] == cycle for s in self.snapshots):
+            return
+        path = self.dirpath / f"snapshot_cycle{cycle}.ckpt"
+        # Listed before saving, so every checkpoint (and a resumed run) knows the snapshots up to itself.
+        self.snapshots.append({"path": str(path), "cycle": cycle, "step": trainer.global_step,
+                               "lr": max(self._lrs) if self._lrs else float("nan")})
+        trainer.save_checkpoint(path)
+
+    def state_dict(self) -> dict:
+        return {"snapshots": self.snapshots}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.snapshots = list(state_dict.get("snapshots", []))
