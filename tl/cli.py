@@ -6,6 +6,7 @@ choices first so the user gets one line naming the culprit and the options, and 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,3 +30,17 @@ def check_group_choices(argv: list[str]) -> None:
             print(f"tl: error: {group}={value} is not a known {group}: choose one of "
                   f"{', '.join(group_options(group))}", file=sys.stderr)
             sys.exit(2)
+
+
+def check_run_dir(argv: list[str]) -> None:
+    """Exit with one line if `hydra.run.dir=DIR` cannot be created (Hydra would fail with a traceback)."""
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            target = Path(arg.split("=", 1)[1]).expanduser()
+            parent = target
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                print(f"tl: error: hydra.run.dir={target} cannot be created ({parent} is not a writable folder): "
+                      "choose a writable place", file=sys.stderr)
+                sys.exit(2)

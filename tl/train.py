@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import WeightAveraging
 
 from tl.callbacks.snapshots import SnapshotEnsemble
-from tl.cli import check_group_choices
+from tl.checks import validate
+from tl.cli import check_group_choices, check_run_dir
 from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
 from tl.errors import TLError
@@ -117,6 +118,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train and test as `cfg` says; return (results, objects)."""
     check_required(cfg)
+    validate(cfg)
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -200,6 +202,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     check_group_choices(sys.argv[1:])
+    check_run_dir(sys.argv[1:])
     _hydra_main()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -69,7 +70,7 @@ def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
-def ensure_writable(path: Path) -> Path:
+def ensure_writable(path: Path, min_free_mb: int = 200) -> Path:
     """Create `path` and prove it takes a file now, not after an hour of training."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,10 @@ def ensure_writable(path: Path) -> Path:
     except OSError as e:
         raise TLError(f"output directory {str(path)!r} is not writable ({e.strerror}): set hydra.run.dir=DIR "
                       "to a writable place with free space") from e
+    free = shutil.disk_usage(path).free
+    if free < min_free_mb * 2**20:  # checkpoints and event files need room; fail now, not at the first save
+        raise TLError(f"output directory {str(path)!r} has {free / 2**20:.0f} MB free (< {min_free_mb} MB): free "
+                      "space or set hydra.run.dir=DIR elsewhere")
     return path
 
 

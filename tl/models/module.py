@@ -11,9 +11,14 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from tl.errors import TLError
 from tl.models.backbone import create_backbone, init_head, load_pretrained
 from tl.models.finetune import apply_strategy, param_groups, set_frozen_modules_eval
 from tl.models.schedules import epoch_steps
+
+
+class NonFiniteLossError(TLError):
+    """Training diverged: stop at once rather than train on NaNs (the last good checkpoints stay as they are)."""
 
 
 class TransferModule(pl.LightningModule):
@@ -103,6 +108,12 @@ class TransferModule(pl.LightningModule):
         else:
             logits = self(x)
             loss = self.criterion(logits, y)
+        if stage == "train" and not torch.isfinite(loss):
+            lr = (self.hparams.optimizer or {}).get("lr", "?")
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): likely a "
+                f"learning rate too high (optimizer.lr={lr}; try 10x lower) or bad input (NaN/inf pixels); "
+                "checkpoints from earlier epochs are kept")
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
         for key, metric in self.metrics.items():

@@ -1,0 +1,121 @@
+"""Bad input and faults: each has an expected outcome, a one-line error naming the culprit, and nothing lost.
+
+More cases live beside the code they exercise: image-folder layouts and corrupt files (test_data.py), weights
+files, pickles that run code, offline hub (test_models.py), unknown names at the command line (test_cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tl.errors import TLError
+from tl.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("override", "culprit"), [
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is invalid"),
+    ("optimizer.lr=fast", "optimizer.lr='fast' is invalid"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1 is invalid"),
+    ("model.drop_rate=1.0", "model.drop_rate=1.0 is invalid"),
+    ("model.drop_path_rate=-0.1", "model.drop_path_rate=-0.1 is invalid"),
+    ("finetune.label_smoothing=1.5", "finetune.label_smoothing=1.5 is invalid"),
+    ("finetune.strategy=half", "finetune.strategy='half' is invalid"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0 is invalid"),
+    ("data.batch_size=0", "data.batch_size=0 is invalid"),
+    ("data.samples_per_class=-3", "data.samples_per_class=-3 is invalid"),
+    ("data.on_bad_file=ignore", "data.on_bad_file='ignore' is invalid"),
+    ("snapshots.cycles=5", "snapshots.cycles=5 exceeds trainer.max_epochs=2"),
+    ("data.test_fraction=0.75", "leaves too little to train on"),
+    ("data.samples_per_class=1000", "data.samples_per_class=1000 is more than class"),
+    ("finetune.trainable_stages=50", "finetune.trainable_stages=50"),
+    ("ckpt_path=last", "ckpt_path='last': no checkpoint"),
+])
+def test_invalid_values_fail_before_training(tiny_cfg, tmp_path, override, culprit):
+    with pytest.raises(TLError) as e:
+        train(tiny_cfg(override))
+    assert culprit in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing half-written
+
+
+def test_non_finite_loss_stops_with_the_step_and_causes(tiny_cfg, tmp_path):
+    with pytest.raises(TLError) as e:
+        train(tiny_cfg("optimizer=sgd", "optimizer.lr=1e30", "scenario=large_different", "trainer.max_epochs=3"))
+    msg = str(e.value)
+    assert "training loss is nan" in msg or "training loss is inf" in msg
+    assert "at step" in msg and "optimizer.lr=1e+30" in msg
+
+
+def test_unwritable_output_dir_fails_at_start(tiny_cfg, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = tiny_cfg()
+    cfg.paths.output_dir = str(blocker / "run")
+    with pytest.raises(TLError, match="is not writable"):
+        train(cfg)
+
+
+def test_unwritable_run_dir_at_the_command_line(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "tl.train", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot be created" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_class_in_val_but_not_in_train_is_refused(tmp_path):
+    from PIL import Image
+
+    from tl.data import ImageFolderSource
+
+    for split, classes in (("train", ["a", "b"]), ("val", ["a", "b", "c"])):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "x.png")
+    with pytest.raises(TLError, match="is not among the train classes"):
+        ImageFolderSource(tmp_path).load()
+
+
+TRAIN = [sys.executable, "-m", "tl.train", "data=synthetic", "data.source.samples_per_class=60", "trainer.max_epochs=6",
+         "scenario=large_similar", "augment=none", "callbacks.progress=null", "trainer.enable_progress_bar=false",
+         "seed=3"]
+
+
+def test_kill_9_then_resume_finishes_the_planned_epochs(tmp_path):
+    """SIGKILL mid-run leaves a loadable last.ckpt; ckpt_path=last resumes to the planned epoch count."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*TRAIN, f"hydra.run.dir={run}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["epoch"]  # still a whole checkpoint after the kill
+    assert killed_at < 5 and not (run / "results.json").exists()
+
+    resumed = subprocess.run([*TRAIN, f"hydra.run.dir={run}", "ckpt_path=last"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads((run / "results.json").read_text())
+    assert result["epochs"] == 6
+
+    straight = subprocess.run([*TRAIN, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert straight.returncode == 0
+    reference = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert result["global_step"] == reference["global_step"]
+    assert abs(result["test/acc"] - reference["test/acc"]) <= 0.1  # within noise on a 48-image test split

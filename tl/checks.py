@@ -1,0 +1,61 @@
+"""Config validation before anything runs: wrong types and out-of-range values fail in one line, not an hour in.
+
+Unknown group options (optimizer=foo, scenario=bar) are caught even earlier, by `tl.cli.check_group_choices`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from tl.errors import TLError
+from tl.models.finetune import STRATEGIES
+
+Rule = tuple[str, Callable[[object], bool], str]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+RULES: list[Rule] = [
+    ("optimizer.lr", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-3"),
+    ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0"),
+    ("model.drop_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
+    ("model.drop_path_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
+    ("model.head_init_std", lambda v: _number(v) and v > 0, "a positive number, e.g. 0.01"),
+    ("finetune.strategy", lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    ("finetune.trainable_stages", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("finetune.backbone_lr_mult", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("finetune.layer_decay", lambda v: v is None or (_number(v) and 0 < v <= 1), "null or a factor in (0, 1]"),
+    ("finetune.label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a value in [0, 1)"),
+    ("trainer.max_epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data.samples_per_class", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
+    ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
+    ("data.test_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
+    ("data.on_bad_file", lambda v: v in ("skip", "error"), "skip or error"),
+    ("snapshots.cycles", lambda v: _integer(v) and v >= 0, "0 (off) or a number of cycles"),
+    ("seed", _integer, "an integer"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a one-line TLError for the first value that breaks a rule."""
+    for key, ok, expected in RULES:
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>":
+            continue
+        if not ok(value):
+            raise TLError(f"{key}={value!r} is invalid: use {expected}")
+    cycles, epochs = cfg.get("snapshots", {}).get("cycles") or 0, cfg.trainer.max_epochs
+    if cycles > epochs:
+        raise TLError(f"snapshots.cycles={cycles} exceeds trainer.max_epochs={epochs}: use at most one cycle per epoch")
+    if (cfg.data.val_fraction + cfg.data.test_fraction) >= 0.9:
+        raise TLError(f"data.val_fraction + data.test_fraction = {cfg.data.val_fraction + cfg.data.test_fraction:g} "
+                      "leaves too little to train on: keep their sum below 0.9")
