@@ -23,6 +23,9 @@ def test_snapshots_at_cycle_ends_with_lr_at_its_minimum(tiny_cfg, tmp_path):
     for s in snaps:
         assert s["lr"] < 0.05 * 1e-3  # the cosine has annealed to (near) its floor at each cycle's end
         assert (tmp_path / "checkpoints" / "snapshots" / f"snapshot_cycle{s['cycle']}.ckpt").is_file()
+    saved = results["snapshots"]
+    assert [s["cycle"] for s in saved] == [1, 2, 3] and all(0 <= s["test/acc"] <= 1 for s in saved)
+    assert 0 <= results["ensemble/test/acc"] <= 1 and results["ensemble/size"] == 3
     # Between snapshots the LR restarted to its peak: the scheduler is SGDR with one cycle per snapshot.
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert type(scheduler).__name__ == "CosineAnnealingWarmRestarts" and scheduler.T_0 == cycle

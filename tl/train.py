@@ -27,6 +27,9 @@ from tl.cli import check_group_choices, check_run_dir
 from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
 from tl.errors import TLError
+from tl.evaluate import evaluate_members
+from tl.export import export_model
+from tl.inference import load_classifier
 from tl.models.backbone import classifier_names
 from tl.scenarios import recompose, resolve_auto
 from tl.utils import (
@@ -73,7 +76,7 @@ def snapshot_cycles(cfg: DictConfig) -> int:
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
-    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
@@ -83,6 +86,8 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     if snapshot_cycles(cfg):
         snapshot_dir = Path(cfg.paths.output_dir) / "checkpoints" / "snapshots"
         callbacks.append(SnapshotEnsemble(snapshot_cycles(cfg), snapshot_dir))
+    if cfg.trainer.get("enable_progress_bar") is False:  # a progress-bar callback would contradict the flag
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers:  # nothing to write learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
@@ -92,6 +97,19 @@ def feature_cache_applies(cfg: DictConfig) -> bool:
     """Cached features are exact only for a frozen backbone fed a deterministic transform."""
     return bool(cfg.get("cache_features", True)) and cfg.finetune.strategy == "linear_probe" \
         and cfg.augment.get("name", "none") == "none"
+
+
+def test_snapshot_ensemble(snapshots: list[dict], last: int | None, datamodule, trainer: pl.Trainer) -> dict:
+    """Test accuracy of each snapshot and of the mean softmax of the last `last` (all when None)."""
+    members = snapshots[-last:] if last else snapshots
+    metrics, _ = evaluate_members([load_classifier(s["path"]) for s in members], datamodule)
+    member_acc = metrics.get("member_acc", [metrics["test/acc"]])
+    out = {"ensemble/test/acc": metrics["test/acc"], "ensemble/size": len(members),
+           "snapshots": [{**s, "test/acc": acc} for s, acc in zip(members, member_acc, strict=True)]}
+    if trainer.logger is not None:
+        trainer.logger.log_metrics({"ensemble/test/acc": out["ensemble/test/acc"],
+                                    "ensemble/best_member_test_acc": max(member_acc)}, step=trainer.global_step)
+    return out
 
 
 def log_text(trainer: pl.Trainer, tag: str, payload: dict) -> None:
@@ -160,6 +178,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         test_metrics = trainer.test(module, datamodule=fit_data, ckpt_path=best, weights_only=True)
         results.update({k: float(v) for k, v in test_metrics[0].items()})
     module.features_input = False  # the returned module takes images again
+    snapshots = next((c.snapshots for c in trainer.callbacks if isinstance(c, SnapshotEnsemble)), [])
+    if snapshots and cfg.get("test", True):
+        results.update(test_snapshot_ensemble(snapshots, cfg.snapshots.get("ensemble_last"), datamodule, trainer))
+    if cfg.get("export", True) and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
+        results["export_dir"] = str(export_model(module, run_dir / "export"))
     val_best = ckpt_cb.best_model_score if ckpt_cb is not None else None
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     results.update({
