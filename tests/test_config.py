@@ -29,7 +29,7 @@ def test_default_is_the_embedded_digits_run(tmp_path):
 def test_scenario_sets_policy_and_command_line_wins(tmp_path):
     cfg = make_cfg(tmp_path, ["scenario=small_similar"])
     assert cfg.finetune.strategy == "linear_probe"
-    assert cfg.augment.name == "light"
+    assert cfg.augment.name == "none"
     cfg = make_cfg(tmp_path, ["scenario=small_similar", "augment=strong", "trainer.max_epochs=3",
                               "finetune.strategy=full"])
     assert (cfg.augment.name, cfg.trainer.max_epochs, cfg.finetune.strategy) == ("strong", 3, "full")
