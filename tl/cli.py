@@ -24,12 +24,13 @@ def check_group_choices(argv: list[str]) -> None:
             continue
         key, value = arg.lstrip("+").split("=", 1)
         group = key.split("@", 1)[0]
-        if "." in group or not (CONF_DIR / group).is_dir() or value in ("null", ""):
-            continue
-        if value not in group_options(group):
-            print(f"tl: error: {group}={value} is not a known {group}: choose one of "
-                  f"{', '.join(group_options(group))}", file=sys.stderr)
-            sys.exit(2)
+        if "." in group or not (CONF_DIR / group).is_dir() or value in ("null", "") or "(" in value or "$" in value:
+            continue  # not a group, or a sweep function / interpolation that Hydra expands itself
+        for choice in value.split(","):  # a multirun sweep lists several choices
+            if choice not in group_options(group):
+                print(f"tl: error: {group}={choice} is not a known {group}: choose one of "
+                      f"{', '.join(group_options(group))}", file=sys.stderr)
+                sys.exit(2)
 
 
 def check_run_dir(argv: list[str]) -> None:
