@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import CONF_DIR, make_cfg
 
 GROUPS = ["data", "model", "scenario", "trainer", "logger", "callbacks", "augment", "optimizer", "scheduler",
-          "weight_averaging"]
+          "weight_averaging", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml")) if not p.stem.startswith("_")]
 
 

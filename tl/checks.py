@@ -56,6 +56,11 @@ def validate(cfg: DictConfig) -> None:
     cycles, epochs = cfg.get("snapshots", {}).get("cycles") or 0, cfg.trainer.max_epochs
     if cycles > epochs:
         raise TLError(f"snapshots.cycles={cycles} exceeds trainer.max_epochs={epochs}: use at most one cycle per epoch")
+    lr_find = cfg.get("lr_find", False)
+    if lr_find not in (False, True, "apply"):
+        raise TLError(f"lr_find={lr_find!r}: use false, true (suggest and plot) or apply (also train with it)")
+    if lr_find and (str(cfg.trainer.get("devices", 1)) != "1" or int(cfg.trainer.get("num_nodes", 1)) != 1):
+        raise TLError("lr_find runs on one device: run it with trainer.devices=1, then train with optimizer.lr=<lr>")
     if (cfg.data.val_fraction + cfg.data.test_fraction) >= 0.9:
         raise TLError(f"data.val_fraction + data.test_fraction = {cfg.data.val_fraction + cfg.data.test_fraction:g} "
                       "leaves too little to train on: keep their sum below 0.9")

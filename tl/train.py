@@ -165,6 +165,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         features = FeatureCache(cfg.paths.cache_dir).get(module.model, classifier_names(module.model), datamodule)
         fit_data = FeatureDataModule(features, datamodule.batch_size, datamodule.eval_batch_size)
         module.features_input = True
+    lr_found: dict[str, Any] = {}
+    if cfg.get("lr_find") and ckpt_path is None:  # a resumed run keeps its optimizer state
+        from tl.callbacks.lr_finder import find_lr
+
+        lr_found = find_lr(lambda: build(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
+                                         enable_progress_bar=False),
+                           module, fit_data, apply=cfg.lr_find == "apply", out_dir=run_dir)
     trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - started
 
@@ -206,6 +213,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "best_ckpt": best,
         "run_dir": str(run_dir),
     })
+    for callback in trainer.callbacks:  # InitialLossCheck / OverfitCheck report flat keys, e.g. "overfit/reached"
+        results.update(getattr(callback, "results", None) or {})
+    results.update(lr_found)
     if evidence is not None:
         results["scenario_evidence"] = evidence
     if datamodule.skipped_files:
