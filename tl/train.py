@@ -126,6 +126,9 @@ def log_text(trainer: pl.Trainer, tag: str, payload: dict) -> None:
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
+    if ckpt_path == "auto":  # a requeued cluster job: this run dir's newest checkpoint, else start fresh
+        found = [p for p in (run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if not path.is_file():
         raise TLError(f"ckpt_path={ckpt_path!r}: no checkpoint at {str(path)!r}; resume with the run's own "
@@ -230,7 +233,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float | None:
     results, _ = train(cfg)
-    return results.get("test/acc")  # the value a Hydra sweeper optimises
+    return results.get("val/acc")  # what a sweeper optimises: validation, never test
 
 
 def main() -> None:

@@ -74,7 +74,7 @@ def ensure_writable(path: Path, min_free_mb: int = 200) -> Path:
     """Create `path` and prove it takes a file now, not after an hour of training."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{os.getpid()}"  # per process: all ranks of a job may start at once
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:

@@ -19,6 +19,17 @@ from tl.data.transforms import eval_transform, train_transform
 log = logging.getLogger(__name__)
 
 
+def eval_sampler(trainer, ds: Dataset, shuffle: bool):
+    """Under DDP, an unpadded sampler for val/test: Lightning's DistributedSampler pads with repeated examples, which
+    synced metrics would count twice. Lightning keeps a DistributedSampler it finds. None elsewhere."""
+    dist = trainer.distributed_sampler_kwargs if trainer is not None else None
+    if shuffle or not dist or dist.get("num_replicas", 1) <= 1:
+        return None
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(ds, shuffle=False, **dist)
+
+
 class ImageDataset(Dataset):
     """Indexes into an `ImageSet`; images come from memory (uint8 tensors) or are decoded from disk on access."""
 
@@ -122,7 +133,8 @@ class TransferDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self._workers()
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=eval_sampler(self.trainer, ds, shuffle),
+                          num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                           # Drop only a last batch of one: BatchNorm cannot train on it; keep every other example.
                           drop_last=shuffle and len(ds) % batch_size == 1)

@@ -102,7 +102,7 @@ class FeatureCache:
                                 num_workers=datamodule._workers())
             feats, targets = extract_features(model, loader)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: ranks may write the same entry
             torch.save({"features": feats, "targets": targets}, tmp)
             os.replace(tmp, path)  # atomic: a killed run never leaves half a cache entry
             log.info("Feature cache write: %s %s (%s)", split, tuple(feats.shape), path.name)
@@ -118,8 +118,11 @@ class FeatureDataModule(pl.LightningDataModule):
         self.features, self.batch_size, self.eval_batch_size = features, batch_size, eval_batch_size
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        from tl.data.datamodule import eval_sampler
+
         ds = TensorDataset(*self.features[split])
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) % batch_size == 1)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=eval_sampler(self.trainer, ds, shuffle),
+                          drop_last=shuffle and len(ds) % batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -115,7 +115,8 @@ class TransferModule(pl.LightningModule):
                 f"learning rate too high (optimizer.lr={lr}; try 10x lower) or bad input (NaN/inf pixels); "
                 "checkpoints from earlier epochs are kept")
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=stage != "train")
         for key, metric in self.metrics.items():
             if key.startswith(stage):
                 metric(logits, y)
