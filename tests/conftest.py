@@ -42,6 +42,8 @@ def tiny_cfg(tmp_path):
     """A factory: tiny_cfg(*extra_overrides) -> config for a seconds-long synthetic run in tmp_path."""
 
     def factory(*extra: str, run_dir: Path | None = None):
-        return make_cfg(run_dir or tmp_path, [*TINY, *extra])
+        # The default scenario is auto (it measures the data first); tiny runs pin a preset unless they pick one.
+        scenario = [] if any(e.startswith("scenario=") for e in extra) else ["scenario=large_similar"]
+        return make_cfg(run_dir or tmp_path, [*TINY, *scenario, *extra])
 
     return factory
