@@ -36,7 +36,7 @@ PRESETS = ("small_similar", "small_different", "large_similar", "large_different
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> float:
+def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) -> float:
     """Cross-validated accuracy of a standardised logistic-regression probe."""
     folds = int(min(folds, np.bincount(y)[np.unique(y)].min()))
     if folds < 2:
