@@ -45,3 +45,10 @@ def check_run_dir(argv: list[str]) -> None:
                 print(f"tl: error: hydra.run.dir={target} cannot be created ({parent} is not a writable folder): "
                       "choose a writable place", file=sys.stderr)
                 sys.exit(2)
+
+
+def launch(hydra_main) -> None:
+    """Run a `@hydra.main` entry point after the one-line checks on its command line."""
+    check_group_choices(sys.argv[1:])
+    check_run_dir(sys.argv[1:])
+    hydra_main()

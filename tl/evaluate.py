@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from tl.cli import check_group_choices, check_run_dir
+from tl.cli import launch
 from tl.errors import TLError
 from tl.inference import (
     CKPT_HINT,
@@ -184,9 +183,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    check_group_choices(sys.argv[1:])
-    check_run_dir(sys.argv[1:])
-    _hydra_main()
+    launch(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ The directory holds `model.safetensors` (the timm model's state dict: tensors on
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from torch import nn
 
-from tl.cli import check_group_choices, check_run_dir
+from tl.cli import launch
 from tl.inference import EXPORT_CONFIG, EXPORT_WEIGHTS, load_module, run_dir_of
 from tl.utils import check_required, ensure_writable, user_errors
 
@@ -67,9 +66,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_group_choices(sys.argv[1:])
-    check_run_dir(sys.argv[1:])
-    _hydra_main()
+    launch(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tl.cli import check_group_choices, check_run_dir
+from tl.cli import launch
 from tl.data.sources import IMAGE_EXTENSIONS
 from tl.data.transforms import eval_transform
 from tl.errors import TLError
@@ -167,9 +166,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_group_choices(sys.argv[1:])
-    check_run_dir(sys.argv[1:])
-    _hydra_main()
+    launch(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from pytorch_lightning.callbacks import WeightAveraging
 
 from tl.callbacks.snapshots import SnapshotEnsemble
 from tl.checks import validate
-from tl.cli import check_group_choices, check_run_dir
+from tl.cli import launch
 from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
 from tl.errors import TLError
@@ -237,9 +236,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    check_group_choices(sys.argv[1:])
-    check_run_dir(sys.argv[1:])
-    _hydra_main()
+    launch(_hydra_main)
 
 
 if __name__ == "__main__":
