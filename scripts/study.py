@@ -114,7 +114,7 @@ def plot(out: Path, sizes: list[str], policies: list[str], acc: dict) -> None:
     ax.set_xticklabels([f"{s} per class" if s != "full" else "full train split" for s in sizes])
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, ncols=3, loc="lower right")
+    ax.legend(fontsize=8, ncols=len(policies), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title("Transfer policies vs training from scratch")
     fig.tight_layout()
     fig.savefig(out / "study.png", dpi=120)

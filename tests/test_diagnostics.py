@@ -92,7 +92,7 @@ def test_initial_loss_check_warns_on_a_large_head_init(tiny_cfg):
 
 
 def test_overfit_mode_drives_the_training_loss_to_about_zero(tiny_cfg):
-    cfg = tiny_cfg("debug=overfit", "trainer.overfit_batches=1", "trainer.max_epochs=12")
+    cfg = tiny_cfg("debug=overfit", "scenario=small_different", "trainer.overfit_batches=1", "trainer.max_epochs=12")
     assert cfg.augment.name == "none" and cfg.finetune.label_smoothing == 0 and cfg.optimizer.weight_decay == 0
     assert cfg.model.drop_rate == 0 and cfg.model.drop_path_rate == 0 and not cfg.test
     results, objects = train(cfg)

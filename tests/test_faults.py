@@ -68,7 +68,7 @@ def test_unwritable_output_dir_fails_at_start(tiny_cfg, tmp_path):
 def test_unwritable_run_dir_at_the_command_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     proc = subprocess.run([sys.executable, "-m", "tl.train", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "cannot be created" in proc.stderr and proc.stderr.count("\n") == 1
 
 
