@@ -38,12 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
     ("snapshots.cycles=5", "snapshots.cycles=5 exceeds trainer.max_epochs=2"),
     ("data.test_fraction=0.75", "leaves too little to train on"),
     ("data.samples_per_class=1000", "data.samples_per_class=1000 is more than class"),
-    ("finetune.trainable_stages=50", "finetune.trainable_stages=50"),
+    ("finetune.strategy=partial finetune.trainable_stages=50", "finetune.trainable_stages=50"),
     ("ckpt_path=last", "ckpt_path='last': no checkpoint"),
 ])
 def test_invalid_values_fail_before_training(tiny_cfg, tmp_path, override, culprit):
     with pytest.raises(TLError) as e:
-        train(tiny_cfg(override))
+        train(tiny_cfg(*override.split()))
     assert culprit in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing half-written
 
