@@ -98,7 +98,7 @@ def feature_cache_applies(cfg: DictConfig) -> bool:
         and cfg.augment.get("name", "none") == "none"
 
 
-def test_snapshot_ensemble(snapshots: list[dict], last: int | None, datamodule, trainer: pl.Trainer) -> dict:
+def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule, trainer: pl.Trainer) -> dict:
     """Test accuracy of each snapshot and of the mean softmax of the last `last` (all when None)."""
     members = snapshots[-last:] if last else snapshots
     metrics, _ = evaluate_members([load_classifier(s["path"]) for s in members], datamodule)
@@ -189,7 +189,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     module.features_input = False  # the returned module takes images again
     snapshots = next((c.snapshots for c in trainer.callbacks if isinstance(c, SnapshotEnsemble)), [])
     if snapshots and cfg.get("test", True):
-        results.update(test_snapshot_ensemble(snapshots, cfg.snapshots.get("ensemble_last"), datamodule, trainer))
+        results.update(snapshot_ensemble_scores(snapshots, cfg.snapshots.get("ensemble_last"), datamodule, trainer))
     if cfg.get("export", True) and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
         results["export_dir"] = str(export_model(module, run_dir / "export"))
     val_best = ckpt_cb.best_model_score if ckpt_cb is not None else None
