@@ -30,15 +30,6 @@ def _lr_ratios(module: pl.LightningModule) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in groups}
 
 
-def _has_matplotlib() -> bool:
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        log.warning("LR finder: matplotlib is not installed; no lr_find.png")
-        return False
-    return True
-
-
 def find_lr(trainer_factory: Callable[[], pl.Trainer], module: pl.LightningModule, datamodule: pl.LightningDataModule,
             apply: bool, out_dir: str | Path | None = None, min_lr: float = 1e-7, max_lr: float = 1.0,
             num_training: int = 100, **lr_find_kwargs: Any) -> dict[str, Any]:
@@ -88,7 +79,7 @@ def find_lr(trainer_factory: Callable[[], pl.Trainer], module: pl.LightningModul
     suggestion = finder.suggestion(skip_begin=min(10, num_training // 5)) if finder is not None else None
     result: dict[str, Any] = {"lr_find/suggestion": suggestion, "lr_find/lr_before": before,
                               "lr_find/applied": False, "lr_find/plot": None}
-    if finder is not None and out_dir is not None and trainer.is_global_zero and _has_matplotlib():
+    if finder is not None and out_dir is not None and trainer.is_global_zero:
         import matplotlib.pyplot as plt
 
         fig = finder.plot(suggest=suggestion is not None)

@@ -39,6 +39,17 @@ def _loss_of(outputs: Any, trainer: pl.Trainer) -> torch.Tensor | None:
     return loss.detach().float() * trainer.accumulate_grad_batches if isinstance(loss, torch.Tensor) else None
 
 
+def _report(trainer: pl.Trainer, ok: bool, message: str, warning: type[Warning]) -> None:
+    """Log a check's verdict once (rank zero): info when it passed, a warning (logged and raised) when not."""
+    if not trainer.is_global_zero:
+        return
+    if ok:
+        log.info(message)
+    else:
+        log.warning(message)
+        warnings.warn(message, warning, stacklevel=3)
+
+
 def _log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], text_tag: str, text: str) -> None:
     """Scalars to every logger (TensorBoard, CSV), the explanation as TensorBoard text."""
     for logger in trainer.loggers:
@@ -93,13 +104,7 @@ class InitialLossCheck(Callback):
         message = self._message(loss, expected, num_classes, ok, pl_module)
         _log_everywhere(trainer, {"sanity/initial_loss": loss, "sanity/expected_initial_loss": expected},
                         "sanity/initial_loss", message)
-        if not trainer.is_global_zero:
-            return
-        if ok:
-            log.info(message)
-        else:
-            log.warning(message)
-            warnings.warn(message, InitialLossWarning, stacklevel=2)
+        _report(trainer, ok, message, InitialLossWarning)
 
     def _message(self, loss: float, expected: float, num_classes: int, ok: bool, pl_module: pl.LightningModule) -> str:
         head = (f"initial loss {loss:.3f} vs ln({num_classes}) = {expected:.3f} "
@@ -171,10 +176,4 @@ class OverfitCheck(Callback):
                        "still on, labels that do not match the images, or a bug in the loss or data pipeline.")
         _log_everywhere(trainer, {"overfit/final_train_loss": final, "overfit/reached": float(reached)},
                         "overfit/report", message)
-        if not trainer.is_global_zero:
-            return
-        if reached:
-            log.info(message)
-        else:
-            log.warning(message)
-            warnings.warn(message, OverfitWarning, stacklevel=2)
+        _report(trainer, reached, message, OverfitWarning)
