@@ -32,7 +32,7 @@ def test_snapshots_at_cycle_ends_with_lr_at_its_minimum(tiny_cfg, tmp_path):
 
 
 def test_mixup_and_cutmix_train_on_soft_targets(tiny_cfg):
-    results, objects = train(tiny_cfg("augment=mix", "trainer.max_epochs=3"))
+    results, objects = train(tiny_cfg("augment=mix", "trainer.max_epochs=5"))  # mixed batches learn slower
     assert objects["module"].mixup is not None
     assert results["augment"] == "mix" and results["test/acc"] > 0.25
 
