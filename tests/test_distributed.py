@@ -3,7 +3,7 @@
 DDP runs go through `python -m tl.train` in a subprocess, the way users start them: Lightning re-launches the same
 command for rank 1 with the run directory pinned. Helpers those subprocesses load by `_target_` (probes, a pause
 for signals, the unpadded-evaluation data module) live here and are importable there through PYTHONPATH=tests/.
-Slow ones (-m slow): later unfreezing under DDP, SIGUSR1 requeue, a 2-trial Optuna sweep, compile, the benchmark.
+Slow ones (-m slow): staged unfreezing under DDP, SIGUSR1 requeue, a 2-trial Optuna sweep, compile, the benchmark.
 """
 
 from __future__ import annotations
@@ -75,22 +75,21 @@ class RankProbe(pl.Callback):
             "trainable_after": _digest(p for _, p in named if p.requires_grad),
             "frozen_after": _digest(p for _, p in named if not p.requires_grad),
             "all_after": _digest(p for _, p in named),
+            "trainable_names_after": sorted(n for n, p in named if p.requires_grad),
+            "param_groups_after": [[g.get("name"), sum(p.numel() for p in g["params"]), g["lr"]]
+                                   for g in trainer.optimizers[0].param_groups],
         })
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
 
 class UnfreezeLastBlock(BaseFinetuning):
-    """Staged unfreezing the way Lightning's BaseFinetuning does it: the backbone's last block joins at `epoch`.
+    """Staged unfreezing done naively with Lightning's BaseFinetuning: the backbone's last block joins at `epoch`
+    and nothing else happens (the control for tl's ScheduledUnfreezing, which also re-wraps DDP)."""
 
-    Args:
-        epoch: the epoch at which the block starts training.
-        rewrap_ddp: re-register parameters with DDP after unfreezing (see `rewrap_ddp`).
-    """
-
-    def __init__(self, epoch: int = 1, rewrap_ddp: bool = False):
+    def __init__(self, epoch: int = 1):
         super().__init__()
-        self.epoch, self.rewrap = epoch, rewrap_ddp
+        self.epoch = epoch
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         pass  # finetune.strategy=linear_probe froze the backbone already
@@ -98,23 +97,6 @@ class UnfreezeLastBlock(BaseFinetuning):
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer) -> None:
         if epoch == self.epoch:
             self.unfreeze_and_add_param_group(pl_module.model.blocks[-1], optimizer, initial_denom_lr=1.0)
-            if self.rewrap:
-                rewrap_ddp(pl_module.trainer)
-
-
-def rewrap_ddp(trainer: pl.Trainer) -> None:
-    """Wrap the LightningModule in a fresh DistributedDataParallel, so parameters unfrozen since it was wrapped are
-    registered for gradient averaging (DDP only registers those with requires_grad=True at construction).
-
-    Uses Lightning's own `DDPStrategy.configure_ddp`; every rank calls it at the same hook (DDP's constructor is a
-    collective that broadcasts rank 0's weights).
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    strategy = trainer.strategy
-    if isinstance(strategy.model, DistributedDataParallel):
-        strategy.model = strategy.model.module
-        strategy.configure_ddp()
 
 
 class PauseAt(pl.Callback):
@@ -237,21 +219,29 @@ def test_ddp_two_cpu_processes_end_to_end(tmp_path, strategy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rewrap", [False, True])
-def test_ddp_parameters_unfrozen_later_need_a_fresh_ddp_wrapper(tmp_path, rewrap):
-    """DDP registers only parameters trainable when it wraps the model. A block unfrozen later (BaseFinetuning)
-    trains, but its gradients are never averaged, so the ranks drift apart silently. Re-wrapping after unfreezing
-    (Lightning's own configure_ddp) fixes it. Documents the behaviour the staged-unfreezing callback must handle."""
+@pytest.mark.parametrize("strategy", ["naive_basefinetuning", "gradual", "lp_ft"])
+def test_ddp_parameters_unfrozen_later_are_averaged_across_ranks(tmp_path, strategy):
+    """DDP registers only parameters trainable when it wraps the model. A block unfrozen later by a plain
+    BaseFinetuning callback trains, but its gradients are never averaged, so the ranks drift apart silently (the
+    control). tl's staged strategies re-wrap the module after unfreezing: the ranks stay identical, with the same
+    param groups."""
     ranks_dir = tmp_path / "ranks"
-    run_tl([*DDP_CPU, *TINY_CLI, "finetune.strategy=linear_probe", "augment=light", "trainer.max_epochs=2",
-            "~scheduler", "logger=none", "test=false", f"hydra.run.dir={tmp_path / 'run'}", *probe(ranks_dir),
-            f"+callbacks.unfreeze._target_={__name__}.UnfreezeLastBlock", f"+callbacks.unfreeze.rewrap_ddp={rewrap}"])
-    r0, r1 = read_ranks(ranks_dir)
-    assert r0["trainable"] == r1["trainable"]
-    if rewrap:
-        assert r0["all_after"] == r1["all_after"]
+    if strategy == "naive_basefinetuning":
+        # (~scheduler: torch's schedulers refuse an optimizer that grew groups they don't know; tl extends them)
+        policy = ["finetune.strategy=linear_probe", f"+callbacks.unfreeze._target_={__name__}.UnfreezeLastBlock",
+                  "~scheduler"]
     else:
+        policy = [f"finetune.strategy={strategy}", "finetune.lp_epochs=1", "finetune.unfreeze_every=1"]
+    run_tl([*DDP_CPU, *TINY_CLI, *policy, "augment=light", "trainer.max_epochs=3", "logger=none", "test=false",
+            f"hydra.run.dir={tmp_path / 'run'}", *probe(ranks_dir)])
+    r0, r1 = read_ranks(ranks_dir)
+    assert r0["trainable_names_after"] == r1["trainable_names_after"]
+    assert len(r0["trainable_names_after"]) > len(r0["trainable"])  # something was unfrozen during training
+    if strategy == "naive_basefinetuning":
         assert r0["all_after"] != r1["all_after"]
+    else:
+        assert r0["all_after"] == r1["all_after"], "ranks diverged: unfrozen parameters were not averaged"
+        assert r0["param_groups_after"] == r1["param_groups_after"]
 
 
 # -- 3. the same test accuracy on 1 and 2 processes -------------------------------------------------------------------
@@ -501,12 +491,12 @@ def test_trainer_configs_compose_and_their_parts_instantiate(tmp_path, name):
 @pytest.mark.slow
 def test_channels_last_compile_bf16_and_accumulation_train_end_to_end(tiny_cfg):
     """The performance add-ons in one tiny CPU run: bf16 autocast, gradient accumulation, channels_last and
-    torch.compile (the `eager` backend: checks the module compiles without paying for code generation)."""
+    torch.compile (the `eager` backend: checks the module compiles without paying for code generation).
+    channels_last comes from the default callbacks."""
     from tl.train import train
 
     results, objects = train(tiny_cfg(
         "trainer.max_epochs=1", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2", "logger=none",
-        "+callbacks.channels_last._target_=tl.callbacks.performance.ChannelsLast",
         "+callbacks.compile._target_=tl.callbacks.performance.TorchCompile", "+callbacks.compile.backend=eager"))
     module = objects["module"]
     assert results["global_step"] == math.ceil(math.ceil(72 / 16) / 2)  # 5 batches, a step every 2

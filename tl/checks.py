@@ -31,6 +31,8 @@ RULES: list[Rule] = [
     ("model.head_init_std", lambda v: _number(v) and v > 0, "a positive number, e.g. 0.01"),
     ("finetune.strategy", lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     ("finetune.trainable_stages", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("finetune.lp_epochs", lambda v: _integer(v) and v >= 0, "an integer >= 0 (head-only epochs)"),
+    ("finetune.unfreeze_every", lambda v: _integer(v) and v >= 1, "an integer >= 1 (epochs per stage)"),
     ("finetune.backbone_lr_mult", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("finetune.layer_decay", lambda v: v is None or (_number(v) and 0 < v <= 1), "null or a factor in (0, 1]"),
     ("finetune.label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a value in [0, 1)"),

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import WeightAveraging
 
 from tl.callbacks.snapshots import SnapshotEnsemble
+from tl.callbacks.unfreezing import ScheduledUnfreezing
 from tl.checks import validate
 from tl.cli import launch
 from tl.data.features import FeatureCache, FeatureDataModule
@@ -30,6 +31,7 @@ from tl.evaluate import evaluate_members
 from tl.export import export_model
 from tl.inference import load_classifier
 from tl.models.backbone import classifier_names
+from tl.models.finetune import STAGED
 from tl.scenarios import recompose, resolve_auto
 from tl.utils import (
     build,
@@ -82,6 +84,8 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     averaging = cfg.get("weight_averaging")
     if averaging and "_target_" in averaging:
         callbacks.append(build(averaging))
+    if cfg.finetune.strategy in STAGED:  # gradual / lp_ft: the backbone opens on a schedule
+        callbacks.append(ScheduledUnfreezing())
     if snapshot_cycles(cfg):
         snapshot_dir = Path(cfg.paths.output_dir) / "checkpoints" / "snapshots"
         callbacks.append(SnapshotEnsemble(snapshot_cycles(cfg), snapshot_dir))

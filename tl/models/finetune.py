@@ -4,6 +4,10 @@ Strategies (`finetune.strategy`):
 - `linear_probe`: the backbone is frozen; only the new classifier trains.
 - `partial`: the last `trainable_stages` stages of the backbone train with the classifier; earlier stages are frozen.
 - `full`: everything trains.
+- `gradual`: a linear probe for `lp_epochs` epochs, then one more backbone stage every `unfreeze_every` epochs, from
+  the top down (ULMFiT's gradual unfreezing);
+- `lp_ft`: a linear probe for `lp_epochs` epochs, then everything trains (LP-FT, Kumar et al. 2022).
+The staged strategies are driven by `tl.callbacks.unfreezing.ScheduledUnfreezing`; here they start frozen.
 Stages come from timm's own `group_matcher(coarse=True)` (stem, stage 1..n, head), so the same code works for
 ResNets, EfficientNets, ConvNeXts and ViTs. Frozen parameters never reach the optimizer, and modules that are wholly
 frozen stay in eval mode (BatchNorm running statistics and dropout frozen too).
@@ -16,7 +20,8 @@ from torch import nn
 from tl.errors import TLError
 from tl.models.backbone import classifier_names
 
-STRATEGIES = ("linear_probe", "partial", "full")
+STRATEGIES = ("linear_probe", "partial", "full", "gradual", "lp_ft")
+STAGED = ("gradual", "lp_ft")
 
 
 def stage_groups(model: nn.Module) -> list[list[str]]:
@@ -29,20 +34,35 @@ def stage_groups(model: nn.Module) -> list[list[str]]:
     return [g for g in groups if g] + [sorted(head)]
 
 
-def apply_strategy(model: nn.Module, strategy: str, trainable_stages: int = 1) -> None:
-    """Set `requires_grad` for `strategy` (see module docstring)."""
+def trainable_stage_count(strategy: str, n_stages: int, epoch: int = 0, trainable_stages: int = 1,
+                          lp_epochs: int = 0, unfreeze_every: int = 1) -> int:
+    """How many of the backbone's `n_stages` last stages train at `epoch` under `strategy`."""
     if strategy not in STRATEGIES:
         raise TLError(f"finetune.strategy={strategy!r} is unknown: use one of {', '.join(STRATEGIES)}")
+    if strategy == "partial" and not 1 <= int(trainable_stages) <= n_stages:
+        raise TLError(f"finetune.trainable_stages={trainable_stages}: this backbone has {n_stages} stages "
+                      f"(stem included); use 1..{n_stages}")
+    if strategy in STAGED and (int(lp_epochs) < 0 or int(unfreeze_every) < 1):
+        raise TLError(f"finetune.lp_epochs={lp_epochs}, finetune.unfreeze_every={unfreeze_every}: use lp_epochs >= 0 "
+                      "and unfreeze_every >= 1")
+    if strategy == "full":
+        return n_stages
+    if strategy == "partial":
+        return int(trainable_stages)
+    if strategy == "linear_probe" or epoch < int(lp_epochs):
+        return 0
+    if strategy == "lp_ft":
+        return n_stages
+    return min(n_stages, 1 + (epoch - int(lp_epochs)) // int(unfreeze_every))  # gradual
+
+
+def apply_strategy(model: nn.Module, strategy: str, trainable_stages: int = 1, lp_epochs: int = 0,
+                   unfreeze_every: int = 1) -> None:
+    """Set `requires_grad` for `strategy` at the start of training (see module docstring)."""
     groups = stage_groups(model)
     backbone = groups[:-1]
-    if strategy == "full":
-        trainable = {n for g in groups for n in g}
-    else:
-        k = 0 if strategy == "linear_probe" else int(trainable_stages)
-        if strategy == "partial" and not 1 <= k <= len(backbone):
-            raise TLError(f"finetune.trainable_stages={trainable_stages}: this backbone has {len(backbone)} stages "
-                          f"(stem included); use 1..{len(backbone)}")
-        trainable = {n for g in backbone[len(backbone) - k:] + groups[-1:] for n in g}
+    k = trainable_stage_count(strategy, len(backbone), 0, trainable_stages, lp_epochs, unfreeze_every)
+    trainable = {n for g in backbone[len(backbone) - k:] + groups[-1:] for n in g} if k else set(groups[-1])
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
 
@@ -56,11 +76,14 @@ def set_frozen_modules_eval(model: nn.Module) -> None:
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0, weight_decay: float = 0.0,
-                 layer_decay: float | None = None) -> list[dict]:
+                 layer_decay: float | None = None, only: set[str] | None = None,
+                 name_suffix: str = "") -> list[dict]:
     """Optimizer groups for the trainable parameters.
 
     The classifier gets `lr`; the backbone `lr * backbone_lr_mult`, further scaled by `layer_decay ** depth` from
     the head when layer-wise decay is set. Biases and normalisation weights (1-d tensors) get no weight decay.
+    `only` restricts the groups to those parameter names (staged unfreezing adds groups later); `name_suffix` keeps
+    their names unique.
     """
     if lr <= 0 or backbone_lr_mult < 0 or weight_decay < 0:
         raise TLError(f"optimizer.lr={lr}, finetune.backbone_lr_mult={backbone_lr_mult}, optimizer.weight_decay="
@@ -70,13 +93,14 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0, wei
     head = set(groups[-1])
     buckets: dict[tuple, dict] = {}
     for n, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (only is not None and n not in only):
             continue
         is_head = n in head
         scale = 1.0 if is_head else backbone_lr_mult * (layer_decay ** depth[n] if layer_decay else 1.0)
         no_decay = p.ndim <= 1 or n in getattr(model, "no_weight_decay", lambda: set())()
         key = ("head" if is_head else f"backbone{'.' + str(depth[n]) if layer_decay else ''}", no_decay)
-        group = buckets.setdefault(key, {"name": f"{key[0]}{'/no_decay' if no_decay else ''}", "params": [],
-                                         "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay})
+        name = f"{key[0]}{'/no_decay' if no_decay else ''}{name_suffix}"
+        group = buckets.setdefault(key, {"name": name, "params": [], "lr": lr * scale,
+                                         "weight_decay": 0.0 if no_decay else weight_decay})
         group["params"].append(p)
     return list(buckets.values())

@@ -36,6 +36,9 @@ class TransferModule(pl.LightningModule):
         drop_path_rate: stochastic depth rate.
         head_init_std: std of the new head's initial weights (small: initial loss near ln(num_classes)).
         strategy, trainable_stages: the freeze policy (`tl.models.finetune`).
+        lp_epochs, unfreeze_every: the schedule of the staged strategies `gradual` and `lp_ft` (head-only epochs
+            first, then one more stage every `unfreeze_every` epochs, or everything at once), carried out by
+            `tl.callbacks.unfreezing.ScheduledUnfreezing`.
         backbone_lr_mult: backbone LR relative to the head's.
         layer_decay: optional layer-wise LR decay on top of `backbone_lr_mult`.
         label_smoothing: cross-entropy label smoothing.
@@ -49,7 +52,8 @@ class TransferModule(pl.LightningModule):
 
     def __init__(self, name: str, num_classes: int, pretrained: str = "none", drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, head_init_std: float = 0.01, strategy: str = "full",
-                 trainable_stages: int = 1, backbone_lr_mult: float = 1.0, layer_decay: float | None = None,
+                 trainable_stages: int = 1, lp_epochs: int = 0, unfreeze_every: int = 1,
+                 backbone_lr_mult: float = 1.0, layer_decay: float | None = None,
                  label_smoothing: float = 0.0, mixup: dict | None = None, optimizer: dict | None = None,
                  scheduler: dict | None = None,
                  class_names: list[str] | None = None, preprocess: dict | None = None):
@@ -58,7 +62,7 @@ class TransferModule(pl.LightningModule):
         self.model = create_backbone(name, num_classes, drop_rate, drop_path_rate)
         init_head(self.model, head_init_std)
         self.pretrained_source = load_pretrained(self.model, pretrained, name)
-        apply_strategy(self.model, strategy, trainable_stages)
+        apply_strategy(self.model, strategy, trainable_stages, lp_epochs, unfreeze_every)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.mixup = None
         if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
