@@ -13,7 +13,12 @@ def snapshot_callback(trainer) -> SnapshotEnsemble:
 
 
 def test_snapshots_at_cycle_ends_with_lr_at_its_minimum(tiny_cfg, tmp_path):
-    results, objects = train(tiny_cfg("trainer.max_epochs=6", "snapshots.cycles=3", "optimizer.lr=1e-3"))
+    # The "best" checkpoint is the worst-loss one (epoch 0, before any snapshot): testing restores callback state
+    # from it, which must not shorten the list of snapshots reported.
+    results, objects = train(tiny_cfg("trainer.max_epochs=6", "snapshots.cycles=3", "optimizer.lr=1e-3",
+                                      "callbacks.model_checkpoint.monitor=val/loss",
+                                      "callbacks.model_checkpoint.mode=max"))
+    assert torch.load(results["best_ckpt"], weights_only=True)["epoch"] < 2
     trainer = objects["trainer"]
     snaps = snapshot_callback(trainer).snapshots
     assert [s["cycle"] for s in snaps] == [1, 2, 3]

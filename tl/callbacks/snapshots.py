@@ -53,4 +53,8 @@ class SnapshotEnsemble(Callback):
         return {"snapshots": self.snapshots}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.snapshots = list(state_dict.get("snapshots", []))
+        # A resumed fit starts empty and takes the saved list. Lightning also restores callback state when testing
+        # with ckpt_path=best after fitting: a best checkpoint from an earlier cycle must not drop later snapshots.
+        by_cycle = {s["cycle"]: s for s in state_dict.get("snapshots", [])}
+        by_cycle.update({s["cycle"]: s for s in self.snapshots})
+        self.snapshots = [by_cycle[c] for c in sorted(by_cycle)]
