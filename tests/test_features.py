@@ -34,9 +34,11 @@ def test_second_run_hits_the_cache_and_changed_weights_miss_it(tmp_path):
     cache = FeatureCache(tmp_path)
     head = classifier_names(module.model)
     first = cache.get(module.model, head, dm)
+    assert not list(tmp_path.glob("*.pt"))  # lazy: nothing is computed before a split is looked up
+    first = dict(first)
     files = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.pt")}
     assert len(files) == 3
-    again = cache.get(module.model, head, dm)
+    again = dict(cache.get(module.model, head, dm))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.pt")} == files  # read, not rewritten
     assert torch.equal(first["train"][0], again["train"][0])
 
@@ -70,3 +72,32 @@ def test_cached_and_uncached_paths_give_the_same_logits():
         module.features_input = True
         cached = module(feats)
     assert torch.allclose(direct, cached, atol=1e-5)
+
+
+def test_cached_and_uncached_runs_train_the_same_head(tiny_cfg, tmp_path):
+    """Same batches, same dropout draws, same features: the head ends where it would have ended on images."""
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = tiny_cfg("scenario=small_similar", "augment=none", "model.drop_rate=0.3", "export=false",
+                       f"cache_features={flag}", run_dir=tmp_path / flag)
+        results, objects = train(cfg)
+        runs[flag] = (results, objects["module"].model.get_classifier().weight.detach())
+    (uncached, w_uncached), (cached, w_cached) = runs["false"], runs["true"]
+    assert cached["feature_cache"] and not uncached["feature_cache"]
+    assert torch.allclose(w_cached, w_uncached, atol=1e-5)
+    for key in ("test/acc", "test/loss", "val/acc"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-4), key
+
+
+def test_extraction_leaves_rng_and_module_modes_alone():
+    dm = TransferDataModule(SyntheticSource(samples_per_class=4), backbone_preprocess("efficientnet_lite0"),
+                            image_size=32, seed=0)
+    dm.setup()
+    module = TransferModule("efficientnet_lite0", num_classes=4, pretrained="none", strategy="linear_probe")
+    module.train()  # frozen backbone in eval, head in train
+    modes = {name: m.training for name, m in module.named_modules()}
+    assert len(set(modes.values())) == 2
+    state = torch.get_rng_state()
+    extract_features(module.model, DataLoader(dm.dataset("train", augmented=False), batch_size=8, shuffle=True))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert {name: m.training for name, m in module.named_modules()} == modes

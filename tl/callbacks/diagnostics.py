@@ -336,7 +336,7 @@ class Diagnostics(Callback):
 
         n = len(names)
         size = min(24.0, max(5.0, 0.45 * n + 2))
-        fig, ax = plt.subplots(figsize=(size, size), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(size, size))
         # Cell counts only where they stay readable; the colours carry the rest.
         self._confmat.plot(matrix.cpu(), ax=ax, add_text=n <= 20, labels=[str(c) for c in names], cmap="Blues")
         acc = matrix.diag().sum().item() / max(1, matrix.sum().item())
