@@ -62,7 +62,7 @@ def apply_strategy(model: nn.Module, strategy: str, trainable_stages: int = 1, l
     groups = stage_groups(model)
     backbone = groups[:-1]
     k = trainable_stage_count(strategy, len(backbone), 0, trainable_stages, lp_epochs, unfreeze_every)
-    trainable = {n for g in backbone[len(backbone) - k:] + groups[-1:] for n in g} if k else set(groups[-1])
+    trainable = {n for g in backbone[len(backbone) - k:] + groups[-1:] for n in g}  # k = 0: the head only
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
 
