@@ -68,11 +68,17 @@ def apply_strategy(model: nn.Module, strategy: str, trainable_stages: int = 1, l
 
 
 def set_frozen_modules_eval(model: nn.Module) -> None:
-    """Put every module whose parameters are all frozen into eval mode (BN statistics, dropout, drop-path)."""
-    for m in model.modules():
-        params = list(m.parameters())
-        if params and not any(p.requires_grad for p in params):
-            m.eval()
+    """Put every module whose parameters are all frozen into eval mode (BN statistics, dropout, drop-path).
+
+    Top-down: a frozen module's eval() covers its whole subtree, which is then not walked again (a frozen
+    EfficientNet-Lite0 is one call, not 246 nested parameter scans: this runs at every epoch start).
+    """
+    params = list(model.parameters())
+    if params and not any(p.requires_grad for p in params):
+        model.eval()
+        return
+    for child in model.children():
+        set_frozen_modules_eval(child)
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0, weight_decay: float = 0.0,

@@ -121,12 +121,26 @@ class TransferModule(pl.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=stage != "train")
-        for key, metric in self.metrics.items():
-            if key.startswith(stage):
-                metric(logits, y)
-                self.log(f"{stage}/{key.split('_', 1)[1]}", metric, on_step=False, on_epoch=True,
-                         prog_bar=key == f"{stage}_acc", batch_size=len(y))
+        with torch.no_grad():
+            for key, metric in self.metrics.items():
+                if key.startswith(stage):
+                    metric.update(logits, y)  # logged once per epoch (_log_metrics): self.log costs ~0.3 ms a call
         return loss
+
+    def _log_metrics(self, stage: str) -> None:
+        """Log the stage's accuracy metrics for the epoch (computed over every process's updates) and reset them."""
+        for key, metric in self.metrics.items():
+            if key.startswith(stage) and metric.update_called:
+                self.log(f"{stage}/{key.split('_', 1)[1]}", metric, prog_bar=key == f"{stage}_acc")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
