@@ -39,3 +39,17 @@ def test_large_different_turns_on_strong_regularisation(tmp_path):
     cfg = make_cfg(tmp_path, ["scenario=large_different"])
     assert cfg.finetune.strategy == "full" and cfg.augment.name == "strong"
     assert cfg.model.drop_path_rate > 0 and cfg.finetune.label_smoothing > 0
+
+
+@pytest.mark.parametrize(("overrides", "size"), [
+    (["scenario=small_different"], 128),               # digits: few examples, train nearer the pretraining scale
+    (["scenario=small_similar"], 128),
+    (["scenario=large_different"], 64),
+    (["scenario=small_different", "data.small_data_image_size=null"], 64),
+    (["scenario=small_different", "data=synthetic"], 32),  # a dataset without a small-data size keeps its own
+])
+def test_small_data_presets_train_at_the_datasets_small_data_size(tmp_path, overrides, size):
+    from tl.train import build_datamodule
+
+    dm = build_datamodule(make_cfg(tmp_path, overrides))
+    assert dm.preprocess["input_size"] == [3, size, size]

@@ -47,10 +47,22 @@ from tl.utils import (
 log = logging.getLogger("tl.train")
 
 
+def data_image_size(cfg: DictConfig) -> int | None:
+    """The training resolution: `data.small_data_image_size` under a small-data preset when the dataset sets one
+    (few images make a larger, nearer-to-pretraining resolution affordable), else `data.image_size`."""
+    small = cfg.data.get("small_data_image_size")
+    if small is not None and str(cfg.scenario.name).startswith("small_"):
+        return int(small)
+    return cfg.data.get("image_size")
+
+
 def build_datamodule(cfg: DictConfig):
     """The data module for `cfg.data`, preprocessing as the backbone `cfg.model.name` expects."""
     preprocess = backbone_preprocess(cfg.model.name)
-    return build(cfg.data, preprocess=preprocess, augment=to_plain(cfg.augment), seed=cfg.seed, _convert_="all")
+    data = to_plain(cfg.data)
+    data.pop("small_data_image_size", None)
+    data["image_size"] = data_image_size(cfg)
+    return build(data, preprocess=preprocess, augment=to_plain(cfg.augment), seed=cfg.seed, _convert_="all")
 
 
 def build_module(cfg: DictConfig, datamodule, pretrained: str | None = None):
