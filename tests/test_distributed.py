@@ -273,17 +273,9 @@ def test_ddp_test_accuracy_equals_single_process_with_tl_datamodule(tmp_path):
 
 
 # -- 6. resume == uninterrupted ---------------------------------------------------------------------------------------
-# Lightning 2.6 writes last.ckpt only when ModelCheckpoint also saves a top-k checkpoint in that step, so with
-# save_top_k=1 it is a copy of the *best* epoch, and `ckpt_path=last` would rewind. A second, unmonitored
-# ModelCheckpoint named `last` writes the real last epoch (proposed for conf/callbacks/default.yaml; `++` adds or
-# overrides, so this keeps working once it is there).
-LAST_EVERY_EPOCH = [
-    "callbacks.model_checkpoint.save_last=false",
-    "++callbacks.last_checkpoint._target_=pytorch_lightning.callbacks.ModelCheckpoint",
-    "++callbacks.last_checkpoint.dirpath=${paths.output_dir}/checkpoints",
-    "++callbacks.last_checkpoint.filename=last",
-    "++callbacks.last_checkpoint.enable_version_counter=false",
-]
+# last.ckpt is conf/callbacks/default.yaml's `last_checkpoint` (tl.callbacks.checkpoint.LastCheckpoint): written
+# every epoch, not only with a new best (Lightning 2.6's save_last), so `ckpt_path=last` never rewinds.
+LAST_EVERY_EPOCH: list[str] = []
 
 
 def _last_ckpt(run_dir: Path) -> dict:
