@@ -273,11 +273,6 @@ def test_ddp_test_accuracy_equals_single_process_with_tl_datamodule(tmp_path):
 
 
 # -- 6. resume == uninterrupted ---------------------------------------------------------------------------------------
-# last.ckpt is conf/callbacks/default.yaml's `last_checkpoint` (tl.callbacks.checkpoint.LastCheckpoint): written
-# every epoch, not only with a new best (Lightning 2.6's save_last), so `ckpt_path=last` never rewinds.
-LAST_EVERY_EPOCH: list[str] = []
-
-
 def _last_ckpt(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
 
@@ -289,7 +284,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
 
     common = ["trainer.max_epochs=2", "data.batch_size=16", "augment=none", "model.drop_rate=0", "logger=none",
               "model.drop_path_rate=0",
-              "test=false", *LAST_EVERY_EPOCH,
+              "test=false",
               f"+callbacks.reseed._target_={__name__}.EpochSeededShuffle"]
     straight, _ = train(tiny_cfg(*common, run_dir=tmp_path / "straight"))
     first, _ = train(tiny_cfg(*common, f"+callbacks.stop._target_={__name__}.StopAfterEpochs",
@@ -353,7 +348,7 @@ def test_sigusr1_saves_hpc_checkpoint_requeues_and_the_restarted_job_finishes(tm
     }
     args = ["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), *TINY_CLI, "trainer.accelerator=cpu",
             "trainer.precision=32-true", f"trainer.max_epochs={max_epochs}", f"data.batch_size={batch_size}",
-            "logger=none", "test=false", *LAST_EVERY_EPOCH]
+            "logger=none", "test=false"]
     pause_args = [f"+callbacks.pause._target_={__name__}.PauseAt", f"+callbacks.pause.marker={marker}",
                   f"+callbacks.pause.{pause}", "+callbacks.pause.seconds=10",
                   f"+callbacks.hold._target_={__name__}.PauseAt", f"+callbacks.hold.marker={tmp_path / 'held'}",

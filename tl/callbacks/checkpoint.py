@@ -11,6 +11,9 @@ link is a second name of the same data.
 A file with two names is never written through: the next save replaces the name with a new file (a write would
 rewrite the best checkpoint as well). Where links are impossible (another filesystem, a remote path, no permission),
 it writes the file as `ModelCheckpoint` does.
+
+Lightning's own `save_last="link"` differs: every epoch it symlinks last.ckpt to the latest top-k file, i.e. the
+best epoch's state, not the last one's (resuming would rewind).
 """
 
 from __future__ import annotations
