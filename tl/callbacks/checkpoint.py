@@ -29,18 +29,16 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, *args, link_same_step: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.link_same_step = link_same_step
-        self._dumped: tuple[int, dict] | None = None  # (global step, fit-loop state) of the latest checkpoint dump
+        self._dumped_loop_state: dict | None = None  # fit-loop state (global step included) of the latest dump
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Called for every checkpoint the trainer dumps, whichever callback asked for it.
-        self._dumped = (trainer.global_step, checkpoint.get("loops", {}).get("fit_loop"))
+        self._dumped_loop_state = checkpoint.get("loops", {}).get("fit_loop")
         return super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def _same_state_file(self, trainer: pl.Trainer) -> str | None:
         """A checkpoint another callback wrote from the current loop state, or None."""
-        if not self.link_same_step or self._dumped is None or self._dumped[0] != trainer.global_step:
-            return None
-        if self._dumped[1] != trainer.fit_loop.state_dict():
+        if not self.link_same_step or self._dumped_loop_state != trainer.fit_loop.state_dict():
             return None
         for cb in trainer.checkpoint_callbacks:
             if cb is self or not isinstance(cb, ModelCheckpoint) or cb.save_weights_only != self.save_weights_only:
