@@ -6,7 +6,7 @@
 
 `python -m tl.train` with no arguments resolves `scenario=auto` to `large_different` on digits (README), so the
 config here is `scenario=large_different`: EfficientNet-Lite0 with its packaged ImageNet weights, full fine-tuning,
-batch 64 at 64 px, strong augmentation (random resized crop, RandAugment rand-m9-mstd0.5, random erasing),
+batch 64 at 64 px, strong augmentation (random resized crop, RandAugment rand-m5-mstd0.5, random erasing),
 AdamW, and the data module's own loader settings (in-memory digits: `num_workers` 0, i.e. the main process).
 
 - pipeline: iterate the run's training DataLoader (`TransferDataModule.train_dataloader()`, augmentation and
