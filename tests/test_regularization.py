@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tl.callbacks.snapshots import SnapshotEnsemble
+from tl.models.schedules import cycle_ends, warm_restarts
 from tl.train import train
 
 
@@ -32,8 +34,45 @@ def test_snapshots_at_cycle_ends_with_lr_at_its_minimum(tiny_cfg, tmp_path):
     assert [s["cycle"] for s in saved] == [1, 2, 3] and all(0 <= s["test/acc"] <= 1 for s in saved)
     assert 0 <= results["ensemble/test/acc"] <= 1 and results["ensemble/size"] == 3
     # Between snapshots the LR restarted to its peak: the scheduler is SGDR with one cycle per snapshot.
-    scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert type(scheduler).__name__ == "CosineAnnealingWarmRestarts" and scheduler.T_0 == cycle
+    factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert [factor(s["step"]) for s in snaps[:-1]] == [1.0, 1.0]
+    assert all(factor(s["step"] - 1) < 0.05 for s in snaps)
+
+
+def test_first_cycle_is_a_long_descent_then_equal_short_cycles(tiny_cfg, tmp_path):
+    results, objects = train(tiny_cfg("trainer.max_epochs=8", "snapshots.cycles=3", "snapshots.first_cycle=0.5"))
+    total = objects["trainer"].global_step
+    steps = [s["step"] for s in results["snapshots"]]
+    assert steps == [total // 2, total // 2 + total // 4, total] and results["epochs"] == 8
+    assert all(s["lr"] < 0.05 * 1e-3 for s in results["snapshots"])  # each one at its cycle's LR floor
+
+
+@pytest.mark.parametrize(("total", "cycles", "first", "ends"), [
+    (12, 3, None, [4, 8, 12]),
+    (13, 3, None, [4, 8, 13]),      # the last cycle absorbs the remainder: the run ends on a snapshot
+    (12, 3, 0.5, [6, 9, 12]),
+    (10, 4, 0.99, [7, 8, 9, 10]),   # later cycles keep at least one step each
+    (5, 1, 0.5, [5]),
+])
+def test_cycle_ends(total, cycles, first, ends):
+    assert cycle_ends(total, cycles, first) == ends
+
+
+def test_warm_restarts_falls_to_its_floor_and_jumps_back_per_group():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": params[:1], "lr": 1.0}, {"params": params[1:], "lr": 0.1}])
+    scheduler = warm_restarts(optimizer, steps_per_epoch=3, max_epochs=4, cycles=2, min_lr_ratio=0.1,
+                              first_cycle=0.75)
+    lrs = []
+    for _ in range(12):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    head = [lr[0] for lr in lrs]
+    assert head[0] == 1.0 and head[9] == 1.0  # cycle 1: steps 0-8, cycle 2: steps 9-11
+    assert all(a > b for a, b in zip(head[:8], head[1:9], strict=True))  # cosine descent within the cycle
+    assert head[8] < 0.15 and head[11] < 0.4
+    assert all(abs(lr[1] - 0.1 * lr[0]) < 1e-9 for lr in lrs)  # the backbone keeps its ratio to the head
 
 
 def test_mixup_and_cutmix_train_on_soft_targets(tiny_cfg):

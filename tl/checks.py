@@ -43,6 +43,8 @@ RULES: list[Rule] = [
     ("data.test_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
     ("data.on_bad_file", lambda v: v in ("skip", "error"), "skip or error"),
     ("snapshots.cycles", lambda v: _integer(v) and v >= 0, "0 (off) or a number of cycles"),
+    ("snapshots.first_cycle", lambda v: v is None or (_number(v) and 0 < v < 1),
+     "null (equal cycles) or the first cycle's share of the run, in (0, 1)"),
     ("seed", _integer, "an integer"),
 ]
 

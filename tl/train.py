@@ -74,7 +74,8 @@ def build_module(cfg: DictConfig, datamodule, pretrained: str | None = None):
     scheduler = to_plain(cfg.get("scheduler"))
     if snapshot_cycles(cfg):  # snapshots need the LR at its minimum at every cycle's end: warm restarts
         scheduler = {"_target_": "tl.models.schedules.warm_restarts", "_partial_": True,
-                     "cycles": snapshot_cycles(cfg), "min_lr_ratio": float(cfg.snapshots.min_lr_ratio)}
+                     "cycles": snapshot_cycles(cfg), "min_lr_ratio": float(cfg.snapshots.min_lr_ratio),
+                     "first_cycle": cfg.snapshots.get("first_cycle")}
     mixup = {k: cfg.augment[k] for k in ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob") if k in cfg.augment}
     return cls(**model_cfg, **to_plain(cfg.finetune), num_classes=datamodule.num_classes,
                class_names=datamodule.classes, preprocess=datamodule.preprocess, mixup=mixup or None,
@@ -100,7 +101,7 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
         callbacks.append(ScheduledUnfreezing())
     if snapshot_cycles(cfg):
         snapshot_dir = Path(cfg.paths.output_dir) / "checkpoints" / "snapshots"
-        callbacks.append(SnapshotEnsemble(snapshot_cycles(cfg), snapshot_dir))
+        callbacks.append(SnapshotEnsemble(snapshot_cycles(cfg), snapshot_dir, cfg.snapshots.get("first_cycle")))
     if cfg.trainer.get("enable_progress_bar") is False:  # a progress-bar callback would contradict the flag
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not loggers:  # nothing to write learning rates to

@@ -1,9 +1,10 @@
 """Snapshot ensembles (Huang et al., 2017, "Snapshot Ensembles: Train 1, get M for free").
 
-The learning rate follows cosine annealing with warm restarts over `cycles` equal cycles inside the normal epoch
-budget (`tl.models.schedules.warm_restarts`); at the end of each cycle, where the LR is at its minimum and the
-model sits in a local minimum, the weights are saved as a snapshot. At test time the last `ensemble_last`
-snapshots vote by averaging their softmax outputs. No extra training epochs.
+The learning rate follows cosine annealing with warm restarts over `cycles` cycles inside the normal epoch budget
+(`tl.models.schedules.warm_restarts`): equal cycles as in the paper, or, with `first_cycle`, one long first descent
+followed by short cycles. At the end of each cycle, where the LR is at its minimum and the model sits in a local
+minimum, the weights are saved as a snapshot. At test time the last `ensemble_last` snapshots vote by averaging
+their softmax outputs. No extra training epochs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from tl.models.schedules import cycle_steps
+from tl.models.schedules import run_cycle_ends
 
 
 class SnapshotEnsemble(Callback):
@@ -22,10 +23,12 @@ class SnapshotEnsemble(Callback):
     Args:
         cycles: number of cosine cycles over the run; 0 disables snapshots.
         dirpath: where snapshots go (default: <run>/checkpoints/snapshots).
+        first_cycle: the first cycle's share of the run (None: equal cycles); the schedule must use the same.
     """
 
-    def __init__(self, cycles: int, dirpath: str | Path | None = None):
+    def __init__(self, cycles: int, dirpath: str | Path | None = None, first_cycle: float | None = None):
         self.cycles, self.dirpath = int(cycles), Path(dirpath) if dirpath else None
+        self.first_cycle = first_cycle
         self.snapshots: list[dict] = []  # {"path", "cycle", "step", "lr"}
         self._lrs: list[float] = []
 
@@ -38,10 +41,13 @@ class SnapshotEnsemble(Callback):
         self._lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.cycles <= 0 or trainer.global_step == 0 or trainer.global_step % cycle_steps(trainer, self.cycles):
+        if self.cycles <= 0:
             return
-        cycle = trainer.global_step // cycle_steps(trainer, self.cycles)
-        if cycle > self.cycles or any(s["cycle"] == cycle for s in self.snapshots):
+        ends = run_cycle_ends(trainer, self.cycles, self.first_cycle)
+        if trainer.global_step not in ends:
+            return
+        cycle = ends.index(trainer.global_step) + 1
+        if any(s["cycle"] == cycle for s in self.snapshots):
             return
         path = self.dirpath / f"snapshot_cycle{cycle}.ckpt"
         # Listed before saving, so every checkpoint (and a resumed run) knows the snapshots up to itself.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 
 def epoch_steps(trainer) -> int:
@@ -18,9 +18,26 @@ def epoch_steps(trainer) -> int:
     return max(1, int(trainer.estimated_stepping_batches) // max(1, int(trainer.max_epochs)))
 
 
-def cycle_steps(trainer, cycles: int) -> int:
-    """Optimizer steps in one warm-restart cycle; `warm_restarts` and the snapshot callback share this."""
-    return max(1, epoch_steps(trainer) * int(trainer.max_epochs) // max(1, cycles))
+def cycle_ends(total_steps: int, cycles: int, first_cycle: float | None = None) -> list[int]:
+    """The optimizer step at which each warm-restart cycle ends; the last ends the run.
+
+    Equal cycles by default (Huang et al. 2017). With `first_cycle` (a fraction of the run) the first cycle is that
+    long and the others share the rest equally: one full descent to a good model, then short cycles that explore
+    around it (as in fast geometric ensembling, Garipov et al. 2018). `warm_restarts` and the snapshot callback
+    share this, so snapshots land where the LR is at its floor.
+    """
+    cycles, total = max(1, int(cycles)), max(1, int(total_steps))
+    if cycles == 1:
+        return [total]
+    first = total // cycles if first_cycle is None else int(round(float(first_cycle) * total))
+    first = min(max(1, first), total - (cycles - 1))  # every later cycle keeps at least one step
+    rest = (total - first) // (cycles - 1)
+    return [first + rest * i for i in range(cycles - 1)] + [total]
+
+
+def run_cycle_ends(trainer, cycles: int, first_cycle: float | None = None) -> list[int]:
+    """`cycle_ends` for a Trainer's run, counted as the schedules count steps."""
+    return cycle_ends(epoch_steps(trainer) * int(trainer.max_epochs), cycles, first_cycle)
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -63,8 +80,17 @@ def constant(optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, warmup
 
 
 def warm_restarts(optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, cycles: int = 1,
-                  min_lr_ratio: float = 0.0) -> LRScheduler:
-    """Cosine annealing with warm restarts (SGDR): `cycles` equal cycles over the run, stepped per step."""
-    cycle_steps = max(1, steps_per_epoch * max_epochs // max(1, cycles))
-    eta_min = min_lr_ratio * min(g["lr"] for g in optimizer.param_groups)
-    return CosineAnnealingWarmRestarts(optimizer, T_0=cycle_steps, eta_min=eta_min)
+                  min_lr_ratio: float = 0.0, first_cycle: float | None = None) -> LRScheduler:
+    """Cosine annealing with warm restarts (SGDR), stepped per step: each cycle (`cycle_ends`) falls from a group's
+    LR to `min_lr_ratio` of it, then the LR jumps back up."""
+    ends = cycle_ends(steps_per_epoch * max_epochs, cycles, first_cycle)
+    starts = [0, *ends[:-1]]
+
+    def factor(step: int) -> float:
+        for start, end in zip(starts, ends, strict=True):
+            if step < end:
+                t = (step - start) / (end - start)
+                return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return min_lr_ratio
+
+    return LambdaLR(optimizer, factor)
