@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
@@ -22,6 +23,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from tl.data.splits import make_splits, subset_per_class
+
+# The split fractions every tl run uses, read from the config rather than copied, so the splits cannot drift apart.
+DATA_DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "data" / "_base.yaml").read_text())
 
 
 def run(size: str, seed: int, val_fraction: float, test_fraction: float) -> dict:
@@ -46,8 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["10", "full"], help="examples per class, or 'full'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="as conf/data/_base.yaml")
-    parser.add_argument("--test-fraction", type=float, default=0.15, help="as conf/data/_base.yaml")
+    parser.add_argument("--val-fraction", type=float, default=DATA_DEFAULTS["val_fraction"])
+    parser.add_argument("--test-fraction", type=float, default=DATA_DEFAULTS["test_fraction"])
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = [run(size, seed, args.val_fraction, args.test_fraction) for size in args.sizes for seed in args.seeds]
