@@ -55,7 +55,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from tl.models.finetune import set_frozen_modules_eval
-from tl.train import build_datamodule, build_module, build_trainer
+from tl.train import build_data, build_module, build_trainer
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DEFAULT_RUN = ["scenario=large_different"]  # what scenario=auto picks for the embedded digits default (README)
@@ -180,6 +180,7 @@ def epochs_of(starts: list[tuple[float, float]], train_ends: list[float], end: t
 def run_lightning(cfg: DictConfig, datamodule, epochs: int, device: torch.device) -> list[dict]:
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule)
+    module.load_pretrained()
     trainer = build_trainer(cfg)
     timer = EpochTimer(epochs, device)
     trainer.callbacks.insert(0, timer)
@@ -191,6 +192,7 @@ def run_lightning(cfg: DictConfig, datamodule, epochs: int, device: torch.device
 def run_plain(cfg: DictConfig, datamodule, epochs: int, device: torch.device, profile: bool = False) -> list[dict]:
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule)
+    module.load_pretrained()
     model = module.model.to(device=device, memory_format=torch.channels_last)
     datamodule.trainer = None  # a Lightning loop may have run before: no trainer, no distributed samplers
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs: dict[str, list[dict]] = {name: [] for name in ["plain", *variants]}
     with tempfile.TemporaryDirectory() as tmp:
         base = compose_cfg([*DEFAULT_RUN, *args.overrides], Path(tmp) / "base")
-        datamodule = build_datamodule(base)  # images loaded once; each loop gets the same loaders
+        datamodule = build_data(base)  # images loaded once; each loop gets the same loaders
         datamodule.prepare_data()
         datamodule.setup("fit")
         for round_ in range(args.repeats):

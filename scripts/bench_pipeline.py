@@ -38,7 +38,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from tl.models.finetune import set_frozen_modules_eval
-from tl.train import build_datamodule, build_module
+from tl.train import build_data, build_module
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DEFAULT_RUN = ["scenario=large_different"]  # what scenario=auto picks for the embedded digits default (README)
@@ -70,6 +70,7 @@ def bench_pipeline(datamodule, epochs: int) -> dict:
 def bench_model(cfg, datamodule, warmup: int, steps: int, device: torch.device) -> dict:
     """Images/s of training steps on pre-made batches (the run's module, optimizer and schedule)."""
     module = build_module(cfg, datamodule)
+    module.load_pretrained()
     model = module.model.to(device=device, memory_format=torch.channels_last)
     loader = datamodule.train_dataloader()
     batches = []
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         with open_dict(cfg):
             cfg.paths.output_dir = tmp
         pl.seed_everything(cfg.seed, workers=True)
-        datamodule = build_datamodule(cfg)
+        datamodule = build_data(cfg)
         datamodule.prepare_data()
         datamodule.setup("fit")
         pipeline = bench_pipeline(datamodule, args.epochs)

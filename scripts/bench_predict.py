@@ -55,6 +55,7 @@ def write_checkpoint(path: Path, image_size: int, crop_pct: float) -> None:
                                                               "crop_pct": crop_pct}
     module = TransferModule("efficientnet_lite0", num_classes=10, pretrained="package", drop_rate=0.2,
                             class_names=[str(i) for i in range(10)], preprocess=preprocess)
+    module.load_pretrained()
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": pl.__version__}, path)
 

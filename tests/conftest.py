@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -47,3 +48,28 @@ def tiny_cfg(tmp_path):
         return make_cfg(run_dir or tmp_path, [*TINY, *scenario, *extra])
 
     return factory
+
+
+@pytest.fixture
+def auto_cfg(tmp_path):
+    """A factory: auto_cfg(*extra_overrides) -> the final config of a tiny `scenario=auto` run, decided as the entry
+    point decides it (`tl.scenarios.resolve`: measure, then compose once more with the chosen preset)."""
+    from tl.scenarios import resolve
+
+    def factory(*extra: str):
+        overrides = [*TINY, "scenario=auto", *extra]
+        return resolve(make_cfg(tmp_path, overrides), overrides)
+
+    return factory
+
+
+class RecordWeights(pl.Callback):
+    """Injected through the config (`+callbacks.record._target_=conftest.RecordWeights`): the backbone's state and the
+    head's weights as fit starts, i.e. after the pretrained weights are loaded and before any step."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from tl.models.backbone import classifier_names
+
+        head = classifier_names(pl_module.model)
+        self.backbone = {k: v.clone() for k, v in pl_module.model.state_dict().items() if k not in head}
+        self.head = pl_module.model.get_classifier().weight.clone()

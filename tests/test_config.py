@@ -45,11 +45,40 @@ def test_large_different_turns_on_strong_regularisation(tmp_path):
     (["scenario=small_different"], 128),               # digits: few examples, train nearer the pretraining scale
     (["scenario=small_similar"], 128),
     (["scenario=large_different"], 64),
-    (["scenario=small_different", "data.small_data_image_size=null"], 64),
-    (["scenario=small_different", "data=synthetic"], 32),  # a dataset without a small-data size keeps its own
+    (["scenario=small_different", "data.small_data_image_size=96"], 96),
+    (["scenario=small_different", "data.image_size=80"], 80),   # the command line wins over the preset
+    (["scenario=small_different", "data=synthetic"], 32),  # a dataset whose small-data size is its own
 ])
 def test_small_data_presets_train_at_the_datasets_small_data_size(tmp_path, overrides, size):
-    from tl.train import build_datamodule
+    from tl.data.datamodule import build_datamodule
+    from tl.data.transforms import backbone_preprocess
 
-    dm = build_datamodule(make_cfg(tmp_path, overrides))
+    cfg = make_cfg(tmp_path, overrides)
+    dm = build_datamodule(cfg.data, backbone_preprocess(cfg.model.name), cfg.augment, cfg.seed)
     assert dm.preprocess["input_size"] == [3, size, size]
+
+
+def test_every_callback_a_run_uses_is_listed_in_the_config(tmp_path):
+    """train() adds and filters nothing: the callbacks are the config's entries, options switch them in YAML."""
+    from tl.train import build_trainer
+
+    cfg = make_cfg(tmp_path, ["scenario=large_similar", "weight_averaging=ema", "logger=none"])
+    assert cfg.callbacks.lr_monitor is None and cfg.callbacks.weight_averaging._target_.endswith("EMA")
+    trainer = build_trainer(cfg)
+    listed = {c._target_.rsplit(".", 1)[-1] for c in cfg.callbacks.values() if c is not None}
+    built = {type(c).__name__ for c in trainer.callbacks}
+    assert listed <= built
+    assert built - listed <= {"ModelSummary", "RichModelSummary", "TQDMProgressBar"}  # Lightning's own defaults
+
+
+@pytest.mark.parametrize(("overrides", "culprit"), [
+    (["snapshots.cycles=3", "scheduler=step"], "scheduler=cosine"),
+    (["finetune.strategy=gradual", "~callbacks.unfreezing"], "callbacks.unfreezing"),
+    (["trainer.enable_progress_bar=false"], "callbacks.progress=null"),
+])
+def test_contradictory_settings_fail_in_one_line(tmp_path, overrides, culprit):
+    from tl.checks import validate
+    from tl.errors import TLError
+
+    with pytest.raises(TLError, match=culprit.replace(".", r"\.")):
+        validate(make_cfg(tmp_path, ["scenario=large_similar", *overrides]))

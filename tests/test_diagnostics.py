@@ -116,13 +116,14 @@ def test_find_lr_suggests_plots_and_applies(tiny_cfg, tmp_path):
     import torch
 
     from tl.callbacks.lr_finder import find_lr
-    from tl.train import build_datamodule, build_module
+    from tl.train import build_data, build_module
     from tl.utils import build
 
     cfg = tiny_cfg("scenario=large_similar")  # backbone at 0.1x the head's LR
-    datamodule = build_datamodule(cfg)
+    datamodule = build_data(cfg)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
+    module.load_pretrained()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     lr_before = module.hparams.optimizer["lr"]
     seen_ratios = []

@@ -68,7 +68,7 @@ def test_predict_matches_the_module_argmax_for_a_folder_a_list_and_a_file(run, i
     from tl.models import TransferModule
 
     _, results, _ = run
-    module = TransferModule.load_from_checkpoint(results["best_ckpt"], pretrained="none", weights_only=True).eval()
+    module = TransferModule.load_from_checkpoint(results["best_ckpt"], weights_only=True).eval()
     cfg = compose("predict", tmp_path, f"ckpt={results['best_ckpt']}", f"inputs={images}", "topk=2",
                   "num_workers=0", "batch_size=5")
     rows, summary = predict(cfg)
@@ -132,6 +132,37 @@ def test_evaluate_reproduces_the_test_accuracy_of_training(run, tmp_path):
 
     by_dir, _ = evaluate(compose("evaluate", tmp_path, f"ckpt={run_dir}", f"output={tmp_path / 'e.json'}"))
     assert by_dir["members"] == [results["best_ckpt"]] and by_dir["test/acc"] == evaluated["test/acc"]
+
+
+def test_evaluate_an_export_copied_outside_its_run(run, tmp_path):
+    """No training config is needed: the export's own preprocessing and the data named on the command line."""
+    import shutil
+
+    run_dir, results, _ = run
+    copied = tmp_path / "elsewhere" / "export"
+    shutil.copytree(run_dir / "export", copied)
+    evaluated, _ = evaluate(compose("evaluate", tmp_path, f"ckpt={copied}", "data=synthetic",
+                                    f"output={tmp_path / 'e.json'}"))
+    assert evaluated["test/acc"] == pytest.approx(results["test/acc"], abs=1e-6)
+    assert evaluated["n_test"] == results["n_test"]
+
+
+def test_ensemble_scoring_covers_the_whole_test_split_under_a_distributed_trainer(run):
+    """Under DDP the data module's loaders give each rank a shard; scoring (snapshot ensembles) must see it all."""
+    from types import SimpleNamespace
+
+    from tl.inference import evaluate_members
+
+    _, results, objects = run
+    datamodule = objects["datamodule"]
+    datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    try:
+        assert len(datamodule.test_dataloader().sampler) < results["n_test"]  # the rank's shard
+        metrics, _ = evaluate_members([load_classifier(results["best_ckpt"])], datamodule)
+    finally:
+        datamodule.trainer = None
+    assert metrics["n_test"] == results["n_test"]
+    assert metrics["test/acc"] == pytest.approx(results["test/acc"], abs=1e-6)
 
 
 def test_tta_is_deterministic_and_flip_averages_the_mirror(run, tmp_path):

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1 is invalid"),
     ("model.drop_rate=1.0", "model.drop_rate=1.0 is invalid"),
     ("model.drop_path_rate=-0.1", "model.drop_path_rate=-0.1 is invalid"),
+    ("model.name=efficientnet_lite9", "model.name='efficientnet_lite9' is not a timm model"),
+    ("snapshots.ensemble_last=0", "snapshots.ensemble_last=0 is invalid"),
     ("finetune.label_smoothing=1.5", "finetune.label_smoothing=1.5 is invalid"),
     ("finetune.strategy=half", "finetune.strategy='half' is invalid"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0 is invalid"),
@@ -46,6 +48,13 @@ def test_invalid_values_fail_before_training(tiny_cfg, tmp_path, override, culpr
         train(tiny_cfg(*override.split()))
     assert culprit in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing half-written
+
+
+def test_null_weight_decay_means_none(tiny_cfg):
+    """Every validation rule and the constructors agree: null passes the rules, so it must train (no decay)."""
+    results, objects = train(tiny_cfg("optimizer.weight_decay=null", "trainer.max_epochs=1", "export=false"))
+    assert results["epochs"] == 1
+    assert all(g["weight_decay"] == 0.0 for g in objects["trainer"].optimizers[0].param_groups)
 
 
 def test_non_finite_loss_stops_with_the_step_and_causes(tiny_cfg, tmp_path):

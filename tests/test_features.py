@@ -24,13 +24,14 @@ def test_cache_is_used_only_where_exact(tiny_cfg, tmp_path, overrides, cached):
     results, _ = train(tiny_cfg(*overrides, "trainer.max_epochs=8", "optimizer.lr=0.02"))
     assert results["feature_cache"] is cached
     assert bool(list((tmp_path / "cache").glob("*.pt"))) is cached
-    assert results["test/acc"] > 0.25 or not cached  # the probe learns on features (4 classes, chance 0.25)
+    assert results["test/acc"] > 0.25  # it learns, on features or on images (4 classes, chance 0.25)
 
 
 def test_second_run_hits_the_cache_and_changed_weights_miss_it(tmp_path):
     dm = TransferDataModule(SyntheticSource(), backbone_preprocess("efficientnet_lite0"), image_size=32, seed=0)
     dm.setup()
     module = TransferModule("efficientnet_lite0", num_classes=4, pretrained="package", strategy="linear_probe")
+    module.load_pretrained()
     cache = FeatureCache(tmp_path)
     head = classifier_names(module.model)
     first = cache.get(module.model, head, dm)
@@ -64,13 +65,13 @@ def test_cached_and_uncached_paths_give_the_same_logits():
     dm.setup()
     module = TransferModule("efficientnet_lite0", num_classes=4, pretrained="package", strategy="linear_probe",
                             drop_rate=0.3).eval()
+    module.load_pretrained()
     loader = DataLoader(dm.dataset("val", augmented=False), batch_size=16)
     feats, _ = extract_features(module.model, loader)
     images = torch.cat([x for x, _ in loader])
     with torch.no_grad():
         direct = module(images)
-        module.features_input = True
-        cached = module(feats)
+        cached = module(feats)  # (N, F) features go straight to the head
     assert torch.allclose(direct, cached, atol=1e-5)
 
 

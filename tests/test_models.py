@@ -136,6 +136,7 @@ def test_layer_decay_scales_deeper_stages_less():
 
 def test_initial_loss_is_near_ln_num_classes():
     module = TransferModule("efficientnet_lite0", num_classes=10, pretrained="package")
+    module.load_pretrained()
     x = torch.randn(32, 3, 64, 64)
     loss = torch.nn.functional.cross_entropy(module.eval()(x), torch.randint(0, 10, (32,)))
     assert abs(loss.item() - np.log(10)) < 0.1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tl.callbacks.snapshots import SnapshotEnsemble
-from tl.models.schedules import cycle_ends, warm_restarts
+from tl.models.schedules import cosine, cycle_ends
 from tl.train import train
 
 
@@ -58,11 +58,11 @@ def test_cycle_ends(total, cycles, first, ends):
     assert cycle_ends(total, cycles, first) == ends
 
 
-def test_warm_restarts_falls_to_its_floor_and_jumps_back_per_group():
+def test_cosine_with_restarts_falls_to_its_floor_and_jumps_back_per_group():
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     optimizer = torch.optim.SGD([{"params": params[:1], "lr": 1.0}, {"params": params[1:], "lr": 0.1}])
-    scheduler = warm_restarts(optimizer, steps_per_epoch=3, max_epochs=4, cycles=2, min_lr_ratio=0.1,
-                              first_cycle=0.75)
+    scheduler = cosine(optimizer, steps_per_epoch=3, max_epochs=4, warmup_epochs=0, cycles=2, min_lr_ratio=0.1,
+                       first_cycle=0.75)
     lrs = []
     for _ in range(12):
         lrs.append([g["lr"] for g in optimizer.param_groups])
@@ -92,10 +92,14 @@ def test_ema_weights_are_what_checkpoints_hold_and_test_uses(tiny_cfg, tmp_path)
 
 
 def test_swa_averages_from_the_last_quarter(tiny_cfg, tmp_path):
-    results, objects = train(tiny_cfg("weight_averaging=swa", "trainer.max_epochs=4"))
+    results, objects = train(tiny_cfg("weight_averaging=swa", "trainer.max_epochs=4",
+                                      "callbacks.model_checkpoint.save_top_k=-1"))  # every epoch's checkpoint kept
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     per_epoch = objects["trainer"].global_step // 4
     assert int(last["averaging_state"]["n_averaged"]) == per_epoch  # every step of epoch 3 (from 0.75 * 4 on)
-    best = torch.load(results["best_ckpt"], weights_only=True)
-    if int(best["epoch"]) < 3:  # checkpoints from before averaging began hold the raw weights, not an empty average
-        assert "averaging_state" not in best
+    by_epoch = {int(torch.load(p, weights_only=True)["epoch"]): p
+                for p in (tmp_path / "checkpoints").glob("epoch*.ckpt")}
+    assert sorted(by_epoch) == [0, 1, 2, 3]
+    # before averaging began a checkpoint holds the raw weights, not an empty average; after, the average
+    assert "averaging_state" not in torch.load(by_epoch[0], weights_only=True)
+    assert int(torch.load(by_epoch[3], weights_only=True)["averaging_state"]["n_averaged"]) == per_epoch

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from tl.errors import TLError
 from tl.scenarios import decide, probe_accuracy
 from tl.train import train
 
@@ -31,11 +32,13 @@ def test_probe_separates_separable_features_and_not_noise():
 
 
 @pytest.mark.parametrize(("per_class", "size"), [(4, "small"), (None, "large")])
-def test_auto_resolves_to_a_preset_and_records_evidence(tiny_cfg, tmp_path, per_class, size):
-    overrides = ["scenario=auto", "trainer.max_epochs=1", "scenario.small_max_per_class=10"]
+def test_auto_resolves_to_a_preset_and_records_evidence(auto_cfg, tmp_path, per_class, size):
+    overrides = ["trainer.max_epochs=1", "scenario.small_max_per_class=10"]
     if per_class:
         overrides.append(f"data.samples_per_class={per_class}")
-    results, objects = train(tiny_cfg(*overrides))
+    cfg = auto_cfg(*overrides)
+    assert cfg.scenario.name != "auto" and cfg.scenario.evidence.decision == cfg.scenario.name
+    results, objects = train(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["scenario"] in ("small_similar", "small_different", "large_similar", "large_different")
     assert saved["scenario"].startswith(size)
@@ -49,6 +52,39 @@ def test_auto_resolves_to_a_preset_and_records_evidence(tiny_cfg, tmp_path, per_
     assert saved["strategy"] == expected_strategy
 
 
-def test_auto_keeps_command_line_overrides(tiny_cfg):
-    results, objects = train(tiny_cfg("scenario=auto", "trainer.max_epochs=1", "finetune.label_smoothing=0.3"))
+def test_auto_keeps_command_line_overrides(auto_cfg):
+    cfg = auto_cfg("trainer.max_epochs=1", "finetune.label_smoothing=0.3", "data.samples_per_class=4",
+                   "scenario.small_max_per_class=10")
+    assert cfg.scenario.name.startswith("small_") and cfg.finetune.label_smoothing == 0.3
+    results, objects = train(cfg)
     assert objects["module"].hparams.label_smoothing == 0.3
+
+
+def test_train_refuses_an_undecided_auto(tiny_cfg):
+    with pytest.raises(TLError, match="scenario=auto is decided before train"):
+        train(tiny_cfg("scenario=auto"))
+
+
+def test_train_honours_every_edit_to_a_final_config(tiny_cfg, tmp_path):
+    """train(cfg) from Python runs the config it is given: edits made after composing are not re-composed away."""
+    cfg = tiny_cfg("scenario=small_different", "trainer.max_epochs=1", "export=false")
+    cfg.finetune.label_smoothing = 0.25
+    cfg.model.drop_rate = 0.05
+    cfg.data.image_size = 40
+    cfg.trainer.max_epochs = 2
+    results, objects = train(cfg)
+    hp = objects["module"].hparams
+    assert (hp.label_smoothing, hp.drop_rate) == (0.25, 0.05)
+    assert objects["datamodule"].preprocess["input_size"] == [3, 40, 40] and results["epochs"] == 2
+
+
+def test_auto_decision_reaches_results_and_tensorboard(auto_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = auto_cfg("trainer.max_epochs=1", "export=false")
+    train(cfg)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["scenario_evidence"]["decision"] == saved["scenario"] == cfg.scenario.name
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert "scenario/decision/text_summary" in acc.Tags()["tensors"]

@@ -1,16 +1,21 @@
-"""Config validation before anything runs: wrong types and out-of-range values fail in one line, not an hour in.
+"""The one validation layer: a composed config is checked before anything runs, so wrong types, out-of-range values
+and contradictory settings fail in one line, not an hour in. Constructors trust it (they check only what depends on
+the model or the data, e.g. a stage count against the backbone's stages).
 
-Unknown group options (optimizer=foo, scenario=bar) are caught even earlier, by `tl.cli.check_group_choices`.
+Unknown group options (optimizer=foo, scenario=bar) are caught earlier, on the command line itself
+(`tl.cli.check_group_choices`): Hydra cannot compose a config with them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import timm
 from omegaconf import DictConfig, OmegaConf
 
 from tl.errors import TLError
-from tl.models.finetune import STRATEGIES
+from tl.models.finetune import STAGED, STRATEGIES
+from tl.utils import check_required
 
 Rule = tuple[str, Callable[[object], bool], str]
 
@@ -25,7 +30,7 @@ def _integer(v) -> bool:
 
 RULES: list[Rule] = [
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-3"),
-    ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0"),
+    ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 (null or 0: none)"),
     ("model.drop_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
     ("model.drop_path_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
     ("model.head_init_std", lambda v: _number(v) and v > 0, "a positive number, e.g. 0.01"),
@@ -43,23 +48,48 @@ RULES: list[Rule] = [
     ("data.test_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
     ("data.on_bad_file", lambda v: v in ("skip", "error"), "skip or error"),
     ("snapshots.cycles", lambda v: _integer(v) and v >= 0, "0 (off) or a number of cycles"),
+    ("snapshots.ensemble_last", lambda v: v is None or (_integer(v) and v >= 1), "null (all) or an integer >= 1"),
     ("snapshots.first_cycle", lambda v: v is None or (_number(v) and 0 < v < 1),
      "null (equal cycles) or the first cycle's share of the run, in (0, 1)"),
     ("seed", _integer, "an integer"),
 ]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise a one-line TLError for the first value that breaks a rule."""
+def validate(cfg: DictConfig, final: bool = True) -> None:
+    """Raise a one-line TLError for the first value that breaks a rule, before any work.
+
+    `final`: the config `train()` runs, where `scenario=auto` has already been decided (`tl.scenarios.resolve`).
+    """
+    check_required(cfg)
     for key, ok, expected in RULES:
         value = OmegaConf.select(cfg, key, default="<absent>")
         if value == "<absent>":
             continue
         if not ok(value):
             raise TLError(f"{key}={value!r} is invalid: use {expected}")
-    cycles, epochs = cfg.get("snapshots", {}).get("cycles") or 0, cfg.trainer.max_epochs
+    if final and cfg.scenario.name == "auto":
+        raise TLError("scenario=auto is decided before train(): run python -m tl.train, or pass the config through "
+                      "tl.scenarios.resolve(cfg, overrides) first")
+    if not timm.is_model(cfg.model.name):
+        from tl.data.transforms import _unknown_model_message
+
+        raise TLError(_unknown_model_message(cfg.model.name))
+    callbacks = cfg.get("callbacks") or {}
+    cycles, epochs = cfg.snapshots.cycles, cfg.trainer.max_epochs
     if cycles > epochs:
         raise TLError(f"snapshots.cycles={cycles} exceeds trainer.max_epochs={epochs}: use at most one cycle per epoch")
+    if cycles and OmegaConf.select(cfg, "scheduler.cycles") != cycles:
+        raise TLError(f"snapshots.cycles={cycles} needs a schedule whose cycles end at the snapshots: use "
+                      "scheduler=cosine (its cycles follow snapshots.cycles)")
+    if cycles and callbacks.get("snapshots") is None:
+        raise TLError(f"snapshots.cycles={cycles} but callbacks.snapshots is off: keep the callback, or set "
+                      "snapshots.cycles=0")
+    if cfg.finetune.strategy in STAGED and callbacks.get("unfreezing") is None:
+        raise TLError(f"finetune.strategy={cfg.finetune.strategy} opens the backbone on a schedule, but "
+                      "callbacks.unfreezing is off: keep the callback, or pick a static strategy")
+    if cfg.trainer.get("enable_progress_bar") is False and callbacks.get("progress") is not None:
+        raise TLError("trainer.enable_progress_bar=false but callbacks.progress is set: turn the bar off with "
+                      "callbacks.progress=null")
     lr_find = cfg.get("lr_find", False)
     if lr_find not in (False, True, "apply"):
         raise TLError(f"lr_find={lr_find!r}: use false, true (suggest and plot) or apply (also train with it)")

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from tl.config import CONF_DIR
 
 
 def group_options(group: str) -> list[str]:

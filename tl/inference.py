@@ -1,4 +1,5 @@
-"""Shared by predict, evaluate and export: load a trained classifier, test-time augmentation, softmax averaging.
+"""Shared by predict, evaluate, export and train: load a trained classifier, score it (or a snapshot ensemble) on a
+test split, test-time augmentation, softmax averaging.
 
 A classifier comes from either a Lightning checkpoint written by `python -m tl.train` (loaded with
 `weights_only=True`) or a directory written by `python -m tl.export` (`model.json` + `model.safetensors`). Either way
@@ -10,13 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+)
 
 from tl.errors import TLError
 
@@ -92,7 +102,7 @@ def load_module(path: Path):
             or not any(k.startswith("model.") for k in peek.get("state_dict", {})):
         raise TLError(f"ckpt={str(path)!r} is not a tl checkpoint (no TransferModule hyperparameters): {CKPT_HINT}")
     del peek
-    return TransferModule.load_from_checkpoint(path, pretrained="none", weights_only=True, map_location="cpu")
+    return TransferModule.load_from_checkpoint(path, weights_only=True, map_location="cpu")
 
 
 def load_export(folder: Path) -> Classifier:
@@ -131,6 +141,76 @@ def snapshot_paths(run_dir: Path) -> list[Path]:
         return (int(match.group(1)) if match else -1, p.name)
 
     return sorted((run_dir / "checkpoints" / "snapshots").glob("*.ckpt"), key=cycle)
+
+
+# -- scoring -------------------------------------------------------------------------------------------------------
+def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Test metrics from class probabilities (N, C) and integer targets (N)."""
+    c = len(class_names)
+    metrics: dict[str, Any] = {
+        "test/acc": multiclass_accuracy(probs, targets, c, average="micro").item(),
+        "test/nll": F.nll_loss(probs.clamp_min(1e-12).log(), targets).item(),
+        "test/f1_macro": multiclass_f1_score(probs, targets, c, average="macro").item(),
+        "test/ece": multiclass_calibration_error(probs, targets, c, n_bins=15).item(),
+    }
+    if c > 5:
+        metrics["test/acc_top5"] = multiclass_accuracy(probs, targets, c, top_k=5, average="micro").item()
+    per_class = multiclass_accuracy(probs, targets, c, average=None).tolist()
+    metrics["per_class_acc"] = dict(zip(class_names, per_class, strict=True))
+    metrics["confusion_matrix"] = multiclass_confusion_matrix(probs, targets, c).tolist()
+    return metrics
+
+
+def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
+                     device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """Test metrics of the mean softmax of `members` (one model or a snapshot ensemble) on `datamodule`'s test split.
+
+    The data module must be set up; its preprocessing is replaced by the members' own. The whole test split is
+    scored in this process (a plain loader, never a distributed sampler's shard, even when the data module is
+    attached to a DDP trainer). Returns (metrics, objects: ensemble probs (N, C), member_probs (M, N, C),
+    targets (N)).
+    """
+    first = members[0]
+    if any(m.class_names != first.class_names or m.preprocess != first.preprocess for m in members[1:]):
+        raise TLError(f"{first.source!r} and the other members disagree on classes or preprocessing: evaluate them "
+                      "one by one")
+    if datamodule.num_classes != first.num_classes:
+        raise TLError(f"ckpt={first.source!r} predicts {first.num_classes} classes but the data has "
+                      f"{datamodule.num_classes}: evaluate on the data it was trained on (data=...)")
+    datamodule.preprocess = first.preprocess  # the model's own input pipeline, whatever the data config says
+    if tta == "flip" and not datamodule.mirror_invariant:
+        log.warning("tta=flip skipped: the data is not mirror invariant (data.mirror_invariant=false)")
+        tta = "none"
+
+    started = time.perf_counter()
+    chunks, targets = [], []
+    loader = DataLoader(datamodule.dataset("test"), batch_size=datamodule.eval_batch_size,
+                        num_workers=datamodule._workers())
+    for x, y in loader:
+        chunks.append(member_probs([m.model for m in members], x.to(device), tta).cpu())
+        targets.append(y)
+    seconds = time.perf_counter() - started
+    per_member, targets = torch.cat(chunks, dim=1), torch.cat(targets)  # (members, N, C), (N,)
+    probs = per_member.mean(dim=0)  # the ensemble: mean of the members' softmaxes
+
+    results = {"members": [m.source for m in members], "tta": tta, "n_test": len(targets),
+               "num_classes": first.num_classes, "seconds": round(seconds, 2),
+               **classification_metrics(probs, targets, first.class_names)}
+    if len(members) > 1:
+        results["member_acc"] = [multiclass_accuracy(p, targets, first.num_classes, average="micro").item()
+                                 for p in per_member]
+    return results, {"probs": probs, "member_probs": per_member, "targets": targets}
+
+
+def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule) -> dict[str, Any]:
+    """Test accuracy of each snapshot (`SnapshotEnsemble.snapshots`) and of the mean softmax of the last `last`
+    (all when None), on the whole test split of `datamodule`."""
+    members = snapshots[-last:] if last else snapshots
+    metrics, _ = evaluate_members([load_classifier(s["path"]) for s in members], datamodule)
+    member_acc = metrics.get("member_acc", [metrics["test/acc"]])
+    return {"ensemble/test/acc": metrics["test/acc"], "ensemble/size": len(members),
+            "ensemble/best_member_test_acc": max(member_acc),
+            "snapshots": [{**s, "test/acc": acc} for s, acc in zip(members, member_acc, strict=True)]}
 
 
 # -- speed ----------------------------------------------------------------------------------------------------------

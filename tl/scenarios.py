@@ -8,13 +8,14 @@ auto measures the target data through the pretrained backbone and picks a preset
   ("similar"); features that don't are the wrong ones for this domain ("different"), whatever their absolute score.
   Comparing against pixels makes the measure relative to how hard the task is, so one threshold serves easy and
   hard datasets.
-The decision, the measured numbers and the thresholds go to results.json (`scenario_evidence`) and TensorBoard.
+The entry point resolves auto before `train()` runs (`resolve`): the config is composed once more with the chosen
+preset, so `train()` only ever sees a final config. The decision, the measured numbers and the thresholds travel in
+that config as `scenario.evidence`, and from there to results.json (`scenario_evidence`) and TensorBoard.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,14 +27,16 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from tl.data.datamodule import ImageDataset
+from tl.checks import validate
+from tl.config import compose_config
+from tl.data.datamodule import ImageDataset, build_datamodule
 from tl.data.features import FeatureCache, extract_features
+from tl.data.transforms import backbone_preprocess
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
 
 log = logging.getLogger(__name__)
 
 PRESETS = ("small_similar", "small_different", "large_similar", "large_different")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) -> float:
@@ -97,9 +100,11 @@ def measure(cfg: DictConfig, datamodule) -> dict:
     }
 
 
-def resolve_auto(cfg: DictConfig, datamodule) -> tuple[str, dict]:
-    """Measure, decide, and explain: (preset name, evidence)."""
+def advise(cfg: DictConfig) -> tuple[str, dict]:
+    """Measure the training split as `cfg` describes it, decide, and explain: (preset name, evidence)."""
     s = cfg.scenario
+    datamodule = build_datamodule(cfg.data, backbone_preprocess(cfg.model.name), None, cfg.seed)
+    datamodule.setup("fit")
     m = measure(cfg, datamodule)
     chosen = decide(m["examples_per_class"], m["feature_probe_acc"], m["pixel_probe_acc"],
                     int(s.small_max_per_class), float(s.similar_min_gain))
@@ -120,20 +125,19 @@ def resolve_auto(cfg: DictConfig, datamodule) -> tuple[str, dict]:
     return chosen, evidence
 
 
-def recompose(cfg: DictConfig, scenario: str) -> DictConfig:
-    """The config as if the user had typed `scenario=<scenario>` with the same overrides (Hydra's own precedence)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    hc = HydraConfig.get()
-    overrides = [o for o in hc.overrides.task if not o.lstrip("+~").startswith("scenario")]
-    overrides.append(f"scenario={scenario}")
-    if GlobalHydra.instance().is_initialized():
-        new = compose(hc.job.config_name, overrides=overrides)
-    else:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            new = compose(hc.job.config_name, overrides=overrides)
-    with open_dict(new):
-        new.paths = OmegaConf.create(OmegaConf.to_container(cfg.paths, resolve=True))
-    return new
+def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The final config for `cfg`: itself for a named preset; for `scenario=auto`, the config composed once more
+    from the same `overrides` with `scenario=<chosen>` in place of auto (Hydra's own precedence: the command line
+    still wins over the preset), carrying the evidence as `scenario.evidence` and the original `paths`."""
+    if cfg.scenario.name != "auto":
+        return cfg
+    validate(cfg, final=False)  # measuring costs time: bad values fail first
+    chosen, evidence = advise(cfg)
+    # scenario=auto and auto's own knobs (scenario.small_max_per_class, ...) have done their part: the evidence
+    # records them, and the chosen preset has no such keys.
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] != "scenario"]
+    final = compose_config([*kept, f"scenario={chosen}"], config_name)
+    with open_dict(final):
+        final.paths = OmegaConf.create(OmegaConf.to_container(cfg.paths, resolve=True))
+        final.scenario.evidence = evidence
+    return final

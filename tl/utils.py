@@ -50,7 +50,11 @@ def build(cfg: DictConfig, **kwargs: Any) -> Any:
 
 
 def check_required(cfg: DictConfig) -> None:
-    """Fail on a mandatory value (`???`) left unset, before anything runs."""
+    """Fail on a mandatory value (`???`) left unset, before anything runs.
+
+    Not `OmegaConf.missing_keys`: it resolves interpolations on its way and raises on one that points at a missing
+    value (`data.source.root: ${..root}` with `data.root: ???`), which is exactly the case to report.
+    """
     def walk(node: DictConfig, prefix: str):
         for key in node.keys():
             if OmegaConf.is_missing(node, key):

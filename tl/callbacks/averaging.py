@@ -45,6 +45,12 @@ class _AfterFirstUpdate(WeightAveraging):
         if self._has_average():
             super().on_train_end(trainer, pl_module)
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Only a resumed fit restores the average and the raw weights. Testing a checkpoint after fit tests what it
+        # holds as `state_dict` (the average); Lightning's hook would put the raw weights back in its place.
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
 
 class EMA(_AfterFirstUpdate):
     """Exponential moving average of weights and buffers, updated every step from `start_epoch` on.

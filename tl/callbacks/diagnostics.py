@@ -26,6 +26,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
@@ -83,7 +84,9 @@ class Diagnostics(Callback):
 
     Args:
         scenario: the resolved scenario name, shown as text (conf: `${scenario.name}`).
-        notes: more facts to show beside it (e.g. what `scenario=auto` measured).
+        decision: what `scenario=auto` measured and why it chose (conf: `${oc.select:scenario.evidence,null}`),
+            written as JSON text under `scenario/decision`.
+        notes: more facts to show beside the scenario.
         update_ratio_every_n_steps: update ratios and gradient norms every N optimizer steps (0: off).
         histogram_every_n_steps: activation and gradient histograms every N optimizer steps (0: off).
         histogram_max_values: histograms are of a strided sample of at most this many values per tensor.
@@ -94,10 +97,13 @@ class Diagnostics(Callback):
         hparams: extra hyperparameters for the HParams tab (the module's own are always included).
     """
 
-    def __init__(self, scenario: str | None = None, notes: dict | None = None, update_ratio_every_n_steps: int = 50,
+    def __init__(self, scenario: str | None = None, decision: dict | None = None, notes: dict | None = None,
+                 update_ratio_every_n_steps: int = 50,
                  histogram_every_n_steps: int = 200, histogram_max_values: int = 65536, images: bool = True,
                  num_sample_images: int = 32, confusion_every_n_epochs: int = 5, hparams: dict | None = None):
         self.scenario, self.notes, self.hparams = scenario, dict(notes or {}), dict(hparams or {})
+        self.decision = (OmegaConf.to_container(decision, resolve=True) if OmegaConf.is_config(decision)
+                         else dict(decision) if decision else None)
         self.update_every, self.hist_every = int(update_ratio_every_n_steps), int(histogram_every_n_steps)
         self.hist_max, self.images, self.num_sample_images = int(histogram_max_values), bool(images), num_sample_images
         self.confusion_every = int(confusion_every_n_epochs)
@@ -142,6 +148,10 @@ class Diagnostics(Callback):
         if writer is None:
             return
         writer.add_text("diag/run", self._run_text(pl_module), trainer.global_step)
+        if self.decision:
+            import json
+
+            writer.add_text("scenario/decision", f"```\n{json.dumps(self.decision, indent=2, default=str)}\n```", 0)
         if self.images:
             self._log_filters(writer, pl_module, trainer.global_step)
 
@@ -165,7 +175,7 @@ class Diagnostics(Callback):
         hp = pl_module.hparams
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in pl_module.parameters())
-        rows = {"scenario": self.scenario, "pretrained": getattr(pl_module, "pretrained_source", None),
+        rows = {"scenario": self.scenario, "pretrained": hp.get("pretrained"),
                 "trainable params": f"{trainable:,} of {total:,}", "head lr": (hp.get("optimizer") or {}).get("lr"),
                 **{k: hp.get(k) for k in ("strategy", "trainable_stages", "backbone_lr_mult", "layer_decay",
                                           "label_smoothing", "drop_rate", "drop_path_rate")},

@@ -5,8 +5,8 @@
 - `OverfitCheck` (with `+debug=overfit`): on one or two batches with regularisation off, a healthy model and
   pipeline drive the training loss to about zero; if it cannot, no amount of data will help.
 
-Both keep what they found in `self.results` (flat keys, ready for results.json) and log it as scalars to every
-logger and as text to TensorBoard.
+Both report what they found in `self.results` (`ReportingCallback`: flat keys, collected into results.json) and
+log it as scalars to every logger and as text to TensorBoard.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 
 from tl.callbacks.diagnostics import tensorboard_writer
+from tl.callbacks.reporting import ReportingCallback
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], text_tag: st
         writer.add_text(text_tag, text, trainer.global_step)
 
 
-class InitialLossCheck(Callback):
+class InitialLossCheck(ReportingCallback):
     """Compare the first training batch's loss with ln(num_classes) and warn when it is far off.
 
     Near-zero logits give the uniform prediction, whose cross-entropy is exactly ln C whatever the label, with label
@@ -73,7 +73,7 @@ class InitialLossCheck(Callback):
 
     def __init__(self, tolerance: float = 0.25):
         self.tolerance = float(tolerance)
-        self.results: dict[str, Any] = {}
+        super().__init__()
         self._pending = False
         self._inputs: dict[str, float] = {}
 
@@ -128,7 +128,7 @@ class InitialLossCheck(Callback):
         return f"{head}: {causes}."
 
 
-class OverfitCheck(Callback):
+class OverfitCheck(ReportingCallback):
     """Report at the end of training whether the training loss reached about zero (`+debug=overfit`).
 
     The loss is averaged over each epoch's training batches from the values the steps return, so it does not depend
@@ -140,7 +140,7 @@ class OverfitCheck(Callback):
 
     def __init__(self, threshold: float = 0.05):
         self.threshold = float(threshold)
-        self.results: dict[str, Any] = {}
+        super().__init__()
         self._sum: torch.Tensor | None = None
         self._count = 0
         self.epoch_losses: list[float] = []

@@ -1,10 +1,10 @@
 """Snapshot ensembles (Huang et al., 2017, "Snapshot Ensembles: Train 1, get M for free").
 
 The learning rate follows cosine annealing with warm restarts over `cycles` cycles inside the normal epoch budget
-(`tl.models.schedules.warm_restarts`): equal cycles as in the paper, or, with `first_cycle`, one long first descent
-followed by short cycles. At the end of each cycle, where the LR is at its minimum and the model sits in a local
-minimum, the weights are saved as a snapshot. At test time the last `ensemble_last` snapshots vote by averaging
-their softmax outputs. No extra training epochs.
+(`tl.models.schedules.cosine`, whose cycles conf/scheduler/cosine.yaml ties to `snapshots.cycles`): equal cycles as
+in the paper, or, with `first_cycle`, one long first descent followed by short cycles. At the end of each cycle,
+where the LR is at its minimum and the model sits in a local minimum, the weights are saved as a snapshot. At test
+time the last `ensemble_last` snapshots vote by averaging their softmax outputs. No extra training epochs.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.optim import Optimizer
 
-from tl.models.finetune import param_groups, stage_groups, trainable_stage_count
+from tl.models.finetune import STAGED, param_groups, stage_groups, trainable_stage_count
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,17 @@ class ScheduledUnfreezing(BaseFinetuning):
     """Open the backbone stage by stage (`gradual`) or all at once (`lp_ft`) as `TransferModule`'s hparams say.
 
     The schedule lives in the module's hyperparameters (`strategy`, `lp_epochs`, `unfreeze_every`), so a checkpoint
-    carries it; `tl.train` adds this callback whenever the strategy is staged.
+    carries it. The callback is an entry of the default callbacks (conf/callbacks/) and stays idle under the static
+    strategies (linear_probe, partial, full): their trainable set never changes.
     """
+
+    @staticmethod
+    def active(pl_module: pl.LightningModule) -> bool:
+        return pl_module.hparams.get("strategy") in STAGED
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.active(pl_module):
+            super().on_train_epoch_start(trainer, pl_module)
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         pass  # the module starts frozen already (apply_strategy: staged strategies begin as a linear probe)
@@ -97,7 +106,7 @@ class ScheduledUnfreezing(BaseFinetuning):
             params[n].requires_grad_(True)
         hp = pl_module.hparams
         head_lr = next(g.get("initial_lr", g["lr"]) for g in optimizer.param_groups if g["name"].startswith("head"))
-        weight_decay = float((hp.optimizer or {}).get("weight_decay", 0.0))
+        weight_decay = float((hp.optimizer or {}).get("weight_decay") or 0.0)
         for group in param_groups(pl_module.model, head_lr, hp.backbone_lr_mult, weight_decay, hp.layer_decay,
                                   only=set(new), name_suffix=f"@epoch{epoch}"):
             group["initial_lr"] = group["lr"]
@@ -108,6 +117,9 @@ class ScheduledUnfreezing(BaseFinetuning):
         log.info("epoch %d: %d of %d backbone stages train (%d tensors unfrozen)", epoch, k, len(backbone), len(new))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.active(pl_module):
+            self._restarting = False
+            return
         restarting = self._restarting
         super().on_fit_start(trainer, pl_module)  # a resumed run: the saved param groups are rebuilt
         if restarting:

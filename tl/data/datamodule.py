@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tl.data.sources import ImageSet
 from tl.data.splits import make_splits, subset_per_class
 from tl.data.transforms import eval_transform, train_transform
+from tl.utils import build, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,13 @@ class ImageDataset(Dataset):
         return self.transform(self.load_image(i)), int(self.set.targets[self.indices[i]])
 
 
+def build_datamodule(data: DictConfig | dict, preprocess: dict, augment: DictConfig | dict | None = None,
+                     seed: int = 0) -> TransferDataModule:
+    """The data module a data config (conf/data/) describes, preprocessing as `preprocess` says (the backbone's own
+    from `tl.data.transforms.backbone_preprocess`, or a trained model's), augmented by `augment` (None: not at all)."""
+    return build(data, preprocess=preprocess, augment=to_plain(augment), seed=seed, _convert_="all")
+
+
 class TransferDataModule(pl.LightningDataModule):
     """Feeds train/val/test loaders for one source, split deterministically from `seed`.
 
@@ -67,6 +76,8 @@ class TransferDataModule(pl.LightningDataModule):
         batch_size: training batch size; evaluation uses `eval_batch_size` (default 2x).
         num_workers: loader processes; None picks 0 for in-memory data and the core count (max 8) for files.
         seed: fixes splits and the subset.
+        small_data_image_size: the dataset's resolution for few examples; the small-data presets put it in
+            `image_size` (conf/scenario/small_*.yaml), so a command-line `data.image_size` still wins.
         root, on_bad_file: where the data lives and what to do with unreadable files; the source reads them
             (through the config), they are kept here for the record.
     """
@@ -75,7 +86,7 @@ class TransferDataModule(pl.LightningDataModule):
                  test_fraction: float = 0.15, samples_per_class: int | None = None, mirror_invariant: bool = True,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int | None = None,
                  seed: int = 0, image_size: int | None = None, crop_pct: float | None = None,
-                 root: str | None = None, on_bad_file: str = "skip"):
+                 root: str | None = None, on_bad_file: str = "skip", small_data_image_size: int | None = None):
         super().__init__()
         self.source, self.augment, self.root, self.on_bad_file = source, augment, root, on_bad_file
         self.preprocess = dict(preprocess)
@@ -95,7 +106,7 @@ class TransferDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split_indices:
             return
-        if self.images is None:  # a data module may be handed images another one loaded (scenario=auto)
+        if self.images is None:
             self.images = self.source.load()
         splits = make_splits(self.images.targets, self.images.given_splits, self.val_fraction, self.test_fraction,
                              self.seed)

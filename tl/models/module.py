@@ -25,13 +25,19 @@ class TransferModule(pl.LightningModule):
     """Image classifier fine-tuned from a pretrained timm backbone.
 
     Everything needed to rebuild it (names, sizes, class names, preprocessing) is saved as plain hyperparameters, so
-    a checkpoint loads with `weights_only=True` and without the training config.
+    a checkpoint loads with `weights_only=True` and without the training config. The constructor builds the
+    architecture with random weights; pretrained weights are state, loaded when a run starts from them
+    (`module.load_pretrained()`, as `tl.train` does) and restored from a checkpoint otherwise, so reloading a
+    checkpoint never fetches pretrained weights first.
+
+    Inputs are images (N, C, H, W), or pooled pre-logit features (N, F) cached from the frozen backbone
+    (`tl.data.features`), which go straight to the head.
 
     Args:
         name: timm model name.
         num_classes: width of the new head.
-        pretrained: where backbone weights come from (`package`, `hub`, `none` or a path); loaded once at
-            construction. Restoring from a checkpoint passes `pretrained="none"`.
+        pretrained: where the backbone's initial weights come from (`package`, `hub`, `none` or a path): recorded
+            here, loaded by `load_pretrained()`.
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth rate.
         head_init_std: std of the new head's initial weights (small: initial loss near ln(num_classes)).
@@ -61,7 +67,6 @@ class TransferModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model = create_backbone(name, num_classes, drop_rate, drop_path_rate)
         init_head(self.model, head_init_std)
-        self.pretrained_source = load_pretrained(self.model, pretrained, name)
         apply_strategy(self.model, strategy, trainable_stages, lp_epochs, unfreeze_every)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.mixup = None
@@ -73,15 +78,16 @@ class TransferModule(pl.LightningModule):
             self.soft_criterion = SoftTargetCrossEntropy()
         self.metrics = nn.ModuleDict({
             f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro") for stage in ("train", "val", "test")})
-        # True while the head trains on cached backbone features (tl.data.features): inputs are then pooled
-        # pre-logit features, not images.
-        self.features_input = False
         if num_classes > 5:
             self.metrics.update({f"{stage}_acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro")
                                  for stage in ("val", "test")})
 
+    def load_pretrained(self) -> str:
+        """Load the backbone's pretrained weights (`pretrained`) into the model, head excluded; return their source."""
+        return load_pretrained(self.model, self.hparams.pretrained, self.hparams.name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify_features(x) if self.features_input else self.model(x)
+        return self.classify_features(x) if x.ndim == 2 else self.model(x)
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
         """The head on pooled pre-logit features: dropout, then the classifier, as timm's `forward_head` does."""
@@ -103,7 +109,7 @@ class TransferModule(pl.LightningModule):
     # -- steps ------------------------------------------------------------------------------------------------
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        if stage == "train" and self.mixup is not None and not self.features_input:
+        if stage == "train" and self.mixup is not None and x.ndim == 4:
             if len(y) % 2:  # timm's Mixup pairs the batch with its mirror: it needs an even count
                 x, y = x[:-1], y[:-1]
             mixed, soft = self.mixup(x, y)
@@ -159,7 +165,7 @@ class TransferModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt_cfg = dict(hp.optimizer or {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3})
-        lr, weight_decay = float(opt_cfg.pop("lr")), float(opt_cfg.pop("weight_decay", 0.0))
+        lr, weight_decay = float(opt_cfg.pop("lr")), float(opt_cfg.pop("weight_decay", None) or 0.0)  # null: none
         groups = param_groups(self.model, lr, hp.backbone_lr_mult, weight_decay, hp.layer_decay)
         optimizer = instantiate(opt_cfg, _convert_="all")(groups, lr=lr)
         if not hp.scheduler:

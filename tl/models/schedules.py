@@ -3,6 +3,12 @@
 Each function takes the optimizer and the run's length and returns a torch scheduler; conf/scheduler/ holds them as
 `_partial_` targets, finished in `TransferModule.configure_optimizers`. Group LRs are scaled relatively, so the
 backbone keeps its ratio to the head throughout.
+
+Why LambdaLR and not torch's StepLR/ExponentialLR/SequentialLR or timm's scheduler factory: staged unfreezing
+(`tl.callbacks.unfreezing`) adds param groups mid-run and must extend the schedule to them at its current point. A
+LambdaLR is one factor function of the step applied to every group's own base LR, so extending it is appending a
+base LR; chained torch schedulers keep per-child state that cannot be extended, and timm's schedulers set absolute
+LRs (one `lr_min` for all groups), which would undo the backbone/head ratio at the floor.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ def cycle_ends(total_steps: int, cycles: int, first_cycle: float | None = None) 
 
     Equal cycles by default (Huang et al. 2017). With `first_cycle` (a fraction of the run) the first cycle is that
     long and the others share the rest equally: one full descent to a good model, then short cycles that explore
-    around it (as in fast geometric ensembling, Garipov et al. 2018). `warm_restarts` and the snapshot callback
+    around it (as in fast geometric ensembling, Garipov et al. 2018). `cosine` and the snapshot callback
     share this, so snapshots land where the LR is at its floor.
     """
     cycles, total = max(1, int(cycles)), max(1, int(total_steps))
@@ -45,16 +51,29 @@ def _warmup(step: int, warmup_steps: int) -> float:
 
 
 def cosine(optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, warmup_epochs: float = 1.0,
-           min_lr_ratio: float = 0.01) -> LRScheduler:
-    """Linear warmup, then cosine decay to `min_lr_ratio` of each group's LR at the end of training."""
+           min_lr_ratio: float = 0.01, cycles: int = 1, first_cycle: float | None = None) -> LRScheduler:
+    """Linear warmup, then cosine decay from each group's LR to `min_lr_ratio` of it.
+
+    With `cycles` > 1 the decay restarts (SGDR, Loshchilov & Hutter 2017) at the ends of `cycle_ends`, so the LR is
+    at its floor where `tl.callbacks.snapshots.SnapshotEnsemble` saves each snapshot. Restarts start at the peak
+    with no warmup, as in SGDR and snapshot ensembles (a warmup would also eat into short first cycles).
+    `cycles` 0 or 1 is one warmup and decay over the whole run.
+    """
     total = max(1, steps_per_epoch * max_epochs)
-    warm = min(int(warmup_epochs * steps_per_epoch), total - 1)
+    cycles = max(1, int(cycles or 1))
+    ends = cycle_ends(total, cycles, first_cycle)
+    starts = [0, *ends[:-1]]
+    warm = min(int(warmup_epochs * steps_per_epoch), total - 1) if cycles == 1 else 0
 
     def factor(step: int) -> float:
         if step < warm:
             return _warmup(step, warm)
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        for start, end in zip(starts, ends, strict=True):
+            if step < end:
+                start = max(start, warm)
+                t = (step - start) / max(1, end - start)
+                return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return min_lr_ratio
 
     return LambdaLR(optimizer, factor)
 
@@ -77,20 +96,3 @@ def constant(optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, warmup
     """A fixed LR (after an optional warmup)."""
     warm = int(warmup_epochs * steps_per_epoch)
     return LambdaLR(optimizer, lambda s: _warmup(s, warm))
-
-
-def warm_restarts(optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, cycles: int = 1,
-                  min_lr_ratio: float = 0.0, first_cycle: float | None = None) -> LRScheduler:
-    """Cosine annealing with warm restarts (SGDR), stepped per step: each cycle (`cycle_ends`) falls from a group's
-    LR to `min_lr_ratio` of it, then the LR jumps back up."""
-    ends = cycle_ends(steps_per_epoch * max_epochs, cycles, first_cycle)
-    starts = [0, *ends[:-1]]
-
-    def factor(step: int) -> float:
-        for start, end in zip(starts, ends, strict=True):
-            if step < end:
-                t = (step - start) / (end - start)
-                return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        return min_lr_ratio
-
-    return LambdaLR(optimizer, factor)

@@ -1,0 +1,63 @@
+"""results.json: one function gathers a run's results from the objects that hold them.
+
+- the config: the policy that ran (scenario, strategy, model, augmentation, seed) and, for `scenario=auto`, the
+  evidence behind the choice (`scenario.evidence`, set by `tl.scenarios.resolve`);
+- the trainer: epochs, steps, the best checkpoint and its validation score;
+- the module: parameter counts;
+- the data module: class count, split sizes, skipped files;
+- the callbacks that report findings (`ReportingCallback`: sanity checks);
+- `extra`: what the run measured outside those objects (test metrics, fit time, ensemble scores, export folder).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from tl.callbacks.reporting import ReportingCallback
+
+
+def _plain(value: Any) -> Any:
+    """Floats for tensors and numbers, so results.json holds plain JSON."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, datamodule, feature_cache: bool,
+                    extra: dict[str, Any]) -> dict[str, Any]:
+    """The run's results as flat JSON-ready keys (the interface contract's keys among them)."""
+    ckpt = trainer.checkpoint_callback
+    best_score = ckpt.best_model_score if ckpt is not None else None
+    val_acc = best_score if best_score is not None else trainer.callback_metrics.get("val/acc", float("nan"))
+    results: dict[str, Any] = {k: _plain(v) for k, v in extra.items()}
+    results.update({
+        "val/acc": float(val_acc),
+        "scenario": cfg.scenario.name,
+        "strategy": cfg.finetune.strategy,
+        "model": cfg.model.name,
+        "augment": cfg.augment.name,
+        "feature_cache": feature_cache,
+        "num_classes": datamodule.num_classes,
+        "n_train": len(datamodule.split_indices["train"]),
+        "n_val": len(datamodule.split_indices["val"]),
+        "n_test": len(datamodule.split_indices["test"]),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "seed": cfg.seed,
+        "best_ckpt": (ckpt.best_model_path or None) if ckpt is not None else None,
+        "run_dir": str(cfg.paths.output_dir),
+    })
+    for callback in trainer.callbacks:
+        if isinstance(callback, ReportingCallback):
+            results.update(callback.results)
+    evidence = cfg.scenario.get("evidence")
+    if evidence is not None:
+        results["scenario_evidence"] = OmegaConf.to_container(evidence, resolve=True)
+    if datamodule.skipped_files:
+        results["skipped_files"] = {"count": len(datamodule.skipped_files), "first": datamodule.skipped_files[:10]}
+    return results
