@@ -20,32 +20,25 @@ on a machine shared with other jobs the runs' times drift by tens of per cent (t
 threads waiting for each other); on an idle machine one pair is enough.
 
 `--breakdown` runs both under Lightning's SimpleProfiler (a few per cent slower) and splits fit time into parts:
-feature extraction, training steps, batch fetching, validation steps, checkpoint writes, the Diagnostics callback,
+feature extraction, training steps, batch fetching, validation steps, checkpoint writes, the diagnostics callbacks,
 other callbacks' hooks, the module's epoch hooks, and the rest (Lightning's loops, set-up, logging at epoch ends).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from benchlib import compose_run, machine, write_report
 
 import tl.data.features as features
 from tl.train import train
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Batch-level hooks run inside run_training_batch: counted there, not again as callback time.
 IN_BATCH_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")
 
@@ -75,18 +68,11 @@ class ExtractionTimer:
 
 
 def run(overrides: list[str], out: Path) -> tuple[dict, dict]:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(out)
-            cfg.paths.cache_dir = str(out / "cache")  # a cold cache: extraction is part of the cached run's time
-            del cfg["hydra"]
-        with ExtractionTimer() as extraction:
-            started = time.perf_counter()
-            results, objects = train(cfg)
-            results["run_seconds"] = round(time.perf_counter() - started, 2)
+    cfg = compose_run(overrides, out, cache_dir=out / "cache")  # a cold cache: extraction is part of the run's time
+    with ExtractionTimer() as extraction:
+        started = time.perf_counter()
+        results, objects = train(cfg)
+        results["run_seconds"] = round(time.perf_counter() - started, 2)
     profiler = objects["trainer"].profiler
     durations = dict(getattr(profiler, "recorded_durations", {}) or {})
     return results, {"extraction": extraction.seconds, "durations": durations}
@@ -100,6 +86,10 @@ def breakdown(fit_seconds: float, extraction: dict[str, float], durations: dict[
     def hook(name: str) -> str:
         return name.rsplit(".", 1)[-1]
 
+    def diagnostic(name: str) -> bool:  # the TensorBoard diagnostics, one callback per concern
+        return name.startswith("[Callback]") and name.removeprefix("[Callback]").split(".", 1)[0].split("{", 1)[0] in (
+            "RunSummary", "UpdateRatios", "StageHistograms", "ImageSamples", "ValConfusion")
+
     def checkpointing(name: str) -> bool:  # ModelCheckpoint and subclasses (their names end in Checkpoint)
         return name.startswith("[Callback]") and "Checkpoint" in name.split(".", 1)[0].split("{", 1)[0]
 
@@ -110,10 +100,9 @@ def breakdown(fit_seconds: float, extraction: dict[str, float], durations: dict[
                                                 "[_EvaluationLoop].val_next")),
         "validation steps": total(lambda n: n.endswith(".validation_step") and n.startswith("[Strategy]")),
         "checkpoint writes": total(checkpointing),
-        "Diagnostics callback": total(lambda n: n.startswith("[Callback]Diagnostics.")
-                                      and hook(n) not in IN_BATCH_HOOKS),
+        "Diagnostics callbacks": total(lambda n: diagnostic(n) and hook(n) not in IN_BATCH_HOOKS),
         "other callbacks": total(lambda n: n.startswith("[Callback]") and not checkpointing(n)
-                                 and not n.startswith("[Callback]Diagnostics.") and hook(n) not in IN_BATCH_HOOKS),
+                                 and not diagnostic(n) and hook(n) not in IN_BATCH_HOOKS),
         "module epoch hooks": total(lambda n: n.startswith("[LightningModule]") and "epoch" in hook(n)),
     }
     parts["rest (loops, set-up, epoch-end logging)"] = fit_seconds - math.fsum(parts.values())
@@ -135,9 +124,7 @@ def main() -> None:
     if args.breakdown:
         common.append("+trainer.profiler=simple")
     load_before = os.getloadavg()
-    figures: dict = {"epochs": args.epochs, "overrides": common, "torch_threads": torch.get_num_threads(),
-                     "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                     "profiled": args.breakdown}
+    figures: dict = {"epochs": args.epochs, "overrides": common, **machine(), "profiled": args.breakdown}
     runs: dict[str, list[dict]] = {"uncached": [], "cached": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -180,9 +167,7 @@ def main() -> None:
         print(f"{'(test-split extraction, after fitting)':40} {'':>9} {cac['extraction_seconds'].get('test', 0):9.3f}")
     print(f"load average before/after: {figures['load_average']['before']} / {figures['load_average']['after']} "
           f"({figures['cpu_count']} CPUs, {figures['torch_threads']} torch threads)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_report(args.out, figures)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,17 @@ Two measurements, both in one process:
    minus that counter. Load from other processes scales both sides alike.
 2. A/B (noisy on a shared machine): median epoch time of separate fits with and without the callbacks, run
    alternately (off, on, off, on, ...) after a discarded warm-up fit.
-Variants: `off` = callbacks=default as it stands; `default` = plus InitialLossCheck and Diagnostics with its
-constructor defaults (what conf/callbacks/default.yaml should carry: update ratios every 50 steps, histograms every
-200, confusion matrix every 5 epochs and at the end, images once); `dense` (--dense) = callbacks=diagnostics as
-shipped. The epoch time runs from on_train_epoch_start to on_train_epoch_end (training and validation). Target:
-`default` <= 1.05. With few epochs the once-per-run costs (images, step-0 samples, last-epoch confusion matrix,
-HParams) weigh more than in a full run, so the ratio errs high.
+Variants: `off` = callbacks=default without InitialLossCheck and the five diagnostic callbacks; `default` =
+callbacks=default as shipped (update ratios every 50 steps, histograms every 200, confusion matrix every 5 epochs
+and at the end, images once); `dense` (--dense) = callbacks=diagnostics as shipped. The epoch time runs from
+on_train_epoch_start to on_train_epoch_end (training and validation). Target: `default` <= 1.05. With few epochs the
+once-per-run costs (images, step-0 samples, last-epoch confusion matrix, HParams) weigh more than in a full run, so
+the ratio errs high.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,11 +27,10 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from benchlib import compose_run, machine, write_report
 from pytorch_lightning.callbacks import Callback
 
-from tl.callbacks import Diagnostics, InitialLossCheck
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from tl.callbacks import DIAGNOSTICS, InitialLossCheck
 
 # Hooks that run outside on_train_epoch_start..end: their time adds to the run, not to an epoch.
 OUTSIDE_EPOCH = {"setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_test_end",
@@ -76,16 +74,19 @@ def _timed(cls: type) -> type:
     return type(f"Timed{cls.__name__}", (cls,), attrs)
 
 
-TimedDiagnostics = _timed(Diagnostics)
-TimedInitialLossCheck = _timed(InitialLossCheck)
+# conf/callbacks/default.yaml's entry for each diagnostic callback (one per concern) and its timed stand-in
+ENTRIES = {"run_summary": "RunSummary", "update_ratios": "UpdateRatios", "histograms": "StageHistograms",
+           "image_samples": "ImageSamples", "val_confusion": "ValConfusion"}
+TIMED = {cls.__name__: _timed(cls) for cls in (*DIAGNOSTICS, InitialLossCheck)}
+globals().update({f"Timed{name}": cls for name, cls in TIMED.items()})
+TIMED_ENTRIES = [f"callbacks.{entry}._target_={__name__}.Timed{name}" for entry, name in ENTRIES.items()]
 
 VARIANTS = {
-    "off": ["callbacks=default"],
-    "default": ["callbacks=default", f"+callbacks.initial_loss_check._target_={__name__}.TimedInitialLossCheck",
-                f"+callbacks.diagnostics._target_={__name__}.TimedDiagnostics",
-                "+callbacks.diagnostics.scenario=${scenario.name}"],
-    "dense": ["callbacks=diagnostics", f"callbacks.diagnostics._target_={__name__}.TimedDiagnostics",
-              f"callbacks.initial_loss_check._target_={__name__}.TimedInitialLossCheck"],
+    "off": ["callbacks=default", "callbacks.initial_loss_check=null", *[f"callbacks.{e}=null" for e in ENTRIES]],
+    "default": ["callbacks=default", f"callbacks.initial_loss_check._target_={__name__}.TimedInitialLossCheck",
+                *TIMED_ENTRIES],
+    "dense": ["callbacks=diagnostics", f"callbacks.initial_loss_check._target_={__name__}.TimedInitialLossCheck",
+              *TIMED_ENTRIES],
 }
 
 
@@ -103,32 +104,15 @@ class EpochTimer(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def compose(run_dir: Path, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=[*overrides, f"hydra.run.dir={run_dir}"], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
-            del cfg["hydra"]
-    return cfg
-
-
 def run_once(variant: str, args: argparse.Namespace, root: Path, index: int) -> tuple[list[float], dict]:
     from tl.train import train
 
     overrides = [*VARIANTS[variant], f"trainer.max_epochs={args.epochs}", "test=false",
-                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~callbacks.progress",
+                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.progress=null",
                  f"+callbacks.epoch_timer._target_={__name__}.EpochTimer", *args.overrides]
     if args.train_batches:
         overrides.append(f"+trainer.limit_train_batches={args.train_batches}")
-    cfg = compose(root / f"{index:02d}_{variant}", overrides)
+    cfg = compose_run(overrides, root / f"{index:02d}_{variant}")
     _, objects = train(cfg)
     callbacks = objects["trainer"].callbacks
     timer = next(cb for cb in callbacks if isinstance(cb, EpochTimer))
@@ -174,8 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         inside = sum(x["hooks_inside_s"] for x in in_run[variant])
         outside = sum(x["hooks_outside_s"] for x in in_run[variant])
         print(f"{variant:<9}{med:>18.2f}{med / base:>11.3f}{f'{inside:.2f} / {outside:.2f}':>22}{ratio:>14.3f}")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, {**machine(), **report})
     return report
 
 

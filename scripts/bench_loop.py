@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,23 +48,23 @@ from types import SimpleNamespace
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from benchlib import clocks, compose_run, machine, synchronize, write_report
+from omegaconf import DictConfig
 
 from tl.models.finetune import set_frozen_modules_eval
 from tl.train import build_data, build_module, build_trainer
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DEFAULT_RUN = ["scenario=large_different"]  # what scenario=auto picks for the embedded digits default (README)
 
 # Hooks Lightning calls inside a training batch (within run_training_batch).
 IN_BATCH_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")
+DIAGNOSTIC_ENTRIES = ("run_summary", "update_ratios", "histograms", "image_samples", "val_confusion")
+DIAGNOSTIC_CLASSES = ("RunSummary", "UpdateRatios", "StageHistograms", "ImageSamples", "ValConfusion")
 NO_CHECKPOINTS = ["~callbacks.model_checkpoint", "~callbacks.last_checkpoint", "+trainer.enable_checkpointing=false"]
 VARIANTS: dict[str, list[str]] = {
     "tl": [],
-    "tl -progress bar": ["~callbacks.progress", "trainer.enable_progress_bar=false"],
-    "tl -Diagnostics": ["~callbacks.diagnostics"],
+    "tl -progress bar": ["callbacks.progress=null", "trainer.enable_progress_bar=false"],
+    "tl -Diagnostics": [f"callbacks.{name}=null" for name in DIAGNOSTIC_ENTRIES],
     "tl -LR monitor": ["~callbacks.lr_monitor"],
     "tl -checkpoints": NO_CHECKPOINTS,
     "tl -TensorBoard": ["logger=none"],  # Diagnostics and the LR monitor then have nothing to write to either
@@ -76,20 +74,6 @@ VARIANTS: dict[str, list[str]] = {
                        "+trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
                        "trainer.enable_model_summary=false"],
 }
-
-
-def compose_cfg(overrides: list[str], out_dir: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class EpochTimer(pl.Callback):
@@ -138,7 +122,8 @@ def lightning_parts(durations: dict[str, list[float]], start: dict[str, int], en
     def callback(k: str) -> str:  # "[Callback]ModelCheckpoint{'monitor': ...}.on_train_epoch_end" -> ModelCheckpoint
         return k.removeprefix("[Callback]").split(".", 1)[0].split("{", 1)[0] if k.startswith("[Callback]") else ""
 
-    callbacks = {name: total(lambda k, n=name: callback(k) == n or (n == "Checkpoint" and callback(k).endswith(n)))
+    callbacks = {name: total(lambda k, n=name: callback(k) == n or (n == "Checkpoint" and callback(k).endswith(n))
+                             or (n == "Diagnostics" and callback(k) in DIAGNOSTIC_CLASSES))
                  for name in ("Checkpoint", "Diagnostics", "RichProgressBar", "LearningRateMonitor")}
     all_callbacks = total(lambda k: k.startswith("[Callback]") and not k.startswith("[Callback]EpochTimer"))
     in_batch_callbacks = total(lambda k: k.startswith("[Callback]") and k.rsplit(".", 1)[-1] in IN_BATCH_HOOKS)
@@ -158,12 +143,6 @@ def lightning_parts(durations: dict[str, list[float]], start: dict[str, int], en
         "callbacks: others": all_callbacks - math.fsum(callbacks.values()),
     }
     return parts
-
-
-def clocks() -> tuple[float, float]:
-    """Wall time, and this process's CPU time: steadier than wall time on a shared machine (num_workers=0 keeps the
-    input pipeline in the process too)."""
-    return time.perf_counter(), time.process_time()
 
 
 def epochs_of(starts: list[tuple[float, float]], train_ends: list[float], end: tuple[float, float],
@@ -302,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     epochs: dict[str, list[dict]] = {name: [] for name in ["plain", *variants]}
     with tempfile.TemporaryDirectory() as tmp:
-        base = compose_cfg([*DEFAULT_RUN, *args.overrides], Path(tmp) / "base")
+        base = compose_run([*DEFAULT_RUN, *args.overrides], Path(tmp) / "base")
         datamodule = build_data(base)  # images loaded once; each loop gets the same loaders
         datamodule.prepare_data()
         datamodule.setup("fit")
@@ -313,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                     got = run_plain(base, datamodule, args.epochs, device, profile=args.profile)
                 else:
                     profiler = ["+trainer.profiler=simple"] if args.profile else []
-                    cfg = compose_cfg([*DEFAULT_RUN, *VARIANTS[name], *profiler, *args.overrides], out_dir)
+                    cfg = compose_run([*DEFAULT_RUN, *VARIANTS[name], *profiler, *args.overrides], out_dir)
                     got = run_lightning(cfg, datamodule, args.epochs, device)
                 for i, e in enumerate(got):
                     epochs[name].append({"round": round_, "epoch": i, "warmup": i == 0,
@@ -361,16 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before/after: {[round(x, 2) for x in load_before]} / {[round(x, 2) for x in load_after]} "
           f"({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {device.type})")
 
-    report = {"config": [*DEFAULT_RUN, *args.overrides], "device": device.type,
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else platform.processor() or platform.machine(),
-              "torch": torch.__version__, "lightning": pl.__version__, "torch_threads": torch.get_num_threads(),
-              "cpu_count": os.cpu_count(), "epochs_per_loop": args.epochs, "repeats": args.repeats,
+    report = {"config": [*DEFAULT_RUN, *args.overrides], **machine(device),
+              "epochs_per_loop": args.epochs, "repeats": args.repeats,
               "load_average": {"before": list(load_before), "after": list(load_after)},
               "summary": summary, "epochs": epochs}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     return 0
 
 

@@ -22,9 +22,7 @@ one process, so an epoch costs about images/pipeline + images/model; the table s
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from types import SimpleNamespace
 
 import pytorch_lightning as pl
 import torch
+from benchlib import CONF_DIR, machine, synchronize, write_report
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
@@ -40,13 +39,7 @@ from omegaconf import open_dict
 from tl.models.finetune import set_frozen_modules_eval
 from tl.train import build_data, build_module
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DEFAULT_RUN = ["scenario=large_different"]  # what scenario=auto picks for the embedded digits default (README)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_pipeline(datamodule, epochs: int) -> dict:
@@ -147,16 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"config": [*DEFAULT_RUN, *args.overrides], "batch_size": datamodule.batch_size,
               "image_size": datamodule.preprocess["input_size"][-1], "augment": cfg.augment.get("name"),
-              "num_workers": workers, "device": device.type,
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else platform.processor() or platform.machine(),
-              "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "num_workers": workers, **machine(device),
               "load_average": {"before": list(load_before), "after": list(load_after)},
               "pipeline": pipeline, "model": model, "ratio": round(ratio, 2),
               "loader_share_of_serial_epoch": round(loader_share, 4) if workers == 0 else None}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     return 0
 
 

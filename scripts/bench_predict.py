@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from benchlib import machine, write_report
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -92,9 +92,8 @@ def main() -> None:
               "workers": summary["workers"], "threads": summary["threads"], "seconds": summary["seconds"],
               "images_per_s": summary["images_per_s"], "cpus": os.cpu_count(),
               "load_average_1min": round(os.getloadavg()[0], 2),  # other work on a shared machine slows this
-              "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+              **machine()}
+    write_report(args.out, record)
     print(json.dumps(record))
 
 

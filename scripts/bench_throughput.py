@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -32,15 +31,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import timm
 import torch
+from benchlib import machine, synchronize, write_report
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 NUM_CLASSES = 100
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_loader(batch_size: int, image_size: int, n_batches: int, device: torch.device) -> DataLoader:
@@ -155,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.batch_size or (64 if cuda else 8)
     args.steps = args.steps or (50 if cuda else 3)
     args.warmup = max(1, args.warmup if args.warmup is not None else (10 if cuda else 1))
-    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    device_name = machine(device)["device_name"]
     if not cuda:
         print(f"no CUDA GPU available: measuring on the CPU ({device_name}) with {args.steps} steps; "
               "the numbers only show that the script works")
@@ -178,13 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         ours = next(r for r in rows if r["model"] == model and r["runner"] == "tl")
         print(f"{model:>20} {'tl / timm-loop':>15}: {ours['images_per_s'] / reference['images_per_s']:.3f}")
 
-    report = {"device": device.type, "device_name": device_name, "torch": torch.__version__, "timm": timm.__version__,
-              "lightning": pl.__version__, "precision": args.precision, "channels_last": args.channels_last,
+    report = {**machine(device), "precision": args.precision, "channels_last": args.channels_last,
               "compile": args.compile, "batch_size": args.batch_size, "image_size": args.image_size,
               "steps": args.steps, "warmup": args.warmup, "results": rows}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     return 0
 
 

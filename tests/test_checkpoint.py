@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 from tl.train import train
@@ -45,3 +47,31 @@ def test_linked_last_holds_what_a_written_one_would_and_resumes(tiny_cfg, tmp_pa
 
     resumed, _ = train(tiny_cfg(*common[1:], "trainer.max_epochs=3", "ckpt_path=last"))
     assert resumed["epochs"] == 3 and resumed["global_step"] == objects["trainer"].global_step * 3 // 2
+
+
+# -- 6. resume == uninterrupted ---------------------------------------------------------------------------------------
+def _last_ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
+    """2 epochs straight vs 1 epoch, stop, `ckpt_path=last` to 2: the same epoch, step, LR schedule position,
+    optimizer state, best validation score and final weights (data order seeded per epoch, see EpochSeededShuffle)."""
+    common = ["trainer.max_epochs=2", "data.batch_size=16", "augment=none", "model.drop_rate=0", "logger=none",
+              "model.drop_path_rate=0",
+              "test=false",
+              "+callbacks.reseed._target_=distributed_helpers.EpochSeededShuffle"]
+    straight, _ = train(tiny_cfg(*common, run_dir=tmp_path / "straight"))
+    first, _ = train(tiny_cfg(*common, "+callbacks.stop._target_=distributed_helpers.StopAfterEpochs",
+                              "+callbacks.stop.epochs=1", run_dir=tmp_path / "resumed"))
+    assert first["epochs"] == 1
+    resumed, _ = train(tiny_cfg(*common, "ckpt_path=last", run_dir=tmp_path / "resumed"))
+
+    assert (resumed["epochs"], resumed["global_step"]) == (straight["epochs"], straight["global_step"]) == (2, 10)
+    a, b = _last_ckpt(tmp_path / "straight"), _last_ckpt(tmp_path / "resumed")
+    assert a["lr_schedulers"] == b["lr_schedulers"]  # the schedule continued, not restarted
+    steps_a = [s["step"] for s in a["optimizer_states"][0]["state"].values()]
+    assert steps_a == [s["step"] for s in b["optimizer_states"][0]["state"].values()]
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-5), k
+    assert resumed["val/acc"] == pytest.approx(straight["val/acc"], abs=1e-6)

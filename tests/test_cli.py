@@ -13,8 +13,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python -m tl.train` in a new interpreter: the real command line, exit status included."""
     return subprocess.run([sys.executable, "-m", "tl.train", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def run_train_here(*overrides: str, tmp_path: Path, monkeypatch, capfd) -> subprocess.CompletedProcess:
+    """The same entry point run in this process (`runpy`, as `python -m` does), without paying for a new
+    interpreter's imports (about 10 s each on the 2-core CI machine)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["tl.train", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
+    code = 0
+    try:
+        runpy.run_module("tl.train", run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    return subprocess.CompletedProcess(sys.argv, code, "", capfd.readouterr().err)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -23,6 +38,12 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def test_the_command_line_exits_2_with_one_line(tmp_path):
+    proc = run_train("scenario=large_weird", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "scenario=large_weird is not a known scenario" in error_line(proc)
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: the module is imported here
 @pytest.mark.parametrize(("overrides", "culprit"), [
     (["scenario=large_weird"], "scenario=large_weird is not a known scenario"),
     (["data=mnist_typo"], "data=mnist_typo is not a known data"),
@@ -31,14 +52,15 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     (["data=imagefolder", "data.root=/no/such/dir"], "data.root='/no/such/dir' does not exist"),
     (["model.pretrained=/no/such/weights.pth"], "weights file '/no/such/weights.pth' not found"),
 ])
-def test_bad_input_exits_with_one_line(tmp_path, overrides, culprit):
-    proc = run_train(*overrides, tmp_path=tmp_path)
+def test_bad_input_exits_with_one_line(tmp_path, overrides, culprit, monkeypatch, capfd):
+    proc = run_train_here(*overrides, tmp_path=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert proc.returncode == 2
     assert culprit in error_line(proc)
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_empty_class_folder_and_misfit_checkpoint(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_empty_class_folder_and_misfit_checkpoint(tmp_path, monkeypatch, capfd):
     from PIL import Image
 
     data = tmp_path / "data"
@@ -46,11 +68,13 @@ def test_empty_class_folder_and_misfit_checkpoint(tmp_path):
     (data / "b").mkdir()
     for i in range(3):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(data / "a" / f"{i}.png")
-    proc = run_train("data=imagefolder", f"data.root={data}", tmp_path=tmp_path)
+    proc = run_train_here("data=imagefolder", f"data.root={data}", tmp_path=tmp_path, monkeypatch=monkeypatch,
+                          capfd=capfd)
     assert proc.returncode == 2 and f"class folder '{data / 'b'}' has no readable images" in error_line(proc)
 
     import timm
 
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
-    proc = run_train(f"model.pretrained={tmp_path / 'r18.pth'}", tmp_path=tmp_path)  # default is efficientnet
+    proc = run_train_here(f"model.pretrained={tmp_path / 'r18.pth'}", tmp_path=tmp_path,  # default is efficientnet
+                          monkeypatch=monkeypatch, capfd=capfd)
     assert proc.returncode == 2 and "does not fit model EfficientNet" in error_line(proc)

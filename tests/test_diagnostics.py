@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tl.callbacks import Diagnostics, InitialLossCheck, InitialLossWarning, OverfitCheck
+from tl.callbacks import DIAGNOSTICS, InitialLossCheck, InitialLossWarning, OverfitCheck
 from tl.train import train
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -36,8 +36,8 @@ def script(name: str):
 
 
 def test_diagnostics_write_scalars_histograms_images_and_hparams(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("callbacks=diagnostics", "callbacks.diagnostics.update_ratio_every_n_steps=2",
-                   "callbacks.diagnostics.histogram_every_n_steps=4", "scenario=large_similar", "augment=light")
+    cfg = tiny_cfg("callbacks=diagnostics", "callbacks.update_ratios.every_n_steps=2",
+                   "callbacks.histograms.every_n_steps=4", "scenario=large_similar", "augment=light")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, objects = train(cfg)
@@ -105,8 +105,8 @@ def test_diagnostics_without_a_tensorboard_logger_do_nothing(tiny_cfg, tmp_path)
     cfg = tiny_cfg("callbacks=diagnostics", "logger=csv", "trainer.max_epochs=1", "test=false",
                    "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1")
     _, objects = train(cfg)
-    diag = callback(objects, Diagnostics)
-    assert not diag._enabled and not diag._hooks
+    diagnostics = [callback(objects, cls) for cls in DIAGNOSTICS]
+    assert not any(d._enabled for d in diagnostics)
     assert not (tmp_path / "tensorboard").exists()
     assert callback(objects, InitialLossCheck).results["sanity/initial_loss_ok"]  # the check still logs to CSV
     assert "sanity/initial_loss" in (tmp_path / "csv" / "metrics.csv").read_text()

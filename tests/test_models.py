@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +84,15 @@ def test_hub_loading_offline_fails_with_alternatives(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*args, **kwargs):  # refused at once, as on a machine without a route (not a 40 s timeout)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported, which in a test session was earlier
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(TLError) as e:
         load_pretrained(create_backbone("resnet18", 10), "hub", "resnet18")
     assert "model.pretrained=package" in str(e.value) and "\n" not in str(e.value)
@@ -127,11 +138,18 @@ def test_param_groups_carry_backbone_lr_and_skip_decay_on_norms():
     assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}  # frozen ones are left out
 
 
-def test_layer_decay_scales_deeper_stages_less():
+def test_layer_decay_scales_deeper_layers_less():
+    """timm's layer-wise decay (BEiT's rule) on top of the backbone multiplier: the head keeps the LR, each block
+    below the top gets another factor, the stem the smallest."""
     model = create_backbone("resnet18", 3)
-    groups = param_groups(model, lr=1.0, backbone_lr_mult=1.0, layer_decay=0.5)
+    groups = param_groups(model, lr=1.0, backbone_lr_mult=0.5, layer_decay=0.5)
     lrs = {g["name"].split("/")[0]: g["lr"] for g in groups}
-    assert lrs["head"] == 1.0 and lrs["backbone.1"] == 0.5 and lrs["backbone.5"] == 0.5 ** 5
+    depth = {int(name.split(".")[1]): lr for name, lr in lrs.items() if name.startswith("backbone.")}
+    assert lrs["head"] == 1.0 and len(depth) >= 5  # resnet18: stem + 8 blocks
+    assert all(lr == pytest.approx(0.5 * 0.5 ** k) for k, lr in depth.items())
+    stem = next(g for g in groups if any(p is model.conv1.weight for p in g["params"]))
+    assert stem["lr"] == min(depth.values())
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
 
 
 def test_initial_loss_is_near_ln_num_classes():

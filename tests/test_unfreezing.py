@@ -47,7 +47,7 @@ def test_stage_schedule(strategy, expected):
 
 def _run(tiny_cfg, *extra, callbacks=(), **kw):
     cfg = tiny_cfg("finetune.lp_epochs=1", "finetune.unfreeze_every=1", "finetune.backbone_lr_mult=0.5",
-                   "logger=none", "test=false", "export=false", "~callbacks.diagnostics", *extra, **kw)
+                   "logger=none", "test=false", "export=false", *extra, **kw)
     from tl import train as train_module
 
     original = train_module.build_trainer

@@ -19,8 +19,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from tl.callbacks.diagnostics import tensorboard_writer
 from tl.callbacks.reporting import ReportingCallback
+from tl.callbacks.tensorboard import tensorboard_writer
 
 log = logging.getLogger(__name__)
 

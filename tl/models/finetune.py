@@ -15,6 +15,8 @@ frozen stay in eval mode (BatchNorm running statistics and dropout frozen too).
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from tl.errors import TLError
@@ -86,25 +88,32 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0, wei
                  name_suffix: str = "") -> list[dict]:
     """Optimizer groups for the trainable parameters.
 
-    The classifier gets `lr`; the backbone `lr * backbone_lr_mult`, further scaled by `layer_decay ** depth` from
-    the head when layer-wise decay is set. Biases and normalisation weights (1-d tensors) get no weight decay.
-    `only` restricts the groups to those parameter names (staged unfreezing adds groups later); `name_suffix` keeps
-    their names unique.
+    The classifier gets `lr`; the backbone `lr * backbone_lr_mult`, further scaled by layer-wise decay when
+    `layer_decay` is set (timm's `param_groups_layer_decay`, BEiT's rule: `layer_decay ** k` for the layer k blocks
+    below the top, from timm's fine-grained `group_matcher`; group `backbone.k`). Biases and normalisation weights
+    (1-d tensors) and the model's `no_weight_decay()` names get no weight decay. `only` restricts the groups to those
+    parameter names (staged unfreezing adds groups later); `name_suffix` keeps their names unique. The config is
+    validated before (tl.checks): lr > 0, the rest >= 0.
     """
-    if lr <= 0 or backbone_lr_mult < 0 or weight_decay < 0:
-        raise TLError(f"optimizer.lr={lr}, finetune.backbone_lr_mult={backbone_lr_mult}, optimizer.weight_decay="
-                      f"{weight_decay}: learning rate must be > 0, the others >= 0")
-    groups = stage_groups(model)
-    depth = {n: len(groups) - 1 - i for i, g in enumerate(groups) for n in g}  # 0 for the head
-    head = set(groups[-1])
+    head = set(stage_groups(model)[-1])
+    no_weight_decay = set(getattr(model, "no_weight_decay", lambda: set())())
+    layers_down: dict[str, int] = {}  # layer-wise decay: how many layers below the top each parameter sits
+    if layer_decay:
+        from timm.optim import param_groups_layer_decay
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in param_groups_layer_decay(model, weight_decay, layer_decay=layer_decay):
+            k = round(math.log(group["lr_scale"]) / math.log(layer_decay)) if layer_decay < 1 else 0
+            layers_down.update({names[id(p)]: k for p in group["params"]})
     buckets: dict[tuple, dict] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad or (only is not None and n not in only):
             continue
         is_head = n in head
-        scale = 1.0 if is_head else backbone_lr_mult * (layer_decay ** depth[n] if layer_decay else 1.0)
-        no_decay = p.ndim <= 1 or n in getattr(model, "no_weight_decay", lambda: set())()
-        key = ("head" if is_head else f"backbone{'.' + str(depth[n]) if layer_decay else ''}", no_decay)
+        k = layers_down.get(n, 0)
+        scale = 1.0 if is_head else backbone_lr_mult * (layer_decay ** k if layer_decay else 1.0)
+        no_decay = p.ndim <= 1 or n in no_weight_decay
+        key = ("head" if is_head else f"backbone{'.' + str(k) if layer_decay else ''}", no_decay)
         name = f"{key[0]}{'/no_decay' if no_decay else ''}{name_suffix}"
         group = buckets.setdefault(key, {"name": name, "params": [], "lr": lr * scale,
                                          "weight_decay": 0.0 if no_decay else weight_decay})
