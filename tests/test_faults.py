@@ -128,3 +128,26 @@ def test_kill_9_then_resume_finishes_the_planned_epochs(tmp_path):
     reference = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert result["global_step"] == reference["global_step"]
     assert abs(result["test/acc"] - reference["test/acc"]) <= 0.1  # within noise on a 48-image test split
+
+
+def test_sigterm_saves_the_state_exits_143_and_resumes(tmp_path):
+    """A preempted job (SIGTERM mid-epoch) exits non-zero with one line, keeps its state as interrupted.ckpt and
+    writes no results; ckpt_path=auto resumes from it to the planned epochs (then the file is gone)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    args = [*TRAIN, f"hydra.run.dir={run}", "trainer.max_epochs=3", "logger=none", "export=false"]
+    killed = subprocess.run([*args, "+callbacks.term._target_=distributed_helpers.SignalAt", "+callbacks.term.step=12"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in killed.stderr.splitlines() if line.startswith("tl: ")]
+    assert killed.returncode == 143 and len(lines) == 1 and "interrupted by SIGTERM" in lines[0], killed.stderr[-2000:]
+    interrupted = run / "checkpoints" / "interrupted.ckpt"
+    assert 12 <= torch.load(interrupted, weights_only=True)["global_step"] <= 13  # where the loop checked the flag
+    assert not (run / "results.json").exists()
+
+    resumed = subprocess.run([*args, "ckpt_path=auto"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads((run / "results.json").read_text())
+    assert result["epochs"] == 3 and result["global_step"] == 27  # 144 training images, batch 16: 9 steps an epoch
+    assert not interrupted.exists()
+

@@ -88,3 +88,32 @@ def test_auto_decision_reaches_results_and_tensorboard(auto_cfg, tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert "scenario/decision/text_summary" in acc.Tags()["tensors"]
+
+
+def test_python_api_decides_auto_then_trains_the_edited_config(tmp_path):
+    """The README's Python recipe, in a fresh interpreter (no Hydra app, no HydraConfig): compose, resolve, edit,
+    train."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "py_run"
+    code = f"""
+from tl.config import compose_config
+from tl.scenarios import resolve
+from tl.train import train
+
+overrides = ["data=synthetic", "model.pretrained=none", "callbacks.progress=null", "logger=none", "export=false",
+             "scenario.small_max_per_class=10", "data.samples_per_class=4", "hydra.run.dir={run_dir}"]
+cfg = compose_config(overrides)
+cfg.paths.output_dir = "{run_dir}"
+cfg.paths.cache_dir = "{tmp_path / 'cache'}"
+cfg = resolve(cfg, overrides)
+cfg.trainer.max_epochs = 1
+results, objects = train(cfg)
+print("RESULT", results["scenario"], results["epochs"], results["n_train"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scenario, epochs, n_train = proc.stdout.split("RESULT ")[1].split()
+    assert scenario.startswith("small_") and (epochs, n_train) == ("1", "16")
+    assert json.loads((run_dir / "results.json").read_text())["scenario_evidence"]["decision"] == scenario

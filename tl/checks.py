@@ -98,3 +98,22 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     if (cfg.data.val_fraction + cfg.data.test_fraction) >= 0.9:
         raise TLError(f"data.val_fraction + data.test_fraction = {cfg.data.val_fraction + cfg.data.test_fraction:g} "
                       "leaves too little to train on: keep their sum below 0.9")
+
+
+def check_resume(ckpt_path: str, module) -> None:
+    """A checkpoint to resume from must be a tl checkpoint of the same architecture and classes as the run, checked
+    before anything in the run directory is rewritten."""
+    import torch
+
+    try:  # memory-mapped, tensors and plain values only: cheap, and never runs code
+        hp = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError for junk, AttributeError for a non-dict
+        raise TLError(f"ckpt_path={ckpt_path!r} is not a checkpoint that loads with weights_only=True "
+                      f"({type(e).__name__}); resume from the run's checkpoints/last.ckpt") from e
+    ours = module.hparams
+    for key in ("name", "num_classes", "class_names"):
+        if key in hp and hp[key] != ours.get(key):
+            raise TLError(f"ckpt_path={ckpt_path!r} was trained with {key}={hp[key]!r} but this run has "
+                          f"{key}={ours.get(key)!r}: resume with the run's own settings, or start a new run in "
+                          "another hydra.run.dir")
+

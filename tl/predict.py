@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tl.cli import launch
+from tl.data.images import to_rgb
 from tl.data.sources import IMAGE_EXTENSIONS
 from tl.data.transforms import eval_transform
 from tl.errors import TLError
@@ -67,7 +68,7 @@ class FileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         try:
             with Image.open(self.paths[i]) as f:
-                return self.transform(f.convert("RGB")), ""  # grayscale and palette images become 3 channels
+                return self.transform(to_rgb(f)), ""  # any mode, EXIF orientation applied (tl.data.images)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
             message = (str(e).splitlines() or [""])[0][:200]
             return torch.zeros(self.input_size), f"{type(e).__name__}: {message}"

@@ -3,9 +3,11 @@
 The entry point (`_hydra_main`) decides `scenario=auto` first (`tl.scenarios.resolve`: measure the data, compose the
 config once with the chosen preset); `train(cfg)` then receives a final config and only instantiates and runs it:
 
-1. check the config (one validation layer, `tl.checks`), seed, save the config;
+1. check the config (one validation layer, `tl.checks`), claim the run directory (`tl.rundir`: one run per
+   directory), seed;
 2. the data module from `cfg.data` (preprocessing from the backbone's pretrained config);
-3. the LightningModule from `cfg.model`, then the backbone's pretrained weights (`model.pretrained`);
+3. the LightningModule from `cfg.model` (a checkpoint to resume must fit it), then the backbone's pretrained weights
+   (`model.pretrained`); save the config;
 4. the Trainer from `cfg.trainer` with every entry of `cfg.callbacks` and `cfg.logger`;
 5. fit (on cached backbone features where that is exact), test the best checkpoint, score the snapshot ensemble,
    export, and write results.json (`tl.results`).
@@ -24,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from tl.callbacks.snapshots import SnapshotEnsemble
-from tl.checks import validate
+from tl.checks import check_resume, validate
 from tl.cli import launch
 from tl.data.datamodule import build_datamodule
 from tl.data.features import FeatureCache, FeatureDataModule
@@ -34,6 +36,7 @@ from tl.export import export_model
 from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
 from tl.results import collect_results
+from tl.rundir import claim_run_dir
 from tl.scenarios import resolve
 from tl.utils import build, ensure_writable, print_config, print_results, user_errors, write_json
 
@@ -67,8 +70,9 @@ def feature_cache_applies(cfg: DictConfig) -> bool:
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
-    if ckpt_path == "auto":  # a requeued cluster job: this run dir's newest checkpoint, else start fresh
-        found = [p for p in (run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    if ckpt_path == "auto":  # a requeued or interrupted job: this run dir's newest checkpoint, else start fresh
+        found = [p for p in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "interrupted.ckpt",
+                             *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
         return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if not path.is_file():
@@ -86,16 +90,23 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     validate(cfg)
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    with claim_run_dir(run_dir, resuming=ckpt_path is not None, overwrite=cfg.overwrite):
+        return _train(cfg, run_dir, ckpt_path)
+
+
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict, dict]:
     pl.seed_everything(cfg.seed, workers=True)
-    print_config(cfg, save_to=run_dir / "config.yaml")
 
     # 2. data
     datamodule = build_data(cfg)
     datamodule.setup("fit")
 
-    # 3. model: architecture and new head, then the pretrained backbone weights
+    # 3. model: architecture and new head, then the pretrained backbone weights; a checkpoint to resume must fit it
     module = build_module(cfg, datamodule)
+    if ckpt_path is not None:
+        check_resume(ckpt_path, module)
     pretrained = module.load_pretrained()
+    print_config(cfg, save_to=run_dir / "config.yaml")  # only now: a refused resume leaves the run's config as it was
 
     # 4. trainer
     trainer = build_trainer(cfg)

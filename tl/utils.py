@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -16,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl.errors import TLError
 
@@ -23,7 +25,8 @@ log = logging.getLogger("tl")
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn bad input (a TLError) into one line on stderr and exit status 2."""
+    """Turn bad input (a TLError) into one line on stderr and exit status 2, and a SIGTERM into one line and status
+    143 (128 + SIGTERM, as a killed process reports it)."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,6 +35,10 @@ def user_errors(fn: Callable) -> Callable:
         except TLError as e:
             print(f"tl: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except SIGTERMException:  # Lightning's, a SystemExit with status 0: a preempted job must not look finished
+            print("tl: interrupted by SIGTERM: the state is saved as checkpoints/interrupted.ckpt in the run "
+                  "directory; resume with the same hydra.run.dir and ckpt_path=auto", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
 
     return wrapper
 

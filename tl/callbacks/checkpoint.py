@@ -22,7 +22,8 @@ import os
 from weakref import proxy
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -72,3 +73,17 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """On SIGTERM (a preempted or cancelled job) or Ctrl-C, the state at that point as `interrupted.ckpt`, which
+    `ckpt_path=auto` resumes from (the newest checkpoint of the run directory). Any other exception saves nothing: a
+    run that diverged or crashed must not leave its broken state as the newest checkpoint. A run that later finishes
+    removes the file (Lightning's `OnExceptionCheckpoint.teardown`)."""
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        super().__init__(dirpath, filename)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            super().on_exception(trainer)

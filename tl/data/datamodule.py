@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from tl.data.images import to_rgb
 from tl.data.sources import ImageSet
 from tl.data.splits import make_splits, subset_per_class
 from tl.data.transforms import eval_transform, train_transform
@@ -48,8 +49,8 @@ class ImageDataset(Dataset):
             img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
         else:
             with Image.open(self.set.paths[j]) as f:
-                img = f.copy()
-        return img.convert("RGB")  # grayscale and palette images become 3 channels
+                return to_rgb(f)  # any mode, EXIF orientation applied (tl.data.images)
+        return img.convert("RGB")  # in-memory sources are uint8 grayscale or RGB
 
     def __getitem__(self, i: int):
         return self.transform(self.load_image(i)), int(self.set.targets[self.indices[i]])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from tl.data.images import to_rgb
 from tl.errors import TLError
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class TorchvisionSource:
             start = sum(len(t) for t in targets)
             xs, ys = [], []
             for img, y in ds:  # decode once; datasets are (PIL image, int) pairs
-                xs.append(pil_to_tensor(img.convert("RGB")))
+                xs.append(pil_to_tensor(to_rgb(img)))
                 ys.append(int(y))
             sizes = {tuple(x.shape) for x in xs}
             if len(sizes) > 1:  # variable-size images (Flowers, Pets, DTD): bring to one size once, keep aspect

@@ -1,0 +1,87 @@
+"""A run directory belongs to one run.
+
+- While a run trains, it holds `RUN/.tl.lock` (its pid, created exclusively): a second run started into the same
+  directory is refused with one line instead of both writing checkpoints and results over each other. A lock left by
+  a process that no longer exists (kill -9, a crashed node) is taken over.
+- A directory that already holds a run (its results.json, or checkpoints/last.ckpt of an unfinished one) is not
+  overwritten silently: resume it with `ckpt_path=last|auto`, choose another `hydra.run.dir`, or say
+  `overwrite=true` (which removes the previous run's artifacts first).
+Only global rank 0 claims the directory: the other processes of a DDP job share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from pytorch_lightning.utilities import rank_zero_only
+
+from tl.errors import TLError
+
+LOCK = ".tl.lock"
+# What a run writes into its directory; `overwrite=true` removes the previous run's before the new run starts, so
+# its checkpoints, snapshots and event files never mix with the new run's.
+RUN_ARTIFACTS = ("checkpoints", "export", "tensorboard", "csv", "results.json", "evaluation.json", "lr_find.png")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _take_lock(path: Path) -> None:
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise TLError(f"hydra.run.dir={str(path.parent)!r} is in use by another run (pid {pid}): wait for it, "
+                              "or choose another hydra.run.dir") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise TLError(f"hydra.run.dir={str(path.parent)!r}: could not take {LOCK}; remove it if no run is using the folder")
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> Iterator[None]:
+    """Hold `run_dir` for this run (see the module docstring); refuse one that holds another run's results."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    _take_lock(run_dir / LOCK)
+    try:
+        if not resuming and overwrite:
+            for name in RUN_ARTIFACTS:
+                target = run_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+        if not resuming and not overwrite:
+            if (run_dir / "results.json").is_file():
+                raise TLError(f"hydra.run.dir={str(run_dir)!r} holds a finished run (results.json): choose another "
+                              "hydra.run.dir, continue it with ckpt_path=last trainer.max_epochs=N, or replace it "
+                              "with overwrite=true")
+            if (run_dir / "checkpoints" / "last.ckpt").is_file():
+                raise TLError(f"hydra.run.dir={str(run_dir)!r} holds an unfinished run (checkpoints/last.ckpt): "
+                              "resume it with ckpt_path=auto, choose another hydra.run.dir, or replace it with "
+                              "overwrite=true")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (run_dir / LOCK).unlink()
