@@ -129,7 +129,9 @@ def test_imagefolder_skips_or_refuses_bad_files(tmp_path):
     good = (tmp_path / "b" / "img0.png").read_bytes()
     (tmp_path / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / "gone.png").symlink_to(tmp_path / "no_such_file.png")  # a broken symlink is counted too
     images = ImageFolderSource(tmp_path).load()
-    assert len(images) == 8 and len(images.skipped_files) == 3
+    assert len(images) == 8 and len(images.skipped_files) == 4
+    assert str(tmp_path / "b" / "gone.png") in images.skipped_files
     with pytest.raises(TLError, match="unreadable or non-image"):
         ImageFolderSource(tmp_path, on_bad_file="error").load()

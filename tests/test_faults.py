@@ -151,3 +151,29 @@ def test_sigterm_saves_the_state_exits_143_and_resumes(tmp_path):
     assert result["epochs"] == 3 and result["global_step"] == 27  # 144 training images, batch 16: 9 steps an epoch
     assert not interrupted.exists()
 
+
+def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_says_so(tiny_cfg, tmp_path, monkeypatch):
+    """The device fills while last.ckpt is being written: one line, the previous last.ckpt intact under its name,
+    no partial file left behind (tl.checkpoint_io writes beside the name, then renames)."""
+    import errno
+    import hashlib
+
+    train(tiny_cfg("trainer.max_epochs=1", "export=false"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    original = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "last.ckpt" in str(getattr(f, "name", f)):
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(TLError, match="no space left on the device writing .*last.ckpt.*intact") as e:
+        train(tiny_cfg("trainer.max_epochs=2", "ckpt_path=last", "export=false",
+                       "callbacks.last_checkpoint.link_same_step=false"))
+    assert "\n" not in str(e.value)
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+

@@ -102,3 +102,24 @@ def test_extraction_leaves_rng_and_module_modes_alone():
     extract_features(module.model, DataLoader(dm.dataset("train", augmented=False), batch_size=8, shuffle=True))
     assert torch.equal(torch.get_rng_state(), state)
     assert {name: m.training for name, m in module.named_modules()} == modes
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "foreign"])
+def test_a_damaged_cache_entry_is_recomputed_not_fatal(tmp_path, damage):
+    dm = TransferDataModule(SyntheticSource(samples_per_class=4), backbone_preprocess("efficientnet_lite0"),
+                            image_size=32, seed=0)
+    dm.setup()
+    module = TransferModule("efficientnet_lite0", num_classes=4, pretrained="none", strategy="linear_probe")
+    head = classifier_names(module.model)
+    feats, targets = FeatureCache(tmp_path).get(module.model, head, dm)["train"]
+    entry = next(tmp_path.glob("train-*.pt"))
+    if damage == "truncate":
+        entry.write_bytes(entry.read_bytes()[:100])
+    elif damage == "garble":
+        entry.write_bytes(b"\x00" * 4096)
+    else:
+        torch.save({"features": torch.zeros(3, 7), "targets": torch.zeros(3)}, entry)
+    again, again_targets = FeatureCache(tmp_path).get(module.model, head, dm)["train"]
+    assert torch.allclose(again, feats) and torch.equal(again_targets, targets)
+    assert torch.load(entry, weights_only=True)["features"].shape == feats.shape  # rewritten whole
+

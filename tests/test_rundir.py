@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -36,10 +38,11 @@ def test_a_finished_run_is_not_overwritten_until_asked(tiny_cfg, tmp_path):
 def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tiny_cfg, tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / LOCK).write_text(f"{sleeper.pid}\n")
-        with pytest.raises(TLError, match=f"in use by another run \\(pid {sleeper.pid}\\)"):
+        holder = json.dumps({"host": socket.gethostname(), "pid": str(sleeper.pid), "job": ""})
+        (tmp_path / LOCK).write_text(holder)
+        with pytest.raises(TLError, match=f"in use by another run \\(pid {sleeper.pid} on "):
             train(tiny_cfg("trainer.max_epochs=1", "export=false"))
-        assert (tmp_path / LOCK).read_text().strip() == str(sleeper.pid)  # not ours to remove
+        assert (tmp_path / LOCK).read_text() == holder  # not ours to remove
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -54,3 +57,19 @@ def test_a_resume_that_does_not_fit_is_refused_before_the_config_is_rewritten(ti
         train(tiny_cfg("trainer.max_epochs=2", "ckpt_path=last", "data.source.num_classes=3", "export=false"))
     assert digest(tmp_path / "config.yaml") == config
     assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_a_lock_of_the_same_slurm_job_is_taken_over_and_one_from_another_machine_is_not(tmp_path, monkeypatch):
+    from tl.rundir import claim_run_dir
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    lock = tmp_path / LOCK
+    lock.write_text(json.dumps({"host": "node-7", "pid": "1", "job": "4242"}))  # requeued: another node, same job
+    with claim_run_dir(tmp_path, resuming=True, overwrite=False):
+        assert json.loads(lock.read_text())["pid"] == str(os.getpid())
+    lock.write_text(json.dumps({"host": "node-7", "pid": "1", "job": "17"}))
+    with pytest.raises(TLError, match="in use by another run"), claim_run_dir(tmp_path, resuming=True,
+                                                                              overwrite=False):
+        pass
+    assert json.loads(lock.read_text())["job"] == "17"
+

@@ -1,8 +1,9 @@
 """A run directory belongs to one run.
 
-- While a run trains, it holds `RUN/.tl.lock` (its pid, created exclusively): a second run started into the same
-  directory is refused with one line instead of both writing checkpoints and results over each other. A lock left by
-  a process that no longer exists (kill -9, a crashed node) is taken over.
+- While a run trains, it holds `RUN/.tl.lock` (host, pid and SLURM job id, created exclusively): a second run started
+  into the same directory is refused with one line instead of both writing checkpoints and results over each other.
+  A lock left by a process that no longer exists on this host (kill -9), or by an earlier run of the same SLURM job
+  (requeued on another node), is taken over; one held from another machine is left alone.
 - A directory that already holds a run (its results.json, or checkpoints/last.ckpt of an unfinished one) is not
   overwritten silently: resume it with `ckpt_path=last|auto`, choose another `hydra.run.dir`, or say
   `overwrite=true` (which removes the previous run's artifacts first).
@@ -12,8 +13,10 @@ Only global rank 0 claims the directory: the other processes of a DDP job share 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,24 +40,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _holder() -> dict[str, str]:
+    """Who holds a lock: host, pid and, under SLURM, the job id (a requeued job keeps its id, not its node or pid)."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "job": os.environ.get("SLURM_JOB_ID", "")}
+
+
+def _stale(holder: dict[str, str]) -> bool:
+    """Whether a recorded holder is certainly gone: our own SLURM job requeued, or a dead process on this host."""
+    ours = _holder()
+    if holder.get("job") and holder.get("job") == ours["job"]:
+        return True
+    if holder.get("host") == ours["host"]:
+        pid = int(holder.get("pid") or 0)
+        return not pid or pid == os.getpid() or not _alive(pid)
+    return False  # another machine's process: it cannot be checked from here
+
+
 def _take_lock(path: Path) -> None:
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                pid = int(path.read_text().strip() or 0)
+                holder = json.loads(path.read_text() or "{}")
             except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise TLError(f"hydra.run.dir={str(path.parent)!r} is in use by another run (pid {pid}): wait for it, "
-                              "or choose another hydra.run.dir") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-            continue
+                holder = {}
+            if not isinstance(holder, dict) or _stale(holder):
+                path.unlink(missing_ok=True)
+                continue
+            raise TLError(f"hydra.run.dir={str(path.parent)!r} is in use by another run (pid {holder.get('pid')} on "
+                          f"{holder.get('host')}): wait for it or choose another hydra.run.dir (if no run uses the "
+                          f"folder, remove {str(path)!r})") from None
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            json.dump(_holder(), f)
         return
-    raise TLError(f"hydra.run.dir={str(path.parent)!r}: could not take {LOCK}; remove it if no run is using the folder")
+    raise TLError(f"hydra.run.dir={str(path.parent)!r}: could not take {LOCK}; remove it if no run uses the folder")
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ name restores the same state; removing the best file later (top-k rotation) leav
 link is a second name of the same data.
 
 A file with two names is never written through: the next save replaces the name with a new file (a write would
-rewrite the best checkpoint as well). Where links are impossible (another filesystem, a remote path, no permission),
-it writes the file as `ModelCheckpoint` does.
+rewrite the best checkpoint as well); with `tl.checkpoint_io.AtomicCheckpointIO` (the default) that is a rename over
+the name, so the old last.ckpt stays whole until the new one is complete, even if the save fails. Where links are
+impossible (another filesystem, a remote path, no permission), it writes the file as `ModelCheckpoint` does.
 
 Lightning's own `save_last="link"` differs: every epoch it symlinks last.ckpt to the latest top-k file, i.e. the
 best epoch's state, not the last one's (resuming would rewind).
@@ -24,6 +25,8 @@ from weakref import proxy
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from tl.checkpoint_io import AtomicCheckpointIO
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -62,8 +65,11 @@ class LastCheckpoint(ModelCheckpoint):
                 except OSError:
                     if os.path.lexists(tmp):
                         os.remove(tmp)
-            if not linked and os.path.isfile(filepath) and os.stat(filepath).st_nlink > 1:
-                os.remove(filepath)  # shared with another checkpoint: write a new file, not through the link
+            if not linked and not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) \
+                    and os.path.isfile(filepath) and os.stat(filepath).st_nlink > 1:
+                # Shared with another checkpoint and the IO may write in place: a new file, not through the link.
+                # (AtomicCheckpointIO renames a new file over the name, so the old one stays until then.)
+                os.remove(filepath)
         linked = trainer.strategy.broadcast(linked)
         if not linked:
             super()._save_checkpoint(trainer, filepath)

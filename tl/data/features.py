@@ -121,9 +121,17 @@ class FeatureCache:
         """(features, targets) of one split: from the cache when it has the entry, else computed and stored."""
         path = self.cache_dir / f"{split}-{self.key(model, head_names, datamodule, split)}.pt"
         if path.is_file():
-            data = torch.load(path, weights_only=True)
-            log.info("Feature cache hit: %s (%s)", split, path.name)
-            return data["features"], data["targets"]
+            try:
+                data = torch.load(path, weights_only=True)
+                feats, targets = data["features"], data["targets"]
+                if len(feats) != len(targets) or len(targets) != len(datamodule.split_indices[split]):
+                    raise ValueError("sizes do not match the split")
+                log.info("Feature cache hit: %s (%s)", split, path.name)
+                return feats, targets
+            except Exception as e:  # noqa: BLE001 - truncated, garbled or foreign: recompute, never stop the run
+                log.warning("Feature cache entry %s is unreadable (%s: %s): computing it again", path,
+                            type(e).__name__, (str(e).splitlines() or [""])[0][:120])
+                path.unlink(missing_ok=True)
         # On a CPU, the training batch size: what the uncached run pushes through the backbone, and larger batches
         # mostly spill the caches (EfficientNet-Lite0, 64 px, one thread of the 2-core CI CPU: 1.33 ms/image at
         # batch 64, 1.77 at 128).

@@ -83,14 +83,26 @@ class SyntheticSource:
                         images=torch.cat(images))
 
 
+# Verdicts of _is_readable_image by (path, size, mtime): a process that loads the same folder twice (scenario=auto
+# measures before the run trains) decodes each file once; a file that changed gets a new key.
+_READABLE: dict[tuple[str, int, int], bool] = {}
+
+
 def _is_readable_image(path: Path) -> bool:
     """True when PIL can identify and fully decode the file (catches truncated and non-image files)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-        return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        st = path.stat()
+    except OSError:  # a broken symlink, or gone since the listing
         return False
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _READABLE:
+        try:
+            with Image.open(path) as img:
+                img.load()
+            _READABLE[key] = True
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            _READABLE[key] = False
+    return _READABLE[key]
 
 
 class ImageFolderSource:
@@ -131,7 +143,8 @@ class ImageFolderSource:
                 if class_dir.name not in index:
                     raise TLError(f"class folder {str(class_dir)!r} is not among the train classes "
                                   f"({', '.join(classes)}): rename it or add it to train/")
-                files = sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith("."))
+                files = sorted(f for f in class_dir.rglob("*")  # broken symlinks too: counted as bad below
+                               if (f.is_file() or f.is_symlink()) and not f.name.startswith("."))
                 good = []
                 for f in files:
                     if f.suffix.lower() in IMAGE_EXTENSIONS and _is_readable_image(f):

