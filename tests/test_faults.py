@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("data.samples_per_class=1000", "data.samples_per_class=1000 is more than class"),
     ("finetune.strategy=partial finetune.trainable_stages=50", "finetune.trainable_stages=50"),
     ("ckpt_path=last", "ckpt_path='last': no checkpoint"),
+    ("overwrite=tru", "overwrite='tru' is invalid: use true or false"),
 ])
 def test_invalid_values_fail_before_training(tiny_cfg, tmp_path, override, culprit):
     with pytest.raises(TLError) as e:

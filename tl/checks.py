@@ -52,6 +52,9 @@ RULES: list[Rule] = [
     ("snapshots.first_cycle", lambda v: v is None or (_number(v) and 0 < v < 1),
      "null (equal cycles) or the first cycle's share of the run, in (0, 1)"),
     ("seed", _integer, "an integer"),
+    # Switches: a typo'd value must not read as true (overwrite=tru would delete the previous run's artifacts).
+    *((key, lambda v: isinstance(v, bool), "true or false")
+      for key in ("overwrite", "test", "export", "cache_features")),
 ]
 
 
