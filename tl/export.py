@@ -20,7 +20,7 @@ from torch import nn
 
 from tl.cli import launch
 from tl.inference import EXPORT_CONFIG, EXPORT_WEIGHTS, load_module, run_dir_of
-from tl.utils import check_required, ensure_writable, user_errors
+from tl.utils import atomic_path, atomic_write_text, check_required, ensure_writable, user_errors
 
 FORMAT = "tl-export/1"
 
@@ -33,7 +33,8 @@ def export_model(module: nn.Module, out_dir: str | Path) -> Path:
     hp = module.hparams
     # safetensors wants contiguous tensors that share no memory: plain detached copies
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
-    save_file(state, str(out_dir / EXPORT_WEIGHTS), metadata={"format": FORMAT, "name": hp.name})
+    with atomic_path(out_dir / EXPORT_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "name": hp.name})
     meta = {
         "format": FORMAT,
         "name": hp.name,
@@ -43,7 +44,7 @@ def export_model(module: nn.Module, out_dir: str | Path) -> Path:
         "drop_rate": float(hp.drop_rate),
         "drop_path_rate": float(hp.drop_path_rate),
     }
-    (out_dir / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 
@@ -66,7 +67,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    launch(_hydra_main)
+    launch(_hydra_main, "export")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from tl.checks import PREDICT_RULES, check_rules
 from tl.cli import launch
 from tl.data.images import to_rgb
 from tl.data.sources import IMAGE_EXTENSIONS
 from tl.data.transforms import eval_transform
 from tl.errors import TLError
 from tl.inference import load_classifier, optimize_for_inference, resolve_device
-from tl.utils import check_required, ensure_writable, user_errors
+from tl.utils import atomic_path, check_required, ensure_writable, user_errors
 
 log = logging.getLogger("tl.predict")
 
@@ -96,12 +97,11 @@ def auto_threads(workers: int, device: torch.device) -> int:
 
 def write_csv(path: Path, rows: list[dict], topk: int) -> None:
     columns = ["path", "label", "prob", "error"] + [f"{c}_{k}" for k in range(2, topk + 1) for c in ("label", "prob")]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
+    # UTF-8 whatever the locale; a file name that is not valid UTF-8 is written as its original bytes
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 @torch.inference_mode()
@@ -125,13 +125,14 @@ def predict_rows(model: torch.nn.Module, loader: DataLoader, paths: list[Path], 
 def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     """Predict every input file as `cfg` says; write the CSV and return (rows, summary)."""
     check_required(cfg)
+    check_rules(cfg, PREDICT_RULES)
     device = resolve_device(cfg.get("device", "auto"))
     clf = load_classifier(cfg.ckpt, device)
     paths = list_inputs(cfg.inputs)
     output = Path(cfg.output).expanduser()
     ensure_writable(output.parent)
-    topk = max(1, min(int(cfg.get("topk") or 1), clf.num_classes))
-    batch_size = int(cfg.get("batch_size") or 64)
+    topk = min(cfg.topk, clf.num_classes)
+    batch_size = cfg.batch_size
     workers = cfg.get("num_workers")
     workers = auto_workers(len(paths), batch_size, device) if workers is None else int(workers)
     threads = int(cfg.get("threads") or auto_threads(workers, device))
@@ -167,7 +168,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    launch(_hydra_main)
+    launch(_hydra_main, "predict")
 
 
 if __name__ == "__main__":

@@ -138,13 +138,21 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
                 logger.log_metrics({k: v for k, v in ensemble.items() if k.startswith("ensemble/")},
                                    step=trainer.global_step)
             extra.update(ensemble)
+    export_error = None
     if cfg.export and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
-        extra["export_dir"] = str(export_model(module, run_dir / "export"))
+        try:
+            extra["export_dir"] = str(export_model(module, run_dir / "export"))
+        except TLError as e:  # optional: the results of the finished training are written all the same
+            export_error = extra["export_error"] = str(e)
 
     results = collect_results(cfg, trainer, module, datamodule, fit_data is not datamodule, extra)
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
         print_results(results)
+    if export_error:
+        ckpt = results.get("best_ckpt") or "RUN/checkpoints/last.ckpt"
+        raise TLError(f"training finished and results.json is written, but the export failed: {export_error} "
+                      f"(export again: python -m tl.export ckpt={ckpt})")
     return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
@@ -157,7 +165,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    launch(_hydra_main)
+    launch(_hydra_main, "train")
 
 
 if __name__ == "__main__":

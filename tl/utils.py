@@ -1,4 +1,4 @@
-"""Small helpers shared by the entry points: config printing, instantiation with clean errors, atomic JSON."""
+"""Small helpers shared by the entry points: config printing, instantiation with clean errors, atomic files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,39 @@ def ensure_writable(path: Path, min_free_mb: int = 200) -> Path:
     return path
 
 
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on success it is flushed to disk and renamed over `path`.
+
+    Every artifact tl writes goes through here: a reader never sees half a file, and on any failure (a full disk, a
+    signal, an encoding error in a late row) the temporary file is removed and the previous `path` stays as it was.
+    An OSError becomes one line naming the file (TLError); anything else propagates after the clean-up.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename is atomic
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise TLError(f"could not write {str(path)!r} ({e.strerror or e}): free space or fix permissions there; "
+                          "its previous version, if any, is unchanged") from e
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """`path.write_text(text)` (UTF-8), atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+
+
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically: a reader never sees half a file, a failed write keeps the previous one."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @rank_zero_only
@@ -119,7 +148,7 @@ def print_config(cfg: DictConfig, save_to: Path | None = None) -> None:
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_to is not None:
-        save_to.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(save_to, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 @rank_zero_only

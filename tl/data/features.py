@@ -26,6 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tl.data.datamodule import collate_readable
+from tl.errors import TLError
+from tl.utils import atomic_path
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -78,7 +82,10 @@ def extract_features(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor
     # would shift its shuffling and dropout: with the state restored, cached and uncached runs see the same batches.
     try:
         with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for x, y in loader:
+            for batch in loader:
+                if batch is None:  # every file of the batch unreadable since the scan (counted by the dataset)
+                    continue
+                x, y = batch
                 x = x.to(device).contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.to(device)
                 f = model.forward_head(model.forward_features(x), pre_logits=True)
                 feats.append(f.float().cpu())
@@ -139,13 +146,17 @@ class FeatureCache:
         device = next(model.parameters()).device
         loader = DataLoader(datamodule.dataset(split, augmented=False),
                             batch_size=datamodule.batch_size if device.type == "cpu" else datamodule.eval_batch_size,
-                            num_workers=datamodule._workers(), pin_memory=device.type == "cuda")
+                            num_workers=datamodule._workers(), pin_memory=device.type == "cuda",
+                            collate_fn=collate_readable)
         feats, targets = extract_features(model, loader)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: ranks may write the same entry
-        torch.save({"features": feats, "targets": targets}, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves half a cache entry
-        log.info("Feature cache write: %s %s (%s)", split, tuple(feats.shape), path.name)
+        try:  # per process temporary name (ranks may write the same entry), renamed: never half an entry
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                torch.save({"features": feats, "targets": targets}, tmp)
+            log.info("Feature cache write: %s %s (%s)", split, tuple(feats.shape), path.name)
+        except (OSError, RuntimeError, TLError) as e:  # the cache is an optimisation: a full disk must not stop the run
+            log.warning("Feature cache entry %s not written (%s): continuing without it", path,
+                        (str(e).splitlines() or [""])[0][:160])
         return feats, targets
 
 
