@@ -28,6 +28,53 @@ def _integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _boolean(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _count0(v) -> bool:
+    return _integer(v) and v >= 0
+
+
+def _count1(v) -> bool:
+    return _integer(v) and v >= 1
+
+
+def _size(v) -> bool:
+    return _integer(v) and 16 <= v <= 4096
+
+
+def _optional(rule: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: v is None or rule(v)
+
+
+def _devices(v) -> bool:
+    if isinstance(v, str):
+        return v == "auto" or (v.strip() != "" and all(p.strip().isdigit() for p in v.strip(",").split(",")))
+    if OmegaConf.is_list(v) or isinstance(v, (list, tuple)):
+        return len(v) > 0 and all(_count0(i) for i in v)
+    return _integer(v) and (v >= 1 or v == -1)
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64)
+DEVICES_HINT = "auto, a number of devices (-1: all), a list of indices [0,1], or a string '0,1'"
+
+# Values Lightning would otherwise reject with a traceback or accept as nonsense; the same in every entry point.
+TRAINER_RULES: list[Rule] = [
+    ("trainer.accelerator", lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
+    ("trainer.devices", _devices, DEVICES_HINT),
+    ("trainer.num_nodes", _count1, "an integer >= 1"),
+    ("trainer.precision", lambda v: v in PRECISIONS, "32-true, bf16-mixed, 16-mixed (GPU), bf16-true or 64-true"),
+    ("trainer.accumulate_grad_batches", _count1, "an integer >= 1"),
+    ("trainer.gradient_clip_val", _optional(lambda v: _number(v) and v >= 0), "null (off) or a number >= 0"),
+    ("trainer.log_every_n_steps", _count1, "an integer >= 1"),
+    ("trainer.check_val_every_n_epoch", _optional(_count1), "null or an integer >= 1"),
+    ("trainer.min_epochs", _optional(_count0), "null or an integer >= 0"),
+    ("trainer.deterministic", lambda v: v in (True, False, "warn"), "true, false or warn"),
+]
+
 RULES: list[Rule] = [
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-3"),
     ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 (null or 0: none)"),
@@ -53,9 +100,71 @@ RULES: list[Rule] = [
      "null (equal cycles) or the first cycle's share of the run, in (0, 1)"),
     ("seed", _integer, "an integer"),
     # Switches: a typo'd value must not read as true (overwrite=tru would delete the previous run's artifacts).
-    *((key, lambda v: isinstance(v, bool), "true or false")
-      for key in ("overwrite", "test", "export", "cache_features")),
+    *((key, _boolean, "true or false")
+      for key in ("overwrite", "test", "export", "cache_features", "data.mirror_invariant")),
+    ("data.image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
+    ("data.small_data_image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
+    ("data.crop_pct", _optional(lambda v: _number(v) and 0 < v <= 1),
+     "null (the backbone's own) or a fraction in (0, 1]"),
+    ("data.num_workers", _optional(_count0), "null (automatic) or an integer >= 0"),
+    ("data.eval_batch_size", _optional(_count1), "null (2 x data.batch_size) or an integer >= 1"),
+    *TRAINER_RULES,
 ]
+
+
+# python -m tl.predict and tl.evaluate
+DEVICE_RULE: Rule = ("device", lambda v: isinstance(v, str) and v != "", "auto, cpu, cuda or cuda:N")
+PREDICT_RULES: list[Rule] = [
+    ("topk", _count1, "an integer >= 1 (how many labels per file)"),
+    ("batch_size", _count1, "an integer >= 1"),
+    ("num_workers", _optional(_count0), "null (automatic) or an integer >= 0"),
+    ("threads", _optional(_count1), "null (automatic) or an integer >= 1"),
+    ("optimize", _boolean, "true or false"),
+    DEVICE_RULE,
+]
+EVALUATE_RULES: list[Rule] = [
+    ("ensemble.last", _optional(_count1), "null (all snapshots) or an integer >= 1"),
+    ("seed", _optional(_integer), "null (the training run's) or an integer"),
+    ("batch_size", _optional(_count1), "null or an integer >= 1"),
+    ("num_workers", _optional(_count0), "null or an integer >= 0"),
+    DEVICE_RULE,
+]
+
+
+def check_rules(cfg: DictConfig, rules: list[Rule]) -> None:
+    """Raise a one-line TLError for the first value in `cfg` that breaks one of `rules`."""
+    for key, ok, expected in rules:
+        try:
+            value = OmegaConf.select(cfg, key, default="<absent>")
+        except Exception as e:  # noqa: BLE001 - an interpolation that does not resolve
+            raise TLError(f"{key} cannot be resolved ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}): "
+                          f"use {expected}") from e
+        if isinstance(value, str) and value == "<absent>":
+            continue
+        if not ok(value):
+            raise TLError(f"{key}={value!r} is invalid: use {expected}")
+
+
+def check_hardware(trainer: DictConfig) -> None:
+    """What this machine cannot run, said before Lightning fails with a traceback: a GPU where there is none, more
+    GPUs than there are, a half precision the CPU does not do."""
+    import torch
+
+    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", 1)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise TLError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: use trainer=cpu "
+                      "(or trainer.accelerator=cpu)")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    if on_gpu:
+        wanted = (len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else
+                  len(devices.strip(",").split(",")) if isinstance(devices, str) and devices != "auto" else
+                  devices if _integer(devices) and devices > 0 else 0)
+        if wanted > gpus:
+            raise TLError(f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {gpus}: use "
+                          f"trainer.devices={gpus} or fewer")
+    elif accelerator in ("cpu", "auto") and str(trainer.get("precision")) in ("16-mixed", "16"):
+        raise TLError(f"trainer.precision={trainer.get('precision')} needs a GPU: on the CPU use bf16-mixed or 32-true")
 
 
 def validate(cfg: DictConfig, final: bool = True) -> None:
@@ -64,12 +173,8 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     `final`: the config `train()` runs, where `scenario=auto` has already been decided (`tl.scenarios.resolve`).
     """
     check_required(cfg)
-    for key, ok, expected in RULES:
-        value = OmegaConf.select(cfg, key, default="<absent>")
-        if value == "<absent>":
-            continue
-        if not ok(value):
-            raise TLError(f"{key}={value!r} is invalid: use {expected}")
+    check_rules(cfg, RULES)
+    check_hardware(cfg.trainer)
     if final and cfg.scenario.name == "auto":
         raise TLError("scenario=auto is decided before train(): run python -m tl.train, or pass the config through "
                       "tl.scenarios.resolve(cfg, overrides) first")

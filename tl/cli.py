@@ -1,16 +1,27 @@
 """Command-line front door shared by the entry points.
 
-Hydra reports an unknown group option (`scenario=typo`) in a multi-line block with its search path; tl checks group
-choices first so the user gets one line naming the culprit and the options, and exit status 2.
+Hydra reports an unknown group option (`scenario=typo`) or key (`optimizer.lrr=0.1`) in a multi-line block, and for a
+key it advises `+optimizer.lrr=0.1`, which then trains silently with the default. tl checks the command line first so
+the user gets one line naming the culprit and the closest valid names, and exit status 2:
+- group options (`check_group_choices`);
+- keys (`check_override_keys`): a key set without `+` must exist in the composed config; a key added with `+` must
+  be an argument of the object its node builds (`_target_`), since nothing else would read it;
+- the run directory (`check_run_dir`): creatable, and not holding another run unless resumed or overwritten, checked
+  before Hydra writes its own record (RUN/.hydra) into it.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, ListConfig
+
 from tl.config import CONF_DIR
+from tl.errors import TLError
 
 
 def group_options(group: str) -> list[str]:
@@ -28,13 +39,128 @@ def check_group_choices(argv: list[str]) -> None:
             continue  # not a group, or a sweep function / interpolation that Hydra expands itself
         for choice in value.split(","):  # a multirun sweep lists several choices
             if choice not in group_options(group):
-                print(f"tl: error: {group}={choice} is not a known {group}: choose one of "
-                      f"{', '.join(group_options(group))}", file=sys.stderr)
-                sys.exit(2)
+                _fail(f"{group}={choice} is not a known {group}: choose one of {', '.join(group_options(group))}")
 
 
-def check_run_dir(argv: list[str]) -> None:
-    """Exit with one line if `hydra.run.dir=DIR` cannot be created (Hydra would fail with a traceback)."""
+def _fail(message: str) -> None:
+    print(f"tl: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _is_group(key: str) -> bool:
+    return (CONF_DIR / key.split("@", 1)[0]).is_dir()
+
+
+def _closest(name: str, options, prefix: str = "") -> str:
+    options = sorted(str(o) for o in options)
+    close = [f"{prefix}{c}" for c in difflib.get_close_matches(name, options, n=3, cutoff=0.5)]
+    return f"did you mean {' or '.join(close)}?" if close else f"choose one of {', '.join(options) or '(none)'}"
+
+
+def _walk(cfg: DictConfig, key: str) -> tuple[object, str, list[str]]:
+    """Follow the dotted `key` through `cfg` without resolving interpolations: (deepest node reached, the path to
+    it, the parts not found below it)."""
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, DictConfig) and part in node.keys():  # `in node` is False for ??? values
+            node = node._get_node(part)
+            continue
+        if isinstance(node, ListConfig) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            node = node._get_node(int(part))
+            continue
+        return node, ".".join(parts[:i]), parts[i:]
+    return node, key, []
+
+
+def _arguments(target: str) -> list[str] | None:
+    """The argument names the callable `target` takes (None: cannot tell, or it takes any **kwargs)."""
+    from hydra.utils import get_object
+
+    try:
+        params = inspect.signature(get_object(target)).parameters.values()
+    except Exception:  # noqa: BLE001 - not importable here, or no signature: leave it to instantiation
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind is not p.VAR_POSITIONAL and p.name != "self"]
+
+
+def check_override_keys(argv: list[str], config_name: str) -> None:
+    """Exit with one line if an override names a key this config does not have (see the module docstring)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tl.config import compose_config
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a or a.startswith("~")])
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message says where
+        return
+    multirun = bool({"-m", "--multirun"} & set(argv))
+    base, structural = [], []  # groups and deletions; and additions: they shape the config keys are checked against
+    for o in overrides:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        if o.is_sweep_override() and not multirun:
+            _fail(f"{o.input_line} lists several values: add -m (--multirun) to run one job per value")
+        if _is_group(o.key_or_group) or o.is_add() or o.is_force_add() or o.is_delete():
+            line = o.input_line
+            if o.is_sweep_override():  # the first choice of a sweep has the shape of the others
+                prefix = "+" if o.is_add() else "++" if o.is_force_add() else ""
+                pkg = f"@{o.package}" if o.package else ""
+                line = f"{prefix}{o.key_or_group}{pkg}={next(iter(o.sweep_string_iterator()), '')}"
+            structural.append(line)
+            if not (o.is_add() or o.is_force_add()) or _is_group(o.key_or_group):
+                base.append(line)
+    try:
+        before = compose_config(base, config_name)
+    except Exception:  # noqa: BLE001 - composition fails for another reason: Hydra reports it
+        return
+    for o in overrides:
+        if o.is_add() and not _is_group(o.key_or_group) and not _walk(before, o.key_or_group)[2]:
+            _fail(f"+{o.key_or_group}: {o.key_or_group} exists already: set it without the +, i.e. "
+                  f"{o.key_or_group}=...")
+    try:
+        cfg = compose_config(structural, config_name)
+    except Exception:  # noqa: BLE001
+        return
+    for o in overrides:
+        key = o.key_or_group
+        if key.startswith("hydra") or _is_group(key) or o.is_delete() or o.is_force_add():
+            continue
+        if not o.is_add():
+            node, found, missing = _walk(cfg, key)
+            if missing:
+                siblings = list(node.keys()) if isinstance(node, DictConfig) else []
+                _fail(f"{key} is not a setting of this config ({missing[0]!r} is not under "
+                      f"{found or 'the top level'}): {_closest(missing[0], siblings, f'{found}.' if found else '')}")
+            continue
+        # +key=value: only an argument of the object its parent node builds is read by anything
+        parent, _, leaf = key.rpartition(".")
+        if leaf.startswith("_") and leaf.endswith("_"):  # _target_, _partial_, ...: a new object entry
+            continue
+        pnode, _, pmissing = _walk(cfg, parent) if parent else (cfg, "", [])
+        target = pnode.get("_target_") if isinstance(pnode, DictConfig) and not pmissing else None
+        if target is not None:
+            arguments = _arguments(str(target))
+            if arguments is not None and leaf not in arguments:
+                _fail(f"+{key}: {target} takes no argument {leaf!r}, so nothing would read it: "
+                      f"{_closest(leaf, arguments, f'{parent}.' if parent else '')}")
+            continue
+        siblings = [k for k in pnode.keys() if k != leaf] if isinstance(pnode, DictConfig) and not pmissing else []
+        _fail(f"+{key} adds a key that nothing reads ({parent or 'the top level'} builds no object): "
+              f"{_closest(leaf, siblings, f'{parent}.' if parent else '')}")
+
+
+def _rank() -> int:
+    """This process's global rank as the launcher set it in the environment (0 when not launched as a rank)."""
+    from lightning_fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
+
+
+def check_run_dir(argv: list[str], config_name: str = "") -> None:
+    """Exit with one line if `hydra.run.dir=DIR` cannot be created (Hydra would fail with a traceback), or, for a
+    training run, if DIR holds another run (tl.rundir), before Hydra rewrites RUN/.hydra in it."""
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
             target = Path(arg.split("=", 1)[1]).expanduser()
@@ -42,13 +168,25 @@ def check_run_dir(argv: list[str]) -> None:
             while not parent.exists() and parent != parent.parent:
                 parent = parent.parent
             if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                print(f"tl: error: hydra.run.dir={target} cannot be created ({parent} is not a writable folder): "
-                      "choose a writable place", file=sys.stderr)
-                sys.exit(2)
+                _fail(f"hydra.run.dir={target} cannot be created ({parent} is not a writable folder): "
+                      "choose a writable place")
+            if config_name == "train" and target.is_dir() and not {"-m", "--multirun"} & set(argv) \
+                    and not _rank():  # the other processes of a DDP or SLURM job share rank 0's directory
+                from tl.rundir import check_free
+
+                values = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a)
+                resuming = values.get("ckpt_path", "null") not in ("null", "", "None")
+                try:
+                    check_free(target, resuming, values.get("overwrite", "false").lower() == "true")
+                except TLError as e:
+                    _fail(str(e))
 
 
-def launch(hydra_main) -> None:
-    """Run a `@hydra.main` entry point after the one-line checks on its command line."""
-    check_group_choices(sys.argv[1:])
-    check_run_dir(sys.argv[1:])
+def launch(hydra_main, config_name: str) -> None:
+    """Run a `@hydra.main` entry point (of the config `config_name`) after the one-line checks on its command line."""
+    argv = sys.argv[1:]
+    check_group_choices(argv)
+    check_run_dir(argv, config_name)
+    if not {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"} & set(argv):
+        check_override_keys(argv, config_name)
     hydra_main()

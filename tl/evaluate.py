@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tl.checks import EVALUATE_RULES, check_rules
 from tl.cli import launch
 from tl.data.datamodule import build_datamodule
 from tl.errors import TLError
@@ -84,6 +85,7 @@ def data_config(cfg: DictConfig, member: Path) -> tuple[DictConfig, int]:
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     """Evaluate as `cfg` says; write the JSON and return (results, objects with probabilities and targets)."""
     check_required(cfg)
+    check_rules(cfg, EVALUATE_RULES)
     tta = cfg.get("tta", "none")
     if tta not in TTA_CHOICES:
         raise TLError(f"tta={tta!r} is unknown: use one of {', '.join(TTA_CHOICES)}")
@@ -116,7 +118,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    launch(_hydra_main)
+    launch(_hydra_main, "evaluate")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,35 @@ def _take_lock(path: Path) -> None:
     raise TLError(f"hydra.run.dir={str(path.parent)!r}: could not take {LOCK}; remove it if no run uses the folder")
 
 
+def _check_previous_run(run_dir: Path, resuming: bool, overwrite: bool) -> None:
+    if resuming or overwrite:
+        return
+    if (run_dir / "results.json").is_file():
+        raise TLError(f"hydra.run.dir={str(run_dir)!r} holds a finished run (results.json): choose another "
+                      "hydra.run.dir, continue it with ckpt_path=last trainer.max_epochs=N, or replace it "
+                      "with overwrite=true")
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise TLError(f"hydra.run.dir={str(run_dir)!r} holds an unfinished run (checkpoints/last.ckpt): "
+                      "resume it with ckpt_path=auto, choose another hydra.run.dir, or replace it with "
+                      "overwrite=true")
+
+
+def check_free(run_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Raise the TLError `claim_run_dir` would, without taking anything: the command line's early check, before
+    Hydra writes its record of the new run (RUN/.hydra) over the previous run's."""
+    lock = run_dir / LOCK
+    if lock.exists():
+        try:
+            holder = json.loads(lock.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        if isinstance(holder, dict) and holder and not _stale(holder):
+            raise TLError(f"hydra.run.dir={str(run_dir)!r} is in use by another run (pid {holder.get('pid')} on "
+                          f"{holder.get('host')}): wait for it or choose another hydra.run.dir (if no run uses the "
+                          f"folder, remove {str(lock)!r})")
+    _check_previous_run(run_dir, resuming, overwrite)
+
+
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> Iterator[None]:
     """Hold `run_dir` for this run (see the module docstring); refuse one that holds another run's results."""
@@ -92,15 +121,7 @@ def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> Iterator[No
                     shutil.rmtree(target)
                 elif target.exists() or target.is_symlink():
                     target.unlink()
-        if not resuming and not overwrite:
-            if (run_dir / "results.json").is_file():
-                raise TLError(f"hydra.run.dir={str(run_dir)!r} holds a finished run (results.json): choose another "
-                              "hydra.run.dir, continue it with ckpt_path=last trainer.max_epochs=N, or replace it "
-                              "with overwrite=true")
-            if (run_dir / "checkpoints" / "last.ckpt").is_file():
-                raise TLError(f"hydra.run.dir={str(run_dir)!r} holds an unfinished run (checkpoints/last.ckpt): "
-                              "resume it with ckpt_path=auto, choose another hydra.run.dir, or replace it with "
-                              "overwrite=true")
+        _check_previous_run(run_dir, resuming, overwrite)
         yield
     finally:
         with contextlib.suppress(OSError):
