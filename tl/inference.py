@@ -28,6 +28,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from tl.data.datamodule import collate_readable
 from tl.errors import TLError
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as e:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
         raise TLError(f"device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == 0 or (dev.index or 0) >= gpus:
+            raise TLError(f"device={device!r} is not on this machine ({gpus} CUDA GPUs): use device=cpu or auto")
+    elif dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
+        raise TLError(f"device={device!r} is not available here: use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
@@ -119,10 +127,24 @@ def load_export(folder: Path) -> Classifier:
         names, preprocess = list(meta["class_names"]), dict(meta["preprocess"])
         model = create_backbone(meta["name"], meta["num_classes"], meta.get("drop_rate", 0.0),
                                 meta.get("drop_path_rate", 0.0))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise TLError(f"{str(config_path)!r} is not a tl export ({type(e).__name__}: {e}): export it again with "
                       "python -m tl.export ckpt=PATH") from e
-    model.load_state_dict(load_file(str(weights_path)))
+    except TLError as e:  # e.g. a model name timm does not know
+        raise TLError(f"{str(config_path)!r} names a model this timm cannot build ({e})") from None
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError for a truncated or garbled file, OSError
+        raise TLError(f"{str(weights_path)!r} is not a readable safetensors file ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0][:160]}): export it again with python -m tl.export "
+                      "ckpt=RUN/checkpoints/<best>.ckpt") from e
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # another model's weights, or a model.json edited since
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:200]
+        raise TLError(f"the weights in {str(weights_path)!r} do not fit the model {str(config_path)!r} describes "
+                      f"({meta['name']}, {meta['num_classes']} classes; {first}): export the two files together "
+                      "again with python -m tl.export") from None
     return Classifier(model, meta["name"], names, preprocess, str(folder))
 
 
@@ -185,8 +207,11 @@ def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
     started = time.perf_counter()
     chunks, targets = [], []
     loader = DataLoader(datamodule.dataset("test"), batch_size=datamodule.eval_batch_size,
-                        num_workers=datamodule._workers())
-    for x, y in loader:
+                        num_workers=datamodule._workers(), collate_fn=collate_readable)
+    for batch in loader:
+        if batch is None:  # every file of the batch unreadable since the scan (counted by the dataset)
+            continue
+        x, y = batch
         chunks.append(member_probs([m.model for m in members], x.to(device), tta).cpu())
         targets.append(y)
     seconds = time.perf_counter() - started

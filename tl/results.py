@@ -4,7 +4,7 @@
   evidence behind the choice (`scenario.evidence`, set by `tl.scenarios.resolve`);
 - the trainer: epochs, steps, the best checkpoint and its validation score;
 - the module: parameter counts;
-- the data module: class count, split sizes, skipped files;
+- the data module: class count, split sizes, skipped files, the split audit (`tl.data.audit`);
 - the callbacks that report findings (`ReportingCallback`: sanity checks);
 - `extra`: what the run measured outside those objects (test metrics, fit time, ensemble scores, export folder).
 """
@@ -58,6 +58,11 @@ def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningMo
     evidence = cfg.scenario.get("evidence")
     if evidence is not None:
         results["scenario_evidence"] = OmegaConf.to_container(evidence, resolve=True)
+    if getattr(datamodule, "audit", None):
+        results["data_audit"] = datamodule.audit
+    unreadable = getattr(datamodule, "unreadable", None)
+    if unreadable is not None and unreadable.value:
+        results["unreadable_during_run"] = unreadable.value  # files that failed after the scan, skipped
     if datamodule.skipped_files:
         results["skipped_files"] = {"count": len(datamodule.skipped_files), "first": datamodule.skipped_files[:10]}
     return results

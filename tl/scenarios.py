@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from tl.checks import validate
 from tl.config import compose_config
-from tl.data.datamodule import ImageDataset, build_datamodule
+from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
 from tl.data.features import FeatureCache, extract_features
 from tl.data.transforms import backbone_preprocess
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
@@ -82,7 +82,8 @@ def measure(cfg: DictConfig, datamodule) -> dict:
         feats, y = cache.get(model, classifier_names(model), datamodule, ("train",))["train"]
     else:
         loader = DataLoader(ImageDataset(datamodule.images, idx, datamodule.dataset("train", False).transform),
-                            batch_size=datamodule.eval_batch_size, num_workers=datamodule._workers())
+                            batch_size=datamodule.eval_batch_size, num_workers=datamodule._workers(),
+                            collate_fn=collate_readable)
         feats, y = extract_features(model, loader)
     side = int(s.pixel_size)
     to_pixels = v2.Compose([v2.PILToTensor(), v2.Resize((side, side), antialias=True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 from typing import Any
 
@@ -11,12 +12,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from tl.data.audit import audit_splits
 from tl.data.images import to_rgb
 from tl.data.sources import ImageSet
 from tl.data.splits import make_splits, subset_per_class
 from tl.data.transforms import eval_transform, train_transform
+from tl.errors import TLError
 from tl.utils import build, to_plain
 
 log = logging.getLogger(__name__)
@@ -34,10 +37,18 @@ def eval_sampler(trainer, ds: Dataset, shuffle: bool):
 
 
 class ImageDataset(Dataset):
-    """Indexes into an `ImageSet`; images come from memory (uint8 tensors) or are decoded from disk on access."""
+    """Indexes into an `ImageSet`; images come from memory (uint8 tensors) or are decoded from disk on access.
 
-    def __init__(self, images: ImageSet, indices: np.ndarray, transform):
+    A file that was readable at the scan but fails now (deleted, truncated or replaced mid-run) is skipped and counted
+    (`on_bad_file=skip`: the example is None, which `collate_readable` drops, and `unreadable` counts it across loader
+    processes), or stops the run with one line naming it (`on_bad_file=error`).
+    """
+
+    def __init__(self, images: ImageSet, indices: np.ndarray, transform, on_bad_file: str = "skip",
+                 unreadable=None):
         self.set, self.indices, self.transform = images, np.asarray(indices), transform
+        self.on_bad_file = on_bad_file
+        self.unreadable = unreadable if unreadable is not None else mp.Value("i", 0)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -53,7 +64,27 @@ class ImageDataset(Dataset):
         return img.convert("RGB")  # in-memory sources are uint8 grayscale or RGB
 
     def __getitem__(self, i: int):
-        return self.transform(self.load_image(i)), int(self.set.targets[self.indices[i]])
+        target = int(self.set.targets[self.indices[i]])
+        if self.set.paths is None:
+            return self.transform(self.load_image(i)), target
+        try:
+            return self.transform(self.load_image(i)), target
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+            path = self.set.paths[int(self.indices[i])]
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+            if self.on_bad_file == "error":
+                raise TLError(f"image file {path!r} is no longer readable ({why}): restore or remove it, or set "
+                              "data.on_bad_file=skip") from e
+            with self.unreadable.get_lock():
+                self.unreadable.value += 1
+            log.warning("Skipped %s: unreadable since the scan (%s)", path, why)
+            return None
+
+
+def collate_readable(batch: list):
+    """`default_collate` without the examples that could not be read (None); None for a batch with none left."""
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None
 
 
 def build_datamodule(data: DictConfig | dict, preprocess: dict, augment: DictConfig | dict | None = None,
@@ -102,6 +133,8 @@ class TransferDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.images: ImageSet | None = None
         self.split_indices: dict[str, np.ndarray] = {}
+        self.audit: dict = {}
+        self.unreadable = mp.Value("i", 0)  # files that failed after the scan, counted by every loader process
 
     # -- loading ----------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -113,6 +146,7 @@ class TransferDataModule(pl.LightningDataModule):
                              self.seed)
         splits["train"] = subset_per_class(splits["train"], self.images.targets, self.samples_per_class, self.seed,
                                            self.images.classes)
+        self.audit = audit_splits(self.images, splits)  # one class, classes missing from a split, train/test copies
         self.split_indices = splits
         log.info("Data: %d classes; train %d, val %d, test %d", self.num_classes,
                  *(len(splits[s]) for s in ("train", "val", "test")))
@@ -134,7 +168,7 @@ class TransferDataModule(pl.LightningDataModule):
         augmented = (split == "train") if augmented is None else augmented
         tf = (train_transform(self.preprocess, self.augment, self.mirror_invariant) if augmented
               else eval_transform(self.preprocess))
-        return ImageDataset(self.images, self.split_indices[split], tf)
+        return ImageDataset(self.images, self.split_indices[split], tf, self.on_bad_file, self.unreadable)
 
     # -- loaders ----------------------------------------------------------------------------------------------
     def _workers(self) -> int:
@@ -146,7 +180,7 @@ class TransferDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self._workers()
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=eval_sampler(self.trainer, ds, shuffle),
-                          num_workers=workers,
+                          num_workers=workers, collate_fn=collate_readable,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                           # Drop only a last batch of one: BatchNorm cannot train on it; keep every other example.
                           drop_last=shuffle and len(ds) % batch_size == 1)

@@ -107,7 +107,9 @@ class TransferModule(pl.LightningModule):
         set_frozen_modules_eval(self.model)
 
     # -- steps ------------------------------------------------------------------------------------------------
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str) -> torch.Tensor | None:
+        if batch is None:  # every file of the batch unreadable since the scan: skipped and counted by the dataset
+            return None
         x, y = batch
         if stage == "train" and self.mixup is not None and x.ndim == 4:
             if len(y) % 2:  # timm's Mixup pairs the batch with its mirror: it needs an even count
@@ -141,9 +143,25 @@ class TransferModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
+        self._check_finite_weights()
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        if self.trainer.training:
+            self._check_finite_weights()
+
+    def _check_finite_weights(self) -> None:
+        """Stop before any checkpoint of this epoch is written if an update left a weight (or a BatchNorm statistic)
+        NaN or infinite: the step's loss was finite, so the per-step loss check could not see it, and `last.ckpt`
+        must keep the last good state. Runs where the module hooks run, before Lightning's checkpoint callbacks."""
+        tensors = [t.detach() for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            lr = (self.hparams.optimizer or {}).get("lr", "?")
+            raise NonFiniteLossError(
+                f"the weights became NaN or infinite by step {self.global_step} (epoch {self.current_epoch}) while "
+                f"the loss stayed finite: likely a learning rate too high (optimizer.lr={lr}; try 10x lower); no "
+                "checkpoint of this epoch is written, last.ckpt keeps the previous epoch's state")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")

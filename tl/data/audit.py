@@ -1,0 +1,100 @@
+"""What the splits of a dataset look like before anything trains on them, said with numbers.
+
+- fewer than two classes: an error (a classifier needs two; the metrics library would fail later with a traceback);
+- a class with no example in val or test (a given split folder that lacks it): a warning naming the classes, since
+  the reported accuracy then says nothing about them;
+- byte-identical images in train and in val or test (a copied file, a dataset assembled twice): a warning with the
+  count and examples, and the counts in results.json (`data_audit`), since they inflate the scores.
+
+Duplicates are found by content hash. Files are grouped by size first and only sizes that occur on both sides are
+read, so a folder of distinct photos costs a `stat` per file; in-memory images are hashed directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from tl.data.sources import ImageSet
+from tl.errors import TLError
+
+log = logging.getLogger(__name__)
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _file_digests(paths: list[str], indices: np.ndarray, sizes: dict[int, int], keep: set[int]) -> dict[int, bytes]:
+    out = {}
+    for i in indices:
+        if sizes.get(int(i)) in keep:
+            try:
+                with open(paths[int(i)], "rb") as f:
+                    out[int(i)] = _digest(f.read())
+            except OSError:  # unreadable now: the loader skips and counts it
+                continue
+    return out
+
+
+def _digests(images: ImageSet, train: np.ndarray, others: np.ndarray) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """Content digests of the train examples and the others that could be duplicates of each other."""
+    if images.images is not None:
+        tensors = images.images
+        digest = {int(i): _digest(tensors[int(i)].numpy().tobytes()) for i in np.concatenate([train, others])}
+        return {int(i): digest[int(i)] for i in train}, {int(i): digest[int(i)] for i in others}
+    sizes: dict[int, int] = {}
+    for i in np.concatenate([train, others]):
+        try:
+            sizes[int(i)] = os.stat(images.paths[int(i)]).st_size
+        except OSError:
+            continue
+    shared = {sizes[int(i)] for i in train if int(i) in sizes} & {sizes[int(i)] for i in others if int(i) in sizes}
+    return (_file_digests(images.paths, train, sizes, shared), _file_digests(images.paths, others, sizes, shared))
+
+
+def _name(images: ImageSet, i: int) -> str:
+    if images.paths is None:
+        return f"#{i}"
+    head, name = os.path.split(images.paths[i])
+    return f"{os.path.basename(head)}/{name}"  # class folder and file
+
+
+def audit_splits(images: ImageSet, splits: dict[str, np.ndarray]) -> dict:
+    """Check the splits (see the module docstring); return the counts for results.json."""
+    classes = images.classes
+    present = np.unique(images.targets) if len(images.targets) else np.array([], dtype=int)
+    if len(classes) < 2 or len(present) < 2:
+        found = [classes[int(c)] for c in present] if len(present) else []
+        raise TLError(f"the data has {len(present)} class(es) with images ({', '.join(map(repr, found)) or 'none'}): "
+                      "a classifier needs at least 2; give one folder of images per class")
+    report: dict = {}
+    for split in ("val", "test"):
+        counts = np.bincount(images.targets[splits[split]], minlength=len(classes))
+        missing = [classes[c] for c in range(len(classes)) if counts[c] == 0]
+        if missing:
+            report[f"classes_without_{split}"] = missing
+            log.warning("%d class(es) have no %s images (%s): the %s accuracy says nothing about them; give each "
+                        "class some %s images (or let tl carve the split from train)", len(missing), split,
+                        ", ".join(missing[:10]), split, split)
+    train = splits["train"]
+    others = np.concatenate([splits["val"], splits["test"]])
+    train_digests, other_digests = _digests(images, train, others)
+    seen = defaultdict(list)
+    for i, d in train_digests.items():
+        seen[d].append(i)
+    for split in ("val", "test"):
+        dupes = [(int(i), seen[other_digests[int(i)]][0]) for i in splits[split]
+                 if int(i) in other_digests and other_digests[int(i)] in seen]
+        report[f"duplicates_train_{split}"] = len(dupes)
+        if dupes:
+            examples = ", ".join(f"{_name(images, a)} = {_name(images, b)}" for a, b in dupes[:3])
+            report[f"duplicates_train_{split}_first"] = [[_name(images, a), _name(images, b)] for a, b in dupes[:10]]
+            log.warning("%d of %d %s images are byte-identical to training images (e.g. %s): they inflate the %s "
+                        "score; remove the copies from one side", len(dupes), len(splits[split]), split, examples,
+                        split)
+    return report
