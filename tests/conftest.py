@@ -73,3 +73,12 @@ class RecordWeights(pl.Callback):
         head = classifier_names(pl_module.model)
         self.backbone = {k: v.clone() for k, v in pl_module.model.state_dict().items() if k not in head}
         self.head = pl_module.model.get_classifier().weight.clone()
+
+
+class LogEpoch(pl.Callback):
+    """Injected through the config (`+callbacks.epoch_index._target_=conftest.LogEpoch`): logs the epoch number as a
+    validation metric, a checkpoint monitor whose best epoch is known in advance (a loss's is not: it depends on the
+    CPU's kernels)."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("epoch_index", float(trainer.current_epoch))

@@ -1,0 +1,482 @@
+"""A hostile user, case by case: every case asserts its outcome (one line naming the culprit and the fix, exit
+status 2, or the run carrying on and counting), and that nothing written earlier was lost (checksums of a finished
+run's files before and after).
+
+The seven classes of failure (issue 20): 1 artifacts that are not atomic, 2 run directories, 3 real-world images,
+4 data shapes, 5 inputs that reach a library unchecked, 6 corrupt or foreign files, 7 signals and divergence. More
+cases live beside the code they exercise (test_faults, test_cli, test_rundir, test_images, test_data,
+test_evaluate_predict, test_models); this file holds the ones across classes, with the same finished run as victim.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, make_cfg
+from PIL import Image
+
+from tl.errors import TLError
+from tl.train import train
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: already imported
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, one_thread):
+    """A finished tiny run with its export: the victim whose files must survive every case."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    results, _ = train(make_cfg(run_dir, [*TINY, "trainer.max_epochs=1", "scenario=large_similar", "logger=none"]))
+    assert (run_dir / "results.json").is_file() and (run_dir / "export" / "model.safetensors").is_file()
+    return run_dir, results
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def victim(finished, tmp_path):
+    """A copy of the finished run for cases that aim at it, and its checksums."""
+    run_dir = tmp_path / "victim"
+    shutil.copytree(finished[0], run_dir)
+    return run_dir, checksums(run_dir)
+
+
+def entry(module: str, *argv: str, monkeypatch, capfd) -> tuple[int, list[str]]:
+    """`python -m module argv...` run in this process (runpy): (exit status, the stderr lines tl wrote)."""
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    return code, [line for line in capfd.readouterr().err.splitlines() if line.startswith("tl: ")]
+
+
+def one_line(code: int, lines: list[str], culprit: str) -> None:
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("tl: error:") and culprit in lines[0], lines
+
+
+# -- 5. inputs checked up front, with the closest valid names -------------------------------------------------------
+@pytest.mark.parametrize(("argv", "culprit"), [
+    (["optimizer.lrr=0.1"], "did you mean optimizer.lr?"),
+    (["optimzer.lr=0.1"], "'optimzer' is not under the top level): did you mean optimizer"),
+    (["+optimizer.lrr=0.1"], "takes no argument 'lrr', so nothing would read it: did you mean optimizer.lr?"),
+    (["+finetune.stratgy=full"], "nothing reads (finetune builds no object): did you mean finetune.strategy?"),
+    (["+optimizer.lr=0.1"], "optimizer.lr exists already: set it without the +"),
+    (["+trainer.limit_train_batchs=2"], "did you mean trainer.limit_train_batches"),
+    (["data.imagesize=64"], "did you mean data.image_size"),
+    (["callbacks.progres=null"], "did you mean callbacks.progress?"),
+    (["data=imagefolder", "data.root=/x", "data.source.roott=/y"], "did you mean data.source.root?"),
+    (["seed=0,1"], "seed=0,1 lists several values: add -m"),
+    (["trainer.accelerator=gpu"], "this machine has no CUDA GPU: use trainer=cpu"),
+    (["trainer.accelerator=quantum"], "trainer.accelerator='quantum' is invalid: use one of auto, cpu"),
+    (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid"),
+    (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], "needs a GPU: on the CPU use bf16-mixed"),
+    (["trainer.devices=0"], "trainer.devices=0 is invalid"),
+    (["trainer.devices=[0,x]"], "trainer.devices=[0, 'x'] is invalid"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes=0 is invalid"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is invalid"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is invalid"),
+    (["data.num_workers=-1"], "data.num_workers=-1 is invalid"),
+    (["data.image_size=8"], "data.image_size=8 is invalid: use null (the backbone's own) or a side"),
+    (["data.image_size=big"], "data.image_size='big' is invalid"),
+    (["data.crop_pct=0"], "data.crop_pct=0 is invalid"),
+    (["data.crop_pct=1.5"], "data.crop_pct=1.5 is invalid"),
+    (["data.eval_batch_size=0"], "data.eval_batch_size=0 is invalid"),
+    (["data.mirror_invariant=maybe"], "data.mirror_invariant='maybe' is invalid: use true or false"),
+])
+def test_train_inputs_are_checked_in_one_line(argv, culprit, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "run"
+    code, lines = entry("tl.train", *argv, "scenario=large_similar", f"hydra.run.dir={run}", monkeypatch=monkeypatch,
+                        capfd=capfd)
+    one_line(code, lines, culprit)
+    assert not (run / "checkpoints").exists() and not (run / "results.json").exists()
+
+
+@pytest.mark.parametrize(("module", "argv", "culprit"), [
+    ("tl.predict", ["topk=0"], "topk=0 is invalid: use an integer >= 1"),
+    ("tl.predict", ["topk=many"], "topk='many' is invalid"),
+    ("tl.predict", ["batch_size=0"], "batch_size=0 is invalid"),
+    ("tl.predict", ["num_workers=-2"], "num_workers=-2 is invalid"),
+    ("tl.predict", ["threads=0"], "threads=0 is invalid"),
+    ("tl.predict", ["device=cuda"], "device='cuda' is not on this machine"),
+    ("tl.predict", ["device=tpu"], "device='tpu' is not a device"),
+    ("tl.predict", ["topkk=3"], "did you mean topk?"),
+    ("tl.evaluate", ["ensemble.last=0"], "ensemble.last=0 is invalid"),
+    ("tl.evaluate", ["device=cuda:3"], "device='cuda:3' is not on this machine"),
+    ("tl.evaluate", ["tta=flop"], "tta='flop' is unknown"),
+    ("tl.evaluate", ["ensemble.lats=2"], "did you mean ensemble.last?"),
+    ("tl.export", ["outptu=/tmp/x"], "did you mean output?"),
+])
+def test_other_entry_points_check_their_inputs(module, argv, culprit, finished, tmp_path, monkeypatch, capfd):
+    run_dir, results = finished
+    before = checksums(run_dir)
+    extra = [f"inputs={tmp_path}"] if module == "tl.predict" else []
+    code, lines = entry(module, f"ckpt={results['best_ckpt']}", *extra, *argv, f"hydra.run.dir={tmp_path / 'out'}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, culprit)
+    assert checksums(run_dir) == before
+
+
+# -- 2. a run directory holds one run: refused before Hydra writes its record into it ---------------------------
+def test_a_second_run_into_a_finished_run_is_refused_before_anything_is_written(victim, monkeypatch, capfd):
+    run_dir, before = victim
+    code, lines = entry("tl.train", "scenario=large_similar", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch,
+                        capfd=capfd)
+    one_line(code, lines, "holds a finished run (results.json)")
+    assert checksums(run_dir) == before  # RUN/.hydra and config.yaml included
+
+
+def test_a_live_lock_is_refused_at_the_command_line(victim, monkeypatch, capfd):
+    import socket
+
+    run_dir, _ = victim
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".tl.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": str(holder.pid)}))
+        before = checksums(run_dir)
+        code, lines = entry("tl.train", "scenario=large_similar", f"hydra.run.dir={run_dir}", "overwrite=true",
+                            monkeypatch=monkeypatch, capfd=capfd)
+        one_line(code, lines, "is in use by another run")
+        assert checksums(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# -- 1. artifacts written beside their name and renamed -------------------------------------------------------------
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_results_json_that_cannot_be_written_keeps_the_previous_one(victim, monkeypatch):
+    from tl.utils import write_json
+
+    def half_then_full(self, text, *args, **kwargs):  # the device fills half-way through the file
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run_dir, before = victim
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(TLError, match="could not write .*results.json.*No space left.*previous version") as e:
+        write_json(run_dir / "results.json", {"val/acc": 0.5, "padding": "x" * 10000})
+    assert "\n" not in str(e.value)
+    assert checksums(run_dir) == before and not list(run_dir.glob(".results.json.*"))
+
+
+class _Unwritable:
+    def __str__(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_late_row_that_fails_keeps_the_previous_predictions(finished, tmp_path, monkeypatch):
+    import csv
+
+    from tl.predict import write_csv
+
+    out = tmp_path / "predictions.csv"
+    out.write_text("path,label\nold.png,a\n")
+    rows = [{"path": f"{i}.png", "label": "a", "prob": "1.0", "error": ""} for i in range(1000)]
+    rows[-1]["label"] = _Unwritable()  # raises while the last row is written
+    monkeypatch.setattr(csv.DictWriter, "_dict_to_list", lambda self, row: [str(row.get(k, "")) for k in
+                                                                              self.fieldnames])
+    with pytest.raises(TLError, match="could not write"):
+        write_csv(out, rows, 1)
+    assert out.read_text() == "path,label\nold.png,a\n" and not list(tmp_path.glob(".predictions.csv.*"))
+
+
+def test_file_names_that_are_not_utf8_reach_the_csv(finished, tmp_path):
+    from tl.predict import predict
+
+    run_dir, results = finished
+    folder = tmp_path / "in"
+    folder.mkdir()
+    odd = os.fsdecode(b"caf\xe9-latin1.png")  # a Latin-1 name on a UTF-8 system: a lone surrogate in Python
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / odd)
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "plain.png")
+    rows, summary = predict(make_cfg(tmp_path / "out", [f"ckpt={results['best_ckpt']}", f"inputs={folder}",
+                                                        f"output={tmp_path / 'p.csv'}"], config_name="predict"))
+    data = (tmp_path / "p.csv").read_bytes()
+    assert summary["files"] == 2 and b"caf\xe9-latin1.png" in data and b"plain.png" in data  # the name's own bytes
+
+
+def test_an_export_that_fails_after_training_still_writes_the_results(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TLError, match="training finished and results.json is written, but the export failed") as e:
+        train(make_cfg(run_dir, [*TINY, "trainer.max_epochs=1", "scenario=large_similar", "logger=none"]))
+    assert "\n" not in str(e.value) and "python -m tl.export ckpt=" in str(e.value)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert "No space left" in results["export_error"] and results["test/acc"] >= 0
+    assert not (run_dir / "export" / "model.safetensors").exists() and not list(run_dir.glob("export/.*.tmp"))
+
+
+def test_an_export_over_a_previous_one_keeps_it_when_the_write_fails(victim, monkeypatch):
+    import safetensors.torch
+
+    from tl.export import export_model
+    from tl.inference import load_module
+
+    run_dir, before = victim
+    module = load_module(Path(json.loads((run_dir / "results.json").read_text())["best_ckpt"]))
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(TLError, match="model.safetensors.*previous version"):
+        export_model(module, run_dir / "export")
+    assert checksums(run_dir) == before
+
+
+def test_a_feature_cache_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    import tl.data.features as features
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "features" in obj:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(features.torch, "save", save)
+    results, _ = train(make_cfg(tmp_path, [*TINY, "trainer.max_epochs=2", "scenario=small_similar", "logger=none",
+                                           "export=false"]))
+    assert results["feature_cache"] and results["epochs"] == 2
+    assert "not written" in caplog.text and not list((tmp_path / "cache").glob("**/.*.tmp"))
+
+
+# -- 3. a file that becomes unreadable after the scan is skipped and counted ---------------------------------------
+def image_folder(root: Path, per_class: int = 12, classes=("a", "b", "c"), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = (rng.random((24, 24, 3)) * 60 + 60 * k).astype(np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i:02d}.png")
+    return root
+
+
+class BreakFiles:
+    """Damages image files once fit starts (after the scan): removed, truncated, or replaced by text."""
+
+    def __init__(self, files: list[str], how: str = "truncate"):
+        self.files, self.how = files, how
+
+    def setup(self, trainer, pl_module, stage):
+        pass
+
+    def on_fit_start(self, trainer, pl_module):
+        for f in self.files:
+            if self.how == "remove":
+                os.remove(f)
+            elif self.how == "truncate":
+                data = Path(f).read_bytes()
+                Path(f).write_bytes(data[: len(data) // 3])
+            else:
+                Path(f).write_text("not an image")
+
+
+@pytest.mark.parametrize("how", ["remove", "truncate", "garble"])
+def test_files_damaged_after_the_scan_are_skipped_and_counted(how, tmp_path):
+    import pytorch_lightning as pl
+
+    root = image_folder(tmp_path / "data")
+    cfg = make_cfg(tmp_path / "run", [*TINY, "data=imagefolder", f"data.root={root}", "scenario=large_similar",
+                                      "trainer.max_epochs=2", "data.num_workers=1", "logger=none", "export=false",
+                                      "data.val_fraction=0.2", "data.test_fraction=0.2"])
+    datamodule_files = sorted(str(p) for p in root.rglob("*.png"))
+    breaker = type("Breaker", (BreakFiles, pl.Callback), {})(datamodule_files[::5], how)
+    from tl.train import build_data, build_module, build_trainer
+
+    # the same steps train() takes, with the damage done as fit starts
+    dm = build_data(cfg)
+    dm.setup("fit")
+    module = build_module(cfg, dm)
+    module.load_pretrained()
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(breaker)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.current_epoch == 2 and dm.unreadable.value >= 1  # counted across the loader's worker process
+
+
+def test_on_bad_file_error_names_the_file_that_broke_mid_run(tmp_path):
+    from tl.data.datamodule import ImageDataset
+    from tl.data.sources import ImageFolderSource
+    from tl.data.transforms import backbone_preprocess, eval_transform
+
+    root = image_folder(tmp_path / "data", per_class=3)
+    images = ImageFolderSource(root, on_bad_file="error").load()
+    victim_file = images.paths[4]
+    Path(victim_file).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    ds = ImageDataset(images, np.arange(len(images)), eval_transform(backbone_preprocess("efficientnet_lite0")),
+                      on_bad_file="error")
+    assert ds[0][0].shape[0] == 3
+    with pytest.raises(TLError, match=f"image file '{victim_file}' is no longer readable") as e:
+        ds[4]
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("mode", "colour", "suffix"), [
+    ("1", 1, ".png"), ("CMYK", (200, 40, 0, 10), ".jpg"), ("P", 7, ".png"), ("LAB", (60, 20, 200), ".tif"),
+    ("YCbCr", (120, 90, 200), ".jpg"), ("I;16B", 40000, ".png"), ("HSV", (20, 200, 200), None),
+])
+def test_uncommon_image_modes_decode_to_flat_rgb_of_the_right_size(mode, colour, suffix, tmp_path):
+    from tl.data.images import to_rgb
+
+    img = Image.new(mode, (20, 12), colour)
+    if suffix is None:  # no file format stores HSV: decode it from memory
+        out = to_rgb(img)
+    else:
+        img.save(tmp_path / f"x{suffix}")
+        with Image.open(tmp_path / f"x{suffix}") as f:
+            out = to_rgb(f)
+    pixels = np.asarray(out).reshape(-1, 3).astype(float)
+    assert out.mode == "RGB" and out.size == (20, 12)
+    assert pixels.std(axis=0).max() < 3  # a flat colour stays flat: no noise, no bands, no dithering
+
+
+# -- 4. data shapes -----------------------------------------------------------------------------------------------
+def test_a_single_class_is_refused_in_one_line(tmp_path, monkeypatch, capfd):
+    root = image_folder(tmp_path / "data", classes=("only",))
+    code, lines = entry("tl.train", "data=imagefolder", f"data.root={root}", "scenario=large_similar",
+                        f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "a classifier needs at least 2")
+
+
+def test_byte_identical_images_across_splits_are_counted(tmp_path):
+    from tl.data.audit import audit_splits
+    from tl.data.sources import ImageFolderSource
+
+    root = tmp_path / "data"
+    image_folder(root / "train", per_class=6)
+    image_folder(root / "test", per_class=3, seed=1)
+    for c in ("a", "b", "c"):  # copies: two test images per class are training images under other names
+        for i in (0, 1):
+            shutil.copy(root / "train" / c / f"0{i}.png", root / "test" / c / f"copy{i}.png")
+    images = ImageFolderSource(root).load()
+    train = images.given_splits["train"]
+    held = np.array([images.paths[i].endswith("05.png") for i in train])
+    splits = {"train": train[~held], "val": train[held], "test": images.given_splits["test"]}
+    report = audit_splits(images, splits)
+    assert report["duplicates_train_test"] == 6  # 2 per class x 3 classes
+    assert report["duplicates_train_val"] == 0
+    assert all("copy" in a for a, _ in report["duplicates_train_test_first"])
+
+
+def test_a_class_missing_from_the_given_test_split_is_reported(tmp_path):
+    root = tmp_path / "data"
+    image_folder(root / "train", per_class=8)
+    image_folder(root / "test", per_class=2, classes=("a", "b"))
+    (root / "test" / "c").mkdir()
+    cfg = make_cfg(tmp_path / "run", [*TINY, "data=imagefolder", f"data.root={root}", "scenario=large_similar",
+                                      "trainer.max_epochs=1", "logger=none", "export=false"])
+    results, _ = train(cfg)
+    assert results["data_audit"]["classes_without_test"] == ["c"]
+
+
+def test_digits_carry_no_train_test_copies():
+    from tl.data.audit import audit_splits
+    from tl.data.sources import DigitsSource
+    from tl.data.splits import make_splits
+
+    digits = DigitsSource().load()
+    report = audit_splits(digits, make_splits(digits.targets, {}, 0.15, 0.15, 42))
+    assert report == {"duplicates_train_val": 0, "duplicates_train_test": 0}
+
+
+# -- 6. corrupt or foreign files read back ------------------------------------------------------------------------
+def test_foreign_and_mismatched_exports_are_refused_in_one_line(finished, tmp_path):
+    from safetensors.torch import save_file
+
+    from tl.inference import load_classifier
+
+    run_dir, _ = finished
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({"w": torch.zeros(3)}, str(foreign / "model.safetensors"))
+    (foreign / "model.json").write_text((run_dir / "export" / "model.json").read_text())
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(run_dir / "export", mismatch)
+    meta = json.loads((mismatch / "model.json").read_text())
+    meta["num_classes"] += 3
+    meta["class_names"] += ["x", "y", "z"]
+    (mismatch / "model.json").write_text(json.dumps(meta))
+    garbled = tmp_path / "garbled"
+    shutil.copytree(run_dir / "export", garbled)
+    (garbled / "model.safetensors").write_bytes(b"\x00" * 100)
+    nojson = tmp_path / "nojson"
+    shutil.copytree(run_dir / "export", nojson)
+    (nojson / "model.json").write_text("{not json")
+    for folder in (foreign, mismatch, garbled, nojson):
+        with pytest.raises(TLError) as e:
+            load_classifier(folder)
+        assert str(folder) in str(e.value) and "\n" not in str(e.value), (folder, e.value)
+
+
+def test_a_truncated_checkpoint_names_the_intact_alternative(victim, tmp_path):
+    from tl.inference import load_classifier
+
+    run_dir, _ = victim
+    best = json.loads((run_dir / "results.json").read_text())["best_ckpt"]
+    broken = tmp_path / "broken.ckpt"
+    data = Path(best).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TLError, match="not a checkpoint that loads") as e:
+        load_classifier(broken)
+    assert "\n" not in str(e.value)
+
+
+# -- 7. divergence: last.ckpt never holds diverged weights --------------------------------------------------------
+class PoisonAtEpoch:
+    """Sets a head weight to NaN after the last optimizer step of epoch `epoch` (the step's loss was finite)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == trainer.num_training_batches - 1:
+            with torch.no_grad():
+                pl_module.model.get_classifier().weight[0, 0] = float("nan")
+
+
+def test_weights_that_turn_nan_leave_last_ckpt_at_the_previous_epoch(tmp_path):
+    import pytorch_lightning as pl
+
+    from tl.train import build_data, build_module, build_trainer
+
+    cfg = make_cfg(tmp_path, [*TINY, "trainer.max_epochs=3", "scenario=large_similar", "logger=none", "export=false"])
+    dm = build_data(cfg)
+    dm.setup("fit")
+    module = build_module(cfg, dm)
+    module.load_pretrained()
+    trainer = build_trainer(cfg)
+    trainer.callbacks.insert(0, type("Poison", (PoisonAtEpoch, pl.Callback), {})(1))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(TLError, match="weights became NaN or infinite") as e:
+        trainer.fit(module, datamodule=dm)
+    assert "\n" not in str(e.value)
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 0  # epoch 1's diverged state was never written
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
