@@ -8,6 +8,7 @@ Unknown group options (optimizer=foo, scenario=bar) are caught earlier, on the c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import timm
@@ -21,7 +22,8 @@ Rule = tuple[str, Callable[[object], bool], str]
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (inf passes `> 0` and would train: lr=inf is a NaN loss one step later)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _integer(v) -> bool:
@@ -88,6 +90,8 @@ RULES: list[Rule] = [
     ("finetune.backbone_lr_mult", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("finetune.layer_decay", lambda v: v is None or (_number(v) and 0 < v <= 1), "null or a factor in (0, 1]"),
     ("finetune.label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a value in [0, 1)"),
+    ("finetune.head_init", lambda v: v in ("random", "probe"),
+     "random, or probe (start from the best linear probe on frozen features)"),
     ("trainer.max_epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.samples_per_class", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
@@ -98,10 +102,11 @@ RULES: list[Rule] = [
     ("snapshots.ensemble_last", lambda v: v is None or (_integer(v) and v >= 1), "null (all) or an integer >= 1"),
     ("snapshots.first_cycle", lambda v: v is None or (_number(v) and 0 < v < 1),
      "null (equal cycles) or the first cycle's share of the run, in (0, 1)"),
-    ("seed", _integer, "an integer"),
+    ("seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     # Switches: a typo'd value must not read as true (overwrite=tru would delete the previous run's artifacts).
     *((key, _boolean, "true or false")
-      for key in ("overwrite", "test", "export", "cache_features", "data.mirror_invariant")),
+      for key in ("overwrite", "test", "export", "cache_features", "data.mirror_invariant",
+                  "finetune.freeze_bn_stats")),
     ("data.image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
     ("data.small_data_image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
     ("data.crop_pct", _optional(lambda v: _number(v) and 0 < v <= 1),
@@ -124,7 +129,7 @@ PREDICT_RULES: list[Rule] = [
 ]
 EVALUATE_RULES: list[Rule] = [
     ("ensemble.last", _optional(_count1), "null (all snapshots) or an integer >= 1"),
-    ("seed", _optional(_integer), "null (the training run's) or an integer"),
+    ("seed", _optional(lambda v: _integer(v) and 0 <= v < 2**32), "null (the training run's) or an integer >= 0"),
     ("batch_size", _optional(_count1), "null or an integer >= 1"),
     ("num_workers", _optional(_count0), "null or an integer >= 0"),
     DEVICE_RULE,

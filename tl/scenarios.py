@@ -16,6 +16,7 @@ that config as `scenario.evidence`, and from there to results.json (`scenario_ev
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
 from tl.data.features import FeatureCache, extract_features
 from tl.data.transforms import backbone_preprocess
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
+from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_side
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,14 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) 
 
 
 def decide(examples_per_class: float, feature_acc: float, pixel_acc: float, small_max_per_class: int,
-           similar_min_gain: float) -> str:
-    """The preset for the measured data (see the module docstring)."""
+           similar_min_gain: float, small_finetune: bool = False) -> str:
+    """The preset for the measured data (see the module docstring). `small_finetune`: small data fine-tunes the top
+    stages with strong augmentation (small_different) whatever the domain, instead of the textbook's linear probe
+    for similar data."""
     size = "small" if examples_per_class <= small_max_per_class else "large"
     domain = "similar" if feature_acc - pixel_acc >= similar_min_gain else "different"
+    if size == "small" and small_finetune:
+        return "small_different"
     return f"{size}_{domain}"
 
 
@@ -91,7 +97,13 @@ def measure(cfg: DictConfig, datamodule) -> dict:
     pixels = torch.stack([to_pixels(ImageDataset(datamodule.images, idx, None).load_image(i))
                           for i in range(len(idx))]).flatten(1)
     y = y.numpy()
+    backbone_side = int(datamodule.preprocess["input_size"][-1])
     return {
+        "n_train": int(len(datamodule.split_indices["train"])), "n_val": int(len(datamodule.split_indices["val"])),
+        "n_test": int(len(datamodule.split_indices["test"])),
+        "native_side": native_side(datamodule.images, datamodule.split_indices["train"]),
+        "input_side": backbone_side,
+        "forward_ms_per_image": round(1000 * forward_seconds(model, backbone_side), 3),
         "examples_per_class": float(np.median(counts)),
         "min_examples_per_class": int(counts.min()),
         "probe_samples": int(len(idx)),
@@ -107,23 +119,67 @@ def advise(cfg: DictConfig) -> tuple[str, dict]:
     datamodule = build_datamodule(cfg.data, backbone_preprocess(cfg.model.name), None, cfg.seed)
     datamodule.setup("fit")
     m = measure(cfg, datamodule)
+    small_finetune = bool(s.get("small_finetune", False))
     chosen = decide(m["examples_per_class"], m["feature_probe_acc"], m["pixel_probe_acc"],
-                    int(s.small_max_per_class), float(s.similar_min_gain))
+                    int(s.small_max_per_class), float(s.similar_min_gain), small_finetune)
     gain = m["feature_probe_acc"] - m["pixel_probe_acc"]
+    domain = "similar" if gain >= float(s.similar_min_gain) else "different"
+    size = chosen.split("_")[0]
+    reason = (f"{m['examples_per_class']:g} examples per class {'<=' if size == 'small' else '>'} "
+              f"{int(s.small_max_per_class)} -> {size}; frozen features {m['feature_probe_acc']:.3f} vs pixels "
+              f"{m['pixel_probe_acc']:.3f} (gain {gain:+.3f} {'>=' if domain == 'similar' else '<'} "
+              f"{float(s.similar_min_gain)}) -> {domain}")
+    if size == "small" and small_finetune and domain == "similar":
+        reason += ("; small data fine-tunes the top stages with strong augmentation even when similar "
+                   "(scenario.small_finetune: it beat the linear probe on every dataset measured at 10 per class)")
     evidence = {
         **m,
         "feature_gain": round(gain, 4),
+        "domain": domain,
         "thresholds": {"small_max_per_class": int(s.small_max_per_class),
-                       "similar_min_gain": float(s.similar_min_gain)},
+                       "similar_min_gain": float(s.similar_min_gain), "small_finetune": small_finetune},
         "decision": chosen,
-        "reason": (f"{m['examples_per_class']:g} examples per class "
-                   f"{'<=' if chosen.startswith('small') else '>'} {int(s.small_max_per_class)} -> "
-                   f"{chosen.split('_')[0]}; frozen features {m['feature_probe_acc']:.3f} vs pixels "
-                   f"{m['pixel_probe_acc']:.3f} (gain {gain:+.3f} {'>=' if 'similar' in chosen else '<'} "
-                   f"{float(s.similar_min_gain)}) -> {chosen.split('_')[1]}"),
+        "reason": reason,
     }
     log.info("scenario=auto chose %s: %s", chosen, evidence["reason"])
     return chosen, evidence
+
+
+def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spent_s: float) -> tuple[list[str], dict]:
+    """Resolution and schedule for the chosen preset (`tl.planning`): (overrides for what the command line left
+    open, the plan with its reasons)."""
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    small = final.scenario.name.startswith("small")
+    backbone_side = int(m["input_side"])
+    # the side is auto's to choose only where neither the command line nor the dataset's config chose one
+    choose_side = small and "data.image_size" not in given and cfg.data.get("image_size") is None \
+        and cfg.data.get("small_data_image_size") is None
+    side = small_side(int(m["native_side"]), backbone_side) if choose_side else \
+        int(final.data.get("image_size") or backbone_side)
+    budget = cfg.scenario.get("budget_minutes")
+    fixed_epochs = "trainer.max_epochs" in given
+    schedule = fit_budget(None if budget is None else 60.0 * float(budget), spent_s,
+                          float(m["forward_ms_per_image"]) / 1000, m["n_train"], m["n_val"], m["n_test"],
+                          int(final.trainer.max_epochs), side, backbone_side, can_shrink=choose_side,
+                          epochs_fixed=fixed_epochs)  # the user's epochs stand
+    out: list[str] = []
+    if choose_side:
+        out.append(f"data.small_data_image_size={schedule['side']}")
+    if schedule["epochs"] != int(final.trainer.max_epochs) and not fixed_epochs:
+        out.append(f"trainer.max_epochs={schedule['epochs']}")
+    if schedule["val_every"] != 1 and "trainer.check_val_every_n_epoch" not in given:
+        out.append(f"trainer.check_val_every_n_epoch={schedule['val_every']}")
+    why = [f"train at {schedule['side']} px" + (f" (images {m['native_side']} px: 4x native, within "
+                                                f"{MIN_SIDE}..{backbone_side})" if choose_side else ""),
+           f"{schedule['epochs']} epochs, validating every {schedule['val_every']}",
+           f"estimated {schedule['estimated_s'] / 60:.1f} min" + (
+               "" if budget is None else f" of a {float(budget):g} min budget" +
+               ("" if schedule["fits"] else " (does not fit: the smallest schedule runs; raise "
+                                            "scenario.budget_minutes or set trainer.max_epochs)"))]
+    result = {**schedule, "budget_minutes": budget, "preset_epochs": int(final.trainer.max_epochs),
+              "overrides": out, "reason": "; ".join(why)}
+    log.info("scenario=auto plan: %s", result["reason"])
+    return out, result
 
 
 def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train") -> DictConfig:
@@ -132,12 +188,16 @@ def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train") -
     still wins over the preset), carrying the evidence as `scenario.evidence` and the original `paths`."""
     if cfg.scenario.name != "auto":
         return cfg
+    started = time.perf_counter()
     validate(cfg, final=False)  # measuring costs time: bad values fail first
     chosen, evidence = advise(cfg)
     # scenario=auto and auto's own knobs (scenario.small_max_per_class, ...) have done their part: the evidence
     # records them, and the chosen preset has no such keys.
     kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] != "scenario"]
     final = compose_config([*kept, f"scenario={chosen}"], config_name)
+    plan_overrides, evidence["plan"] = plan(cfg, final, evidence, kept, time.perf_counter() - started)
+    if plan_overrides:
+        final = compose_config([*kept, f"scenario={chosen}", *plan_overrides], config_name)
     with open_dict(final):
         final.paths = OmegaConf.create(OmegaConf.to_container(cfg.paths, resolve=True))
         final.scenario.evidence = evidence

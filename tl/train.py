@@ -35,6 +35,7 @@ from tl.errors import TLError
 from tl.export import export_model
 from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
+from tl.models.probe_head import init_head_from_probe
 from tl.results import collect_results
 from tl.rundir import claim_run_dir
 from tl.scenarios import resolve
@@ -106,6 +107,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     if ckpt_path is not None:
         check_resume(ckpt_path, module)
     pretrained = module.load_pretrained()
+    head_init = None
+    if cfg.finetune.head_init == "probe" and ckpt_path is None:  # LP-FT: start from the best linear probe
+        module.head_init = head_init = init_head_from_probe(module, datamodule, cfg.paths.cache_dir, cfg.seed)
     print_config(cfg, save_to=run_dir / "config.yaml")  # only now: a refused resume leaves the run's config as it was
 
     # 4. trainer
@@ -128,6 +132,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     fit_seconds = time.perf_counter() - started
 
     extra: dict[str, Any] = {"fit_seconds": round(fit_seconds, 2), "pretrained": pretrained, **lr_found}
+    if head_init is not None:
+        extra["head_init"] = head_init
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         extra.update(trainer.test(module, datamodule=fit_data, ckpt_path=best or None, weights_only=True)[0])

@@ -78,7 +78,8 @@ class InitialLossCheck(ReportingCallback):
         self._inputs: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pending = trainer.global_step == 0
+        # A head fitted as a linear probe (finetune.head_init=probe) is meant to start far below ln C.
+        self._pending = trainer.global_step == 0 and getattr(pl_module, "head_init", None) is None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

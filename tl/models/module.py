@@ -48,6 +48,9 @@ class TransferModule(pl.LightningModule):
         backbone_lr_mult: backbone LR relative to the head's.
         layer_decay: optional layer-wise LR decay on top of `backbone_lr_mult`.
         label_smoothing: cross-entropy label smoothing.
+        freeze_bn_stats: BatchNorm layers stay in eval mode while training (their pretrained running statistics are
+            kept; their affine weights still train where the strategy trains them): for small batches, and for a
+            head fitted to features under those statistics (`finetune.head_init=probe`).
         mixup: batch mixing (timm's Mixup): `mixup_alpha`, `cutmix_alpha`, `prob`, `switch_prob`; off when both
             alphas are 0 or None.
         optimizer: a `_partial_` optimizer config (conf/optimizer/); needs `lr` and may carry `weight_decay`.
@@ -60,13 +63,15 @@ class TransferModule(pl.LightningModule):
                  drop_path_rate: float = 0.0, head_init_std: float = 0.01, strategy: str = "full",
                  trainable_stages: int = 1, lp_epochs: int = 0, unfreeze_every: int = 1,
                  backbone_lr_mult: float = 1.0, layer_decay: float | None = None,
-                 label_smoothing: float = 0.0, mixup: dict | None = None, optimizer: dict | None = None,
+                 label_smoothing: float = 0.0, freeze_bn_stats: bool = False, mixup: dict | None = None,
+                 optimizer: dict | None = None,
                  scheduler: dict | None = None,
                  class_names: list[str] | None = None, preprocess: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_backbone(name, num_classes, drop_rate, drop_path_rate)
         init_head(self.model, head_init_std)
+        self.head_init: dict | None = None  # what fitted the head instead, when it starts as a probe (train.py)
         apply_strategy(self.model, strategy, trainable_stages, lp_epochs, unfreeze_every)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.mixup = None
@@ -98,13 +103,20 @@ class TransferModule(pl.LightningModule):
         """Frozen parts stay in eval mode while the rest trains (BatchNorm statistics must not drift)."""
         super().train(mode)
         if mode:
-            set_frozen_modules_eval(self.model)
+            self._eval_fixed_parts()
         return self
 
     def on_train_epoch_start(self) -> None:
         # Lightning does not call .train() at fit start (it keeps modes as found, and restores them after
         # validation), so the frozen parts are put in eval here, every epoch, after any unfreezing.
+        self._eval_fixed_parts()
+
+    def _eval_fixed_parts(self) -> None:
         set_frozen_modules_eval(self.model)
+        if self.hparams.get("freeze_bn_stats"):
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     # -- steps ------------------------------------------------------------------------------------------------
     def _step(self, batch, stage: str) -> torch.Tensor | None:

@@ -1,0 +1,101 @@
+"""What scenario=auto plans beyond the preset (tl/planning.py): resolution from the images' native size, a schedule
+that fits the time budget, and small data fine-tuning whatever the domain."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tl.data.sources import ImageSet
+from tl.planning import fit_budget, forward_seconds, native_side, small_side
+from tl.scenarios import decide
+from tl.train import train
+
+
+@pytest.mark.parametrize(("native", "expected"), [
+    (8, 64),      # digits-like: 4x is 32, floor at 64
+    (28, 128),    # MNIST-like: 112 rounded up to a multiple of 32
+    (32, 128),
+    (64, 224),    # 256 capped at the backbone's side
+    (500, 224),   # photos: the backbone's own
+    (0, 224),     # unknown: the backbone's own
+])
+def test_small_images_train_at_four_times_their_side(native, expected):
+    assert small_side(native, 224) == expected
+
+
+def test_native_side_reads_headers_and_memory(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, size in enumerate([(40, 30), (50, 30), (60, 31)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", size).save(paths[-1])
+    on_disk = ImageSet(classes=["a"], targets=np.zeros(3, dtype=np.int64), paths=paths)
+    assert native_side(on_disk, np.arange(3)) == 30
+    in_memory = ImageSet(classes=["a"], targets=np.zeros(2, dtype=np.int64), images=torch.zeros(2, 1, 8, 9))
+    assert native_side(in_memory, np.arange(2)) == 8
+
+
+def test_the_budget_cuts_validation_then_epochs_then_the_side():
+    common = {"spent_s": 10.0, "per_image_s": 0.01, "n_train": 100, "n_val": 300, "n_test": 100, "epochs": 30,
+              "side": 224, "backbone_side": 224}
+    free = fit_budget(None, **common, can_shrink=True)
+    assert (free["epochs"], free["val_every"], free["side"]) == (30, 1, 224) and free["fits"]
+    # 30 epochs: 90 s of training steps, 90 s of validation, 1 s of test, 10 s spent
+    assert free["estimated_s"] == pytest.approx(10 + 0.01 * (30 * 300 + 30 * 300 + 100))
+    fewer_checks = fit_budget(150.0, **common, can_shrink=True)
+    assert fewer_checks["epochs"] == 30 and fewer_checks["val_every"] > 1 and fewer_checks["estimated_s"] <= 150
+    fewer_epochs = fit_budget(100.0, **common, can_shrink=True)
+    assert fewer_epochs["val_every"] == 5 and 15 <= fewer_epochs["epochs"] < 30 and fewer_epochs["estimated_s"] <= 100
+    smaller = fit_budget(40.0, **common, can_shrink=True)
+    assert smaller["epochs"] == 15 and smaller["side"] < 224 and smaller["estimated_s"] <= 40
+    impossible = fit_budget(15.0, **common, can_shrink=False)
+    assert not impossible["fits"] and (impossible["epochs"], impossible["side"]) == (15, 224)
+
+
+def test_forward_timing_leaves_the_model_as_it_was():
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", num_classes=3)
+    assert forward_seconds(model, 64, batch=2) > 0 and model.training  # the model's mode is left as it was
+
+
+@pytest.mark.parametrize(("feat", "pixel", "finetune", "expected"), [
+    (0.95, 0.40, True, "small_different"),   # similar, but small data fine-tunes (measured across datasets)
+    (0.95, 0.40, False, "small_similar"),    # the textbook rule, when asked for
+    (0.70, 0.85, True, "small_different"),
+])
+def test_small_data_fine_tunes_whatever_the_domain(feat, pixel, finetune, expected):
+    assert decide(5, feat, pixel, 100, 0.1, small_finetune=finetune) == expected
+    assert decide(500, feat, pixel, 100, 0.1, small_finetune=finetune).startswith("large")
+
+
+def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, c in enumerate("abc"):  # a folder of 32 px images, no image size in its data config
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(10):
+            pixels = (rng.random((32, 32, 3)) * 80 + 80 * k).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    common = ["data=imagefolder", f"data.root={tmp_path / 'data'}", "data.samples_per_class=4", "export=false",
+              "logger=none"]
+    free = auto_cfg(*common)
+    plan = free.scenario.evidence.plan
+    assert free.scenario.name == "small_different" and free.data.image_size == plan.side == 128  # 32 px images
+    assert free.trainer.max_epochs == plan.epochs == plan.preset_epochs and plan.fits
+    cfg = auto_cfg(*common, "scenario.budget_minutes=0.01")  # 0.6 s: less than the measurement took
+    plan = cfg.scenario.evidence.plan
+    assert not plan.fits and cfg.trainer.max_epochs == plan.epochs == 2  # the command line's epochs (TINY) stand
+    assert cfg.data.image_size == plan.side == 64 and cfg.trainer.check_val_every_n_epoch == 5
+    assert "does not fit" in plan.reason
+    given = auto_cfg(*common, "data.image_size=48", "trainer.max_epochs=3", "scenario.budget_minutes=0.01")
+    assert given.data.image_size == 48 and given.trainer.max_epochs == 3  # the command line wins over the plan
+    results, _ = train(given)
+    saved = json.loads((tmp_path / "results.json").read_text())["scenario_evidence"]["plan"]
+    assert results["epochs"] == 3 and saved["side"] == 48 and "budget" in saved["reason"]

@@ -1,0 +1,95 @@
+"""What `scenario=auto` plans beyond the preset: the training resolution and a schedule that fits a time budget.
+
+- Resolution (small-data presets, when neither `data.image_size` nor the dataset's `small_data_image_size` is set):
+  images far smaller than the backbone's input are upsampled to 4x their native side (at least 64 px, at most the
+  backbone's size), not to the backbone's full size: a 32 px glyph carries no more detail at 224 px than at 128 px,
+  and a step costs about (side / 224)^2 of one at 224 px (digits, 8 px, was measured best at 128 px).
+- Budget (`scenario.budget_minutes`, null: none): the run's cost is estimated from a timed forward pass of the
+  backbone on the target images at the chosen side (a training step ~ 3 forward passes; each validation pass one
+  per image; the test split once) plus what the measurement already took. When the preset's schedule would not
+  fit, validation runs less often first (every 2, 3, 5 epochs: model selection needs fewer looks than training
+  needs steps), then epochs are cut, down to half of the preset's, then the side shrinks (by 32 px, not below
+  64). If even that does not fit, the plan says so and runs the smallest schedule: a schedule cut further would
+  not be the recipe any more.
+Every choice and the numbers behind it go to the evidence (results.json `scenario_evidence.plan`, TensorBoard).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+MIN_SIDE = 64
+VAL_EVERY = (1, 2, 3, 5)
+
+
+def native_side(images, indices: np.ndarray, limit: int = 200) -> int:
+    """Median of the shorter side of (up to `limit` of) the images at `indices`, read from headers only."""
+    if images.images is not None:
+        return int(min(images.images.shape[-2:]))
+    sides = []
+    for i in indices[:limit]:
+        try:
+            with Image.open(images.paths[int(i)]) as f:
+                sides.append(min(f.size))
+        except Exception:  # noqa: BLE001 - unreadable: the loader skips and counts it
+            continue
+    return int(np.median(sides)) if sides else 0
+
+
+def small_side(native: int, backbone_side: int) -> int:
+    """The small-data training side for images of `native` pixels (see the module docstring)."""
+    if native <= 0:
+        return backbone_side
+    side = int(math.ceil(4 * native / 32) * 32)
+    return int(min(backbone_side, max(MIN_SIDE, side)))
+
+
+@torch.no_grad()
+def forward_seconds(model: torch.nn.Module, side: int, batch: int = 16, repeats: int = 2) -> float:
+    """Seconds per image of the backbone's forward pass at `side` px (eval mode, channels-last, this machine)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    x = torch.randn(batch, 3, side, side, device=next(model.parameters()).device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        model(x)  # warm-up: kernel selection, allocation
+        started = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        return (time.perf_counter() - started) / (repeats * batch)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_train: int, n_val: int, n_test: int,
+               epochs: int, side: int, backbone_side: int, can_shrink: bool, epochs_fixed: bool = False) -> dict:
+    """The schedule (epochs, validation interval, side) that fits `budget_s`, with its estimated cost.
+    `can_shrink`: the side is the plan's to choose; `epochs_fixed`: the epochs are the user's."""
+    def cost(e: int, every: int, s: int) -> float:
+        scale = (s / backbone_side) ** 2
+        return per_image_s * scale * (e * 3 * n_train + math.ceil(e / every) * n_val + n_test)
+
+    plan = {"epochs": epochs, "val_every": 1, "side": side}
+    if budget_s is None:
+        plan.update(estimated_s=round(spent_s + cost(epochs, 1, side), 1), fits=True)
+        return plan
+    left = budget_s - spent_s
+    candidates = [(epochs, every, side) for every in VAL_EVERY]
+    min_epochs = epochs if epochs_fixed else max(1, math.ceil(epochs / 2))
+    candidates += [(e, VAL_EVERY[-1], side) for e in range(epochs - 1, min_epochs - 1, -1)]
+    if can_shrink:
+        candidates += [(min_epochs, VAL_EVERY[-1], s) for s in range(side - 32, MIN_SIDE - 1, -32)]
+    for e, every, s in candidates:
+        if cost(e, every, s) <= left:
+            plan.update(epochs=e, val_every=every, side=s, estimated_s=round(spent_s + cost(e, every, s), 1),
+                        fits=True)
+            return plan
+    e, every, s = candidates[-1]
+    plan.update(epochs=e, val_every=every, side=s, estimated_s=round(spent_s + cost(e, every, s), 1), fits=False)
+    return plan
