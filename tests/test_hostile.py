@@ -480,3 +480,85 @@ def test_weights_that_turn_nan_leave_last_ckpt_at_the_previous_epoch(tmp_path):
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 0  # epoch 1's diverged state was never written
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+# -- found by a hostile tester after the first round ----------------------------------------------------------------
+def test_resuming_into_fewer_epochs_than_were_trained_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from tl.checks import check_resume
+
+    ckpt = tmp_path / "e5.ckpt"
+    torch.save({"epoch": 5, "hyper_parameters": {}}, ckpt)
+    with pytest.raises(TLError, match="was saved in epoch 6 but trainer.max_epochs=3") as e:
+        check_resume(str(ckpt), SimpleNamespace(hparams={}), max_epochs=3)
+    assert "\n" not in str(e.value)
+    check_resume(str(ckpt), SimpleNamespace(hparams={}), max_epochs=8)  # more epochs: fine
+
+
+def test_a_class_folder_linking_back_to_the_root_is_refused(tmp_path):
+    from tl.data.sources import ImageFolderSource
+
+    root = image_folder(tmp_path / "data", per_class=3)
+    (root / "loop").symlink_to(root)
+    with pytest.raises(TLError, match="class folder .*loop' links back to"):
+        ImageFolderSource(root).load()
+
+
+@pytest.mark.parametrize(("module", "argv", "culprit"), [
+    ("tl.train", ["data=imagefolder", "data.root=null"], "data.root is empty"),
+    ("tl.train", ["trainer.max_epochs=99999999999999999999"], "trainer.max_epochs=99999999999999999999 is invalid"),
+    ("tl.train", ["optimizer.lr=0.01,abc", "-m"], "the sweep's optimizer.lr=abc: optimizer.lr='abc' is invalid"),
+    ("tl.train", ["model.pretrained=/"], "weights file '/' is a folder"),
+    ("tl.evaluate", ["ckpt=null"], "ckpt=None is invalid"),
+    ("tl.predict", ["ckpt=null", "inputs=x"], "ckpt=None is invalid"),
+    ("tl.export", ["ckpt=null"], "ckpt=None is invalid"),
+])
+def test_more_inputs_refused_in_one_line(module, argv, culprit, tmp_path, monkeypatch, capfd):
+    sweep = ["hydra.sweep.dir=" + str(tmp_path / "sweep")] if "-m" in argv else []
+    code, lines = entry(module, *argv, *(["scenario=large_similar"] if module == "tl.train" else []),
+                        f"hydra.run.dir={tmp_path / 'run'}", *sweep, monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, culprit)
+    assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("results.json"))
+
+
+def test_outputs_of_the_wrong_kind_are_named(finished, tmp_path, monkeypatch, capfd):
+    run_dir, results = finished
+    before = checksums(run_dir)
+    cases = [
+        ("tl.predict", [f"ckpt={run_dir / 'export'}", f"inputs={tmp_path}", f"output={tmp_path}"],
+         "is a folder: give a file"),
+        ("tl.export", [f"ckpt={results['best_ckpt']}", f"output={run_dir / 'results.json'}"],
+         "is a file: give a folder"),
+        ("tl.export", [f"ckpt={run_dir / 'export'}"], "is a folder, and this needs a .ckpt file"),
+    ]
+    for module, argv, culprit in cases:
+        code, lines = entry(module, *argv, f"hydra.run.dir={tmp_path / 'out'}", monkeypatch=monkeypatch, capfd=capfd)
+        one_line(code, lines, culprit)
+    assert checksums(run_dir) == before
+
+
+def test_evaluate_takes_the_checkpoints_folder_of_a_run(finished, tmp_path):
+    from tl.evaluate import resolve_members
+
+    run_dir, _ = finished
+    assert resolve_members(str(run_dir / "checkpoints"), None) == [run_dir / "checkpoints" / "last.ckpt"]
+
+
+def test_ctrl_c_saves_the_state_exits_130_in_one_line_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, "-m", "tl.train", "data=synthetic", "scenario=large_similar", "trainer.max_epochs=2",
+            "callbacks.progress=null", "trainer.enable_progress_bar=false", "logger=none", "export=false",
+            f"hydra.run.dir={run}"]
+    root = tests.parent
+    killed = subprocess.run([*args, "+callbacks.int._target_=distributed_helpers.SignalAt", "+callbacks.int.step=3",
+                             f"+callbacks.int.signum={int(__import__('signal').SIGINT)}"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in killed.stderr.splitlines() if line.startswith("tl: ")]
+    assert killed.returncode == 130 and len(lines) == 1 and "interrupted by Ctrl-C" in lines[0], killed.stderr[-2000:]
+    assert (run / "checkpoints" / "interrupted.ckpt").is_file() and not (run / "results.json").exists()
+    resumed = subprocess.run([*args, "ckpt_path=auto"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2

@@ -92,7 +92,7 @@ RULES: list[Rule] = [
     ("finetune.label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a value in [0, 1)"),
     ("finetune.head_init", lambda v: v in ("random", "probe"),
      "random, or probe (start from the best linear probe on frozen features)"),
-    ("trainer.max_epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("trainer.max_epochs", lambda v: _integer(v) and 1 <= v <= 100_000, "an integer from 1 to 100000"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.samples_per_class", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
@@ -117,9 +117,16 @@ RULES: list[Rule] = [
 ]
 
 
-# python -m tl.predict and tl.evaluate
+# python -m tl.predict, tl.evaluate and tl.export
 DEVICE_RULE: Rule = ("device", lambda v: isinstance(v, str) and v != "", "auto, cpu, cuda or cuda:N")
+CKPT_RULE: Rule = ("ckpt", lambda v: isinstance(v, str) and v.strip() != "",
+                   "a .ckpt written by python -m tl.train, a run directory or an export directory")
+EXPORT_RULES: list[Rule] = [CKPT_RULE, ("output", lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                                        "null (RUN/export) or a folder")]
 PREDICT_RULES: list[Rule] = [
+    CKPT_RULE,
+    ("inputs", lambda v: isinstance(v, str) and v.strip() != "", "an image file, a folder or a .txt list of files"),
+    ("output", lambda v: isinstance(v, str) and v.strip() != "", "a .csv file path"),
     ("topk", _count1, "an integer >= 1 (how many labels per file)"),
     ("batch_size", _count1, "an integer >= 1"),
     ("num_workers", _optional(_count0), "null (automatic) or an integer >= 0"),
@@ -128,6 +135,7 @@ PREDICT_RULES: list[Rule] = [
     DEVICE_RULE,
 ]
 EVALUATE_RULES: list[Rule] = [
+    CKPT_RULE,
     ("ensemble.last", _optional(_count1), "null (all snapshots) or an integer >= 1"),
     ("seed", _optional(lambda v: _integer(v) and 0 <= v < 2**32), "null (the training run's) or an integer >= 0"),
     ("batch_size", _optional(_count1), "null or an integer >= 1"),
@@ -213,13 +221,14 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
                       "leaves too little to train on: keep their sum below 0.9")
 
 
-def check_resume(ckpt_path: str, module) -> None:
-    """A checkpoint to resume from must be a tl checkpoint of the same architecture and classes as the run, checked
-    before anything in the run directory is rewritten."""
+def check_resume(ckpt_path: str, module, max_epochs: int | None = None) -> None:
+    """A checkpoint to resume from must be a tl checkpoint of the same architecture and classes as the run, with
+    epochs left to train, checked before anything in the run directory is rewritten."""
     import torch
 
     try:  # memory-mapped, tensors and plain values only: cheap, and never runs code
-        hp = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        hp = ckpt.get("hyper_parameters") or {}
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError for junk, AttributeError for a non-dict
         raise TLError(f"ckpt_path={ckpt_path!r} is not a checkpoint that loads with weights_only=True "
                       f"({type(e).__name__}); resume from the run's checkpoints/last.ckpt") from e
@@ -229,4 +238,8 @@ def check_resume(ckpt_path: str, module) -> None:
             raise TLError(f"ckpt_path={ckpt_path!r} was trained with {key}={hp[key]!r} but this run has "
                           f"{key}={ours.get(key)!r}: resume with the run's own settings, or start a new run in "
                           "another hydra.run.dir")
+    epoch = ckpt.get("epoch")
+    if max_epochs is not None and isinstance(epoch, int) and max_epochs < epoch + 1:
+        raise TLError(f"ckpt_path={ckpt_path!r} was saved in epoch {epoch + 1} but trainer.max_epochs={max_epochs}: "
+                      f"to continue training, set trainer.max_epochs to more than {epoch + 1}")
 

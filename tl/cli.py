@@ -149,6 +149,36 @@ def check_override_keys(argv: list[str], config_name: str) -> None:
         siblings = [k for k in pnode.keys() if k != leaf] if isinstance(pnode, DictConfig) and not pmissing else []
         _fail(f"+{key} adds a key that nothing reads ({parent or 'the top level'} builds no object): "
               f"{_closest(leaf, siblings, f'{parent}.' if parent else '')}")
+    if multirun and config_name == "train":
+        check_sweep_values(overrides, structural)
+
+
+def check_sweep_values(overrides, structural: list[str], limit: int = 50) -> None:
+    """Every value a training sweep lists passes the validation rules, before the first job trains (a bad value in
+    the last element would otherwise surface after the others have run)."""
+    from tl.checks import validate
+    from tl.config import compose_config
+
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override() and not _is_group(o.key_or_group)
+             and not o.key_or_group.startswith("hydra") and not (o.is_add() or o.is_force_add() or o.is_delete())]
+    firsts = {o.key_or_group: next(iter(o.sweep_string_iterator()), "") for o in overrides
+              if o.is_sweep_override() and not _is_group(o.key_or_group) and not o.key_or_group.startswith("hydra")
+              and not (o.is_add() or o.is_force_add() or o.is_delete())}
+    checked = 0
+    for key in firsts:
+        for value in next(o for o in overrides if o.key_or_group == key).sweep_string_iterator():
+            if checked >= limit:
+                return
+            checked += 1
+            others = [f"{k}={v}" for k, v in firsts.items() if k != key]
+            try:
+                cfg = compose_config([*structural, *fixed, *others, f"{key}={value}"], "train")
+            except Exception:  # noqa: BLE001 - a value Hydra cannot parse: Hydra reports it
+                continue
+            try:
+                validate(cfg, final=False)
+            except TLError as e:
+                _fail(f"the sweep's {key}={value}: {e}" if key in str(e) else str(e))
 
 
 def _rank() -> int:
@@ -184,6 +214,9 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
 
 def launch(hydra_main, config_name: str) -> None:
     """Run a `@hydra.main` entry point (of the config `config_name`) after the one-line checks on its command line."""
+    # Hydra's parser takes -m only before the overrides: move it there, where a user's `... -m` meant it
+    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     argv = sys.argv[1:]
     check_group_choices(argv)
     check_run_dir(argv, config_name)

@@ -8,3 +8,8 @@ its traceback.
 
 class TLError(Exception):
     """Bad input: one line naming the culprit and the fix."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) during fitting: Lightning saved the state and exits with status 1; tl says so in one line and
+    exits like an interrupted process (130)."""

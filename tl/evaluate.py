@@ -53,7 +53,7 @@ def resolve_members(ckpt: str, last: int | None) -> list[Path]:
         return snapshots[-int(last):] if last is not None else snapshots
     results = path / "results.json"
     best = json.loads(results.read_text()).get("best_ckpt") if results.is_file() else None
-    for candidate in (best, path / "checkpoints" / "last.ckpt"):
+    for candidate in (best, path / "checkpoints" / "last.ckpt", path / "last.ckpt"):  # RUN, or RUN/checkpoints
         if candidate and Path(candidate).is_file():
             return [Path(candidate)]
     raise TLError(f"ckpt={ckpt!r} is a directory with no snapshots (checkpoints/snapshots/*.ckpt), no best or last "

@@ -18,7 +18,9 @@ import hydra
 from omegaconf import DictConfig
 from torch import nn
 
+from tl.checks import EXPORT_RULES, check_rules
 from tl.cli import launch
+from tl.errors import TLError
 from tl.inference import EXPORT_CONFIG, EXPORT_WEIGHTS, load_module, run_dir_of
 from tl.utils import atomic_path, atomic_write_text, check_required, ensure_writable, user_errors
 
@@ -51,6 +53,9 @@ def export_model(module: nn.Module, out_dir: str | Path) -> Path:
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint `cfg.ckpt` to `cfg.output` (default: RUN/export beside the training run)."""
     check_required(cfg)
+    check_rules(cfg, EXPORT_RULES)
+    if cfg.get("output") and Path(cfg.output).expanduser().is_file():
+        raise TLError(f"output={cfg.output!r} is a file: give a folder for model.safetensors and model.json")
     ckpt = Path(cfg.ckpt).expanduser()
     module = load_module(ckpt)
     run_dir = run_dir_of(ckpt)

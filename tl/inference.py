@@ -98,6 +98,10 @@ def load_module(path: Path):
     """The `TransferModule` saved in a checkpoint, on the CPU; a file that is not a tl checkpoint is refused."""
     from tl.models import TransferModule
 
+    if path.is_dir():
+        raise TLError(f"ckpt={str(path)!r} is a folder, and this needs a .ckpt file written by python -m tl.train: "
+                      "give RUN/checkpoints/<name>.ckpt" + (" (this folder is an export already)"
+                                                          if (path / EXPORT_CONFIG).is_file() else ""))
     if not path.is_file():
         raise TLError(f"ckpt={str(path)!r} not found: {CKPT_HINT}")
     try:  # a cheap look (memory-mapped, tensors only) before building anything

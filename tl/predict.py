@@ -126,10 +126,12 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     """Predict every input file as `cfg` says; write the CSV and return (rows, summary)."""
     check_required(cfg)
     check_rules(cfg, PREDICT_RULES)
+    output = Path(cfg.output).expanduser()
+    if output.is_dir():
+        raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'predictions.csv'}")
     device = resolve_device(cfg.get("device", "auto"))
     clf = load_classifier(cfg.ckpt, device)
     paths = list_inputs(cfg.inputs)
-    output = Path(cfg.output).expanduser()
     ensure_writable(output.parent)
     topk = min(cfg.topk, clf.num_classes)
     batch_size = cfg.batch_size

@@ -31,7 +31,7 @@ from tl.cli import launch
 from tl.data.datamodule import build_datamodule
 from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
-from tl.errors import TLError
+from tl.errors import Interrupted, TLError
 from tl.export import export_model
 from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
@@ -105,7 +105,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     # 3. model: architecture and new head, then the pretrained backbone weights; a checkpoint to resume must fit it
     module = build_module(cfg, datamodule)
     if ckpt_path is not None:
-        check_resume(ckpt_path, module)
+        check_resume(ckpt_path, module, cfg.trainer.max_epochs)
     pretrained = module.load_pretrained()
     head_init = None
     if cfg.finetune.head_init == "probe" and ckpt_path is None:  # LP-FT: start from the best linear probe
@@ -128,7 +128,12 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
                                          enable_progress_bar=False),
                            module, fit_data, apply=cfg.lr_find == "apply", out_dir=run_dir)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path)
+    except SystemExit:
+        if trainer.interrupted:  # Ctrl-C: Lightning has saved interrupted.ckpt (InterruptCheckpoint) and exits 1
+            raise Interrupted() from None
+        raise
     fit_seconds = time.perf_counter() - started
 
     extra: dict[str, Any] = {"fit_seconds": round(fit_seconds, 2), "pretrained": pretrained, **lr_found}

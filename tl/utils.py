@@ -20,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from tl.errors import TLError
+from tl.errors import Interrupted, TLError
 
 log = logging.getLogger("tl")
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn bad input (a TLError) into one line on stderr and exit status 2, and a SIGTERM into one line and status
-    143 (128 + SIGTERM, as a killed process reports it)."""
+    """Turn bad input (a TLError) into one line on stderr and exit status 2, and a SIGTERM or Ctrl-C into one line
+    and status 143 or 130 (128 + the signal, as a killed process reports it)."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -40,6 +40,10 @@ def user_errors(fn: Callable) -> Callable:
             print("tl: interrupted by SIGTERM: the state is saved as checkpoints/interrupted.ckpt in the run "
                   "directory; resume with the same hydra.run.dir and ckpt_path=auto", file=sys.stderr)
             sys.exit(128 + signal.SIGTERM)
+        except Interrupted:
+            print("tl: interrupted by Ctrl-C: the state is saved as checkpoints/interrupted.ckpt in the run "
+                  "directory; resume with the same hydra.run.dir and ckpt_path=auto", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
 
     return wrapper
 

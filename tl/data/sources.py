@@ -115,11 +115,20 @@ class ImageFolderSource:
     def __init__(self, root: str | Path, on_bad_file: str = "skip"):
         if on_bad_file not in ("skip", "error"):
             raise TLError(f"data.on_bad_file={on_bad_file!r}: use skip or error")
+        if root is None or not str(root).strip():
+            raise TLError("data.root is empty: set it to a folder of class subfolders, e.g. data.root=DIR")
         self.root = Path(root).expanduser()
         self.on_bad_file = on_bad_file
 
     def _class_dirs(self, folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        root = self.root.resolve()
+        for d in dirs:  # a link to data.root or above would make a class of every image (and loop)
+            target = d.resolve()
+            if target == root or target in root.parents or target == folder.resolve():
+                raise TLError(f"class folder {str(d)!r} links back to {str(target)!r}: it would hold every image "
+                              "again as one more class; remove the link")
+        return dirs
 
     def load(self) -> ImageSet:
         root = self.root

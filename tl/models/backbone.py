@@ -135,6 +135,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     with a wrapper prefix such as Lightning's `model.` stripped by `_strip_prefix` against the model's keys."""
     from timm.models import load_state_dict
 
+    if path.is_dir():
+        raise TLError(f"weights file {str(path)!r} is a folder: give the .pth/.pt/.ckpt/.safetensors file in it")
     if not path.is_file():
         raise TLError(f"weights file {str(path)!r} not found: give an existing .pth/.pt/.ckpt/.safetensors path")
     try:
