@@ -24,6 +24,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl.callbacks.snapshots import SnapshotEnsemble
 from tl.checks import check_resume, validate
@@ -130,8 +131,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path)
-    except SystemExit:
-        if trainer.interrupted:  # Ctrl-C: Lightning has saved interrupted.ckpt (InterruptCheckpoint) and exits 1
+    except SystemExit as e:
+        # Ctrl-C: Lightning has saved interrupted.ckpt (InterruptCheckpoint) and exits 1. (A SIGTERM is Lightning's
+        # SIGTERMException, also a SystemExit: tl.utils.user_errors reports it as itself.)
+        if trainer.interrupted and not isinstance(e, SIGTERMException):
             raise Interrupted() from None
         raise
     fit_seconds = time.perf_counter() - started

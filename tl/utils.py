@@ -34,7 +34,10 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except TLError as e:
-            print(f"tl: error: {e}", file=sys.stderr)
+            message = str(e).strip()
+            if "\n" in message:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
+                message = message.splitlines()[-1].split("TLError: ", 1)[-1]
+            print(f"tl: error: {message}", file=sys.stderr)
             sys.exit(2)
         except SIGTERMException:  # Lightning's, a SystemExit with status 0: a preempted job must not look finished
             print("tl: interrupted by SIGTERM: the state is saved as checkpoints/interrupted.ckpt in the run "
