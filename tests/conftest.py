@@ -38,6 +38,18 @@ def make_cfg(tmp_path: Path, overrides: list[str] = (), config_name: str = "trai
     return cfg
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads waiting on each other made training 20x slower.
+    Modules that train shared runs use it: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A factory: tiny_cfg(*extra_overrides) -> config for a seconds-long synthetic run in tmp_path."""

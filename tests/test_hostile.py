@@ -29,15 +29,8 @@ from PIL import Image
 from tl.errors import TLError
 from tl.train import train
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: already imported
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning"),  # runpy: already imported
+              pytest.mark.usefixtures("one_thread")]  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -56,21 +56,31 @@ def _stale(holder: dict[str, str]) -> bool:
     return False  # another machine's process: it cannot be checked from here
 
 
+def _live_holder(path: Path) -> dict | None:
+    """Who holds the lock file `path`, if it is held by a run that may still be alive (None: free or stale)."""
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and holder and not _stale(holder) else None
+
+
+def _in_use(path: Path, holder: dict) -> TLError:
+    return TLError(f"hydra.run.dir={str(path.parent)!r} is in use by another run (pid {holder.get('pid')} on "
+                   f"{holder.get('host')}): wait for it or choose another hydra.run.dir (if no run uses the "
+                   f"folder, remove {str(path)!r})")
+
+
 def _take_lock(path: Path) -> None:
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            if not isinstance(holder, dict) or _stale(holder):
+            holder = _live_holder(path)
+            if holder is None:
                 path.unlink(missing_ok=True)
                 continue
-            raise TLError(f"hydra.run.dir={str(path.parent)!r} is in use by another run (pid {holder.get('pid')} on "
-                          f"{holder.get('host')}): wait for it or choose another hydra.run.dir (if no run uses the "
-                          f"folder, remove {str(path)!r})") from None
+            raise _in_use(path, holder) from None
         with os.fdopen(fd, "w") as f:
             json.dump(_holder(), f)
         return
@@ -93,16 +103,9 @@ def _check_previous_run(run_dir: Path, resuming: bool, overwrite: bool) -> None:
 def check_free(run_dir: Path, resuming: bool, overwrite: bool) -> None:
     """Raise the TLError `claim_run_dir` would, without taking anything: the command line's early check, before
     Hydra writes its record of the new run (RUN/.hydra) over the previous run's."""
-    lock = run_dir / LOCK
-    if lock.exists():
-        try:
-            holder = json.loads(lock.read_text() or "{}")
-        except (OSError, ValueError):
-            holder = {}
-        if isinstance(holder, dict) and holder and not _stale(holder):
-            raise TLError(f"hydra.run.dir={str(run_dir)!r} is in use by another run (pid {holder.get('pid')} on "
-                          f"{holder.get('host')}): wait for it or choose another hydra.run.dir (if no run uses the "
-                          f"folder, remove {str(lock)!r})")
+    holder = _live_holder(run_dir / LOCK)
+    if holder is not None:
+        raise _in_use(run_dir / LOCK, holder)
     _check_previous_run(run_dir, resuming, overwrite)
 
 
