@@ -199,3 +199,22 @@ class SignalAt(pl.Callback):
         if not self.sent and trainer.global_step >= self.step:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class SamplerProbe(pl.Callback):
+    """Writes, per rank, the training sampler Lightning kept, and the indices it draws in the first epoch."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sampler = trainer.train_dataloader.sampler
+        dm = trainer.datamodule
+        record = {"rank": trainer.global_rank, "type": type(sampler).__name__,
+                  "num_replicas": getattr(sampler, "num_replicas", None),
+                  "sampler_rank": getattr(sampler, "rank", None),
+                  "epoch": getattr(sampler, "epoch", None), "drawn": [int(i) for i in sampler],
+                  "train_targets": [int(t) for t in dm.images.targets[dm.split_indices["train"]]],
+                  "seed": dm.seed}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"sampler{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -41,6 +41,25 @@ def test_ddp_two_cpu_processes_end_to_end(tmp_path, strategy):
     assert r0["frozen_before"] == r0["frozen_after"], "a frozen parameter changed"
 
 
+def test_ddp_class_balanced_sampler_deals_one_draw_to_the_ranks(tmp_path):
+    """data.balance=sampler under two-process DDP: Lightning keeps tl's sampler (no DistributedSampler wrapped
+    around it), and the two ranks' shares interleave to the single-process draw of that epoch: disjoint, complete."""
+    from tl.data.balance import ClassBalancedSampler
+
+    probes = tmp_path / "probes"
+    run_tl([*DDP_CPU, *TINY_CLI, "data.balance=sampler", "logger=none", "report.top_losses=0",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+            "+callbacks.sampler_probe._target_=distributed_helpers.SamplerProbe",
+            f"+callbacks.sampler_probe.out_dir={probes}"], cwd=tmp_path)
+    r0, r1 = (json.loads((probes / f"sampler{r}.json").read_text()) for r in (0, 1))
+    assert r0["type"] == r1["type"] == "ClassBalancedSampler"
+    assert (r0["num_replicas"], r0["sampler_rank"], r1["sampler_rank"]) == (2, 0, 1)
+    whole = ClassBalancedSampler(r0["train_targets"], num_replicas=1, rank=0, seed=r0["seed"])
+    whole.set_epoch(r0["epoch"])
+    drawn = list(whole)
+    assert r0["drawn"] == drawn[0::2] and r1["drawn"] == drawn[1::2]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["naive_basefinetuning", "gradual", "lp_ft"])
 def test_ddp_parameters_unfrozen_later_are_averaged_across_ranks(tmp_path, strategy):

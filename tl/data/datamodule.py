@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 from typing import Any
@@ -15,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tl.data.audit import audit_splits
+from tl.data.balance import balanced_sampler, class_weights, imbalance_ratio, resolve_balance
 from tl.data.images import to_rgb
 from tl.data.sources import ImageSet
 from tl.data.splits import make_splits, subset_per_class
@@ -112,14 +114,19 @@ class TransferDataModule(pl.LightningDataModule):
             `image_size` (conf/scenario/small_*.yaml), so a command-line `data.image_size` still wins.
         root, on_bad_file: where the data lives and what to do with unreadable files; the source reads them
             (through the config), they are kept here for the record.
+        balance: none | weights | sampler | auto: how class imbalance in train is corrected (`tl.data.balance`);
+            auto turns on at an imbalance ratio (largest / smallest training class) of `balance_auto_ratio` or more.
     """
 
     def __init__(self, source: Any, preprocess: dict, augment: dict | None = None, val_fraction: float = 0.15,
                  test_fraction: float = 0.15, samples_per_class: int | None = None, mirror_invariant: bool = True,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int | None = None,
                  seed: int = 0, image_size: int | None = None, crop_pct: float | None = None,
-                 root: str | None = None, on_bad_file: str = "skip", small_data_image_size: int | None = None):
+                 root: str | None = None, on_bad_file: str = "skip", small_data_image_size: int | None = None,
+                 balance: str = "none", balance_auto_ratio: float = 3.0):
         super().__init__()
+        self.balance, self.balance_auto_ratio = balance, float(balance_auto_ratio)
+        self.balance_mode = "none"  # what runs, once setup has measured train
         self.source, self.augment, self.root, self.on_bad_file = source, augment, root, on_bad_file
         self.preprocess = dict(preprocess)
         if image_size is not None:
@@ -150,6 +157,38 @@ class TransferDataModule(pl.LightningDataModule):
         self.split_indices = splits
         log.info("Data: %d classes; train %d, val %d, test %d", self.num_classes,
                  *(len(splits[s]) for s in ("train", "val", "test")))
+        counts = self.class_counts
+        self.balance_mode = resolve_balance(self.balance, counts, self.balance_auto_ratio)
+        if self.balance_mode != "none" or imbalance_ratio(counts) >= self.balance_auto_ratio:
+            log.info("Train classes: largest/smallest %.1f (%d/%d); data.balance=%s -> %s", imbalance_ratio(counts),
+                     max(counts), min(counts), self.balance, self.balance_mode)
+
+    # -- class balance ----------------------------------------------------------------------------------------
+    @property
+    def class_counts(self) -> list[int]:
+        """Training examples per class, in class order."""
+        train = self.images.targets[self.split_indices["train"]]
+        return np.bincount(np.asarray(train), minlength=self.num_classes).tolist()
+
+    @property
+    def loss_weights(self) -> list[float] | None:
+        """Per-class cross-entropy weights when `balance` resolved to weights, else None."""
+        return class_weights(self.class_counts) if self.balance_mode == "weights" else None
+
+    def balance_report(self) -> dict:
+        """For results.json: the imbalance measured on train and the correction that ran."""
+        counts = self.class_counts
+        ratio = imbalance_ratio(counts)
+        return {"imbalance_ratio": ratio if math.isfinite(ratio) else None,  # None: a class has no training example
+                "balance": {"asked": self.balance, "mode": self.balance_mode, "auto_ratio": self.balance_auto_ratio,
+                            "train_class_counts": dict(zip(self.classes, counts, strict=True))}}
+
+    def train_sampler(self, trainer=None):
+        """The class-balanced sampler when `balance` resolved to sampler (for this process under DDP), else None."""
+        if self.balance_mode != "sampler":
+            return None
+        targets = self.images.targets[self.split_indices["train"]]
+        return balanced_sampler(trainer, targets, self.num_classes, self.seed)
 
     @property
     def num_classes(self) -> int:
@@ -177,16 +216,23 @@ class TransferDataModule(pl.LightningDataModule):
         # In-memory images are cheap to transform: extra processes would only compete with the model for cores.
         return 0 if self.images.images is not None else min(8, os.cpu_count() or 1)
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
+        """`sampler`: a training sampler that draws the order itself (class-balanced); else shuffled or in order."""
         workers = self._workers()
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=eval_sampler(self.trainer, ds, shuffle),
+        train = shuffle or sampler is not None
+        # Drop only a last batch of one: BatchNorm cannot train on it; keep every other example.
+        drop_last = train and len(sampler if sampler is not None else ds) % batch_size == 1
+        if sampler is None:
+            sampler = eval_sampler(self.trainer, ds, shuffle)
+        else:
+            shuffle = False
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                           num_workers=workers, collate_fn=collate_readable,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          # Drop only a last batch of one: BatchNorm cannot train on it; keep every other example.
-                          drop_last=shuffle and len(ds) % batch_size == 1)
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
+        sampler = self.train_sampler(self.trainer)  # class-balanced, or None: shuffled
+        return self._loader(self.dataset("train"), self.batch_size, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)

@@ -202,14 +202,19 @@ class FeatureDataModule(pl.LightningDataModule):
     same batch size and `drop_last`), so a head trained here sees exactly the batches it would see on images.
     """
 
-    def __init__(self, features: Mapping, batch_size: int, eval_batch_size: int):
+    def __init__(self, features: Mapping, batch_size: int, eval_batch_size: int, train_sampler=None):
         super().__init__()
         self.features, self.batch_size, self.eval_batch_size = features, batch_size, eval_batch_size
+        self.train_sampler = train_sampler  # (trainer) -> the image data module's training sampler, or None
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         from tl.data.datamodule import eval_sampler
 
         ds = _FeatureTensors(*self.features[split])
+        sampler = self.train_sampler(self.trainer) if shuffle and self.train_sampler is not None else None
+        if sampler is not None:  # class-balanced: it draws the order itself
+            return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch,
+                              drop_last=len(sampler) % batch_size == 1)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=eval_sampler(self.trainer, ds, shuffle),
                           collate_fn=_as_batch, drop_last=shuffle and len(ds) % batch_size == 1)
 
