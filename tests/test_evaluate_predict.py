@@ -70,7 +70,9 @@ def test_predict_matches_the_module_argmax_for_a_folder_a_list_and_a_file(run, i
     assert [r["path"] for r in rows] == [str(f) for f in files] and summary["errors"] == 0
     transform = eval_transform(module.hparams.preprocess)
     with torch.no_grad():
-        probs = module(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).softmax(-1)
+        logits = module(torch.stack([transform(Image.open(f).convert("RGB")) for f in files]))
+    assert module.temperature != 1.0  # fitted on val by tl.report, saved in the checkpoint
+    probs = (logits / module.temperature).softmax(-1)  # predict reports calibrated probabilities
     names = module.hparams.class_names
     assert [r["label"] for r in rows] == [names[i] for i in probs.argmax(-1)]
     assert [float(r["prob"]) for r in rows] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
@@ -165,10 +167,11 @@ def test_tta_is_deterministic_and_flip_averages_the_mirror(run, tmp_path):
     flip1, flip2 = (evaluate(compose("evaluate", tmp_path, ckpt, "tta=flip"))[1] for _ in range(2))
     assert torch.equal(flip1["probs"], flip2["probs"])
 
-    model = load_classifier(results["best_ckpt"]).model
+    clf = load_classifier(results["best_ckpt"])
+    model, t = clf.model, clf.temperature  # each view's softmax of logits / the fitted temperature
     x = torch.cat([x for x, _ in flip1["datamodule"].test_dataloader()])
     with torch.no_grad():
-        by_hand = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+        by_hand = ((model(x) / t).softmax(-1) + (model(x.flip(-1)) / t).softmax(-1)) / 2
     assert torch.allclose(flip1["probs"], by_hand, atol=1e-5)
     assert not torch.allclose(flip1["probs"], plain["probs"], atol=1e-5)
 

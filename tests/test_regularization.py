@@ -15,11 +15,12 @@ def snapshot_callback(trainer) -> SnapshotEnsemble:
 
 
 def test_snapshots_at_cycle_ends_with_lr_at_its_minimum(tiny_cfg, tmp_path):
-    # The "best" checkpoint is the worst-loss one (epoch 0, before any snapshot): testing restores callback state
-    # from it, which must not shorten the list of snapshots reported.
+    # The "best" checkpoint is the first epoch's (lowest epoch index, before any snapshot): testing restores callback
+    # state from it, which must not shorten the list of snapshots reported.
     results, objects = train(tiny_cfg("trainer.max_epochs=6", "snapshots.cycles=3", "optimizer.lr=1e-3",
-                                      "callbacks.model_checkpoint.monitor=val/loss",
-                                      "callbacks.model_checkpoint.mode=max"))
+                                      "+callbacks.epoch_index._target_=conftest.LogEpoch",
+                                      "callbacks.model_checkpoint.monitor=epoch_index",
+                                      "callbacks.model_checkpoint.mode=min"))
     assert torch.load(results["best_ckpt"], weights_only=True)["epoch"] < 2
     trainer = objects["trainer"]
     snaps = snapshot_callback(trainer).snapshots

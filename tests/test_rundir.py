@@ -30,9 +30,11 @@ def test_a_finished_run_is_not_overwritten_until_asked(tiny_cfg, tmp_path):
     assert {p: digest(p) for p in kept} == kept  # nothing rewritten, config.yaml included
     assert not (tmp_path / LOCK).exists()  # the lock is released after a refusal too
 
-    second, _ = train(tiny_cfg("trainer.max_epochs=1", "export=false", "seed=5", "overwrite=true"))
+    assert (tmp_path / "report" / "reliability.png").is_file()
+    second, _ = train(tiny_cfg("trainer.max_epochs=1", "export=false", "seed=5", "overwrite=true", "test=false"))
     assert second["seed"] == 5 and digest(tmp_path / "results.json") != kept[tmp_path / "results.json"]
     assert len(list((tmp_path / "checkpoints").glob("epoch*.ckpt"))) == 1  # the old run's best file is gone
+    assert not (tmp_path / "report").exists()  # nor can the old run's report pass for the new run's
 
 
 def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tiny_cfg, tmp_path):

@@ -98,6 +98,14 @@ RULES: list[Rule] = [
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
     ("data.test_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
     ("data.on_bad_file", lambda v: v in ("skip", "error"), "skip or error"),
+    ("data.balance", lambda v: v in ("none", "weights", "sampler", "auto"),
+     "none, weights (class-weighted loss), sampler (class-balanced sampler) or auto"),
+    ("data.balance_auto_ratio", lambda v: _number(v) and v >= 1,
+     "a ratio >= 1 (largest / smallest training class at which auto balances)"),
+    ("early_stopping.patience", lambda v: v is None or (_integer(v) and v >= 1),
+     "null (off) or an integer >= 1 (validations without improvement before stopping)"),
+    ("early_stopping.min_delta", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("report.top_losses", lambda v: _integer(v) and 0 <= v <= 1000, "an integer from 0 (off) to 1000"),
     ("snapshots.cycles", lambda v: _integer(v) and v >= 0, "0 (off) or a number of cycles"),
     ("snapshots.ensemble_last", lambda v: v is None or (_integer(v) and v >= 1), "null (all) or an integer >= 1"),
     ("snapshots.first_cycle", lambda v: v is None or (_number(v) and 0 < v < 1),
@@ -106,7 +114,7 @@ RULES: list[Rule] = [
     # Switches: a typo'd value must not read as true (overwrite=tru would delete the previous run's artifacts).
     *((key, _boolean, "true or false")
       for key in ("overwrite", "test", "export", "cache_features", "data.mirror_invariant",
-                  "finetune.freeze_bn_stats")),
+                  "finetune.freeze_bn_stats", "report.calibrate")),
     ("data.image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
     ("data.small_data_image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
     ("data.crop_pct", _optional(lambda v: _number(v) and 0 < v <= 1),
@@ -132,6 +140,8 @@ PREDICT_RULES: list[Rule] = [
     ("num_workers", _optional(_count0), "null (automatic) or an integer >= 0"),
     ("threads", _optional(_count1), "null (automatic) or an integer >= 1"),
     ("optimize", _boolean, "true or false"),
+    ("min_prob", _optional(lambda v: _number(v) and 0 <= v <= 1),
+     "null (always label) or a probability in [0, 1] below which the label is left empty"),
     DEVICE_RULE,
 ]
 EVALUATE_RULES: list[Rule] = [
@@ -180,12 +190,47 @@ def check_hardware(trainer: DictConfig) -> None:
         raise TLError(f"trainer.precision={trainer.get('precision')} needs a GPU: on the CPU use bf16-mixed or 32-true")
 
 
+# What model selection and early stopping can monitor (logged every validation by TransferModule), and which way is
+# better.
+MONITORS = {"val/acc": "max", "val/balanced_acc": "max", "val/macro_f1": "max", "val/acc_top5": "max",
+            "val/loss": "min", "val/ece": "min"}
+
+
+def check_monitor(callbacks) -> None:
+    """The checkpoint callback's monitored metric is one the module logs, watched in the direction that is better."""
+    ckpt = callbacks.get("model_checkpoint")
+    if ckpt is None or ckpt.get("monitor") is None:
+        return
+    monitor, mode = ckpt.monitor, ckpt.get("mode", "min")
+    if not str(monitor).startswith("val"):
+        return  # e.g. a metric a callback of the user's own logs (val/..., val_... would be a typo of tl's own)
+    if monitor not in MONITORS:
+        raise TLError(f"callbacks.model_checkpoint.monitor={monitor!r} is not logged: use one of "
+                      f"{', '.join(MONITORS)}")
+    if mode != MONITORS[monitor]:
+        better = "higher" if MONITORS[monitor] == "max" else "lower"
+        raise TLError(f"callbacks.model_checkpoint.monitor={monitor} is better when {better} but "
+                      f"callbacks.model_checkpoint.mode={mode}: add "
+                      f"callbacks.model_checkpoint.mode={MONITORS[monitor]}")
+
+
+# Top-level groups of settings that the run reads key by key: null would fail deep inside, after the data is measured.
+SECTIONS = {"data": "data=digits", "model": "model=efficientnet_lite0", "trainer": "trainer=default",
+            "optimizer": "optimizer=adamw", "augment": "augment=none", "finetune": "finetune.strategy=full",
+            "snapshots": "snapshots.cycles=0 (off)", "early_stopping": "early_stopping.patience=null (off)",
+            "report": "report.calibrate=false report.top_losses=0 (off)", "paths": "paths.cache_dir=DIR"}
+
+
 def validate(cfg: DictConfig, final: bool = True) -> None:
     """Raise a one-line TLError for the first value that breaks a rule, before any work.
 
     `final`: the config `train()` runs, where `scenario=auto` has already been decided (`tl.scenarios.resolve`).
     """
     check_required(cfg)
+    for key, example in SECTIONS.items():
+        if key in cfg and cfg.get(key) is None:
+            raise TLError(f"{key}=null: {key} is a group of settings, not a switch: set its keys instead, e.g. "
+                          f"{example}")
     check_rules(cfg, RULES)
     check_hardware(cfg.trainer)
     if final and cfg.scenario.name == "auto":
@@ -196,6 +241,7 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
 
         raise TLError(_unknown_model_message(cfg.model.name))
     callbacks = cfg.get("callbacks") or {}
+    check_monitor(callbacks)
     cycles, epochs = cfg.snapshots.cycles, cfg.trainer.max_epochs
     if cycles > epochs:
         raise TLError(f"snapshots.cycles={cycles} exceeds trainer.max_epochs={epochs}: use at most one cycle per epoch")
@@ -205,6 +251,9 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     if cycles and callbacks.get("snapshots") is None:
         raise TLError(f"snapshots.cycles={cycles} but callbacks.snapshots is off: keep the callback, or set "
                       "snapshots.cycles=0")
+    if OmegaConf.select(cfg, "early_stopping.patience") is not None and callbacks.get("early_stopping") is None:
+        raise TLError(f"early_stopping.patience={cfg.early_stopping.patience} but callbacks.early_stopping is off: "
+                      "keep the callback, or set early_stopping.patience=null")
     if cfg.finetune.strategy in STAGED and callbacks.get("unfreezing") is None:
         raise TLError(f"finetune.strategy={cfg.finetune.strategy} opens the backbone on a schedule, but "
                       "callbacks.unfreezing is off: keep the callback, or pick a static strategy")
@@ -232,6 +281,9 @@ def check_resume(ckpt_path: str, module, max_epochs: int | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError for junk, AttributeError for a non-dict
         raise TLError(f"ckpt_path={ckpt_path!r} is not a checkpoint that loads with weights_only=True "
                       f"({type(e).__name__}); resume from the run's checkpoints/last.ckpt") from e
+    from tl.models.module import check_calibration
+
+    check_calibration(ckpt.get("calibration"), f"ckpt_path={ckpt_path!r}")
     ours = module.hparams
     for key in ("name", "num_classes", "class_names"):
         if key in hp and hp[key] != ours.get(key):

@@ -1,7 +1,8 @@
 """`python -m tl.export ckpt=PATH [output=DIR]`: a trained model as plain files, usable without tl's training code.
 
 The directory holds `model.safetensors` (the timm model's state dict: tensors only, no pickle) and `model.json`
-(timm model name, number of classes, class names, preprocessing, drop rates). To rebuild it anywhere:
+(timm model name, number of classes, class names, preprocessing, drop rates, and the calibration temperature T where
+the run fitted one: probabilities are softmax(logits / T)). To rebuild it anywhere:
 
     model = timm.create_model(meta["name"], num_classes=meta["num_classes"])
     model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
@@ -31,12 +32,9 @@ def export_model(module: nn.Module, out_dir: str | Path) -> Path:
     """Write `module`'s timm model (a `TransferModule`) to `out_dir` as model.safetensors + model.json; return it."""
     from safetensors.torch import save_file
 
-    out_dir = ensure_writable(Path(out_dir))
+    from tl.models.module import check_calibration
+
     hp = module.hparams
-    # safetensors wants contiguous tensors that share no memory: plain detached copies
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
-    with atomic_path(out_dir / EXPORT_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "name": hp.name})
     meta = {
         "format": FORMAT,
         "name": hp.name,
@@ -46,6 +44,15 @@ def export_model(module: nn.Module, out_dir: str | Path) -> Path:
         "drop_rate": float(hp.drop_rate),
         "drop_path_rate": float(hp.drop_path_rate),
     }
+    calibration = check_calibration(getattr(module, "calibration", None), "the model")
+    if calibration:  # probabilities are softmax(logits / temperature)
+        meta["calibration"] = {k: v for k, v in calibration.items() if isinstance(v, (int, float, str))}
+    # everything is known before either file is written: the pair is never half old, half new for a bad model
+    out_dir = ensure_writable(Path(out_dir))
+    # safetensors wants contiguous tensors that share no memory: plain detached copies
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
+    with atomic_path(out_dir / EXPORT_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "name": hp.name})
     atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
     return out_dir
 

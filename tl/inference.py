@@ -23,7 +23,6 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
-    multiclass_calibration_error,
     multiclass_confusion_matrix,
     multiclass_f1_score,
 )
@@ -50,6 +49,7 @@ class Classifier:
     class_names: list[str]
     preprocess: dict
     source: str
+    temperature: float = 1.0  # calibration fitted on the training run's val split (tl.report); 1.0: none
 
     @property
     def num_classes(self) -> int:
@@ -91,12 +91,13 @@ def load_checkpoint(path: Path) -> Classifier:
     module = load_module(path)
     hp = module.hparams
     names = [str(c) for c in (hp.class_names or range(hp.num_classes))]
-    return Classifier(module.model, hp.name, names, dict(hp.preprocess), str(path))
+    return Classifier(module.model, hp.name, names, dict(hp.preprocess), str(path), module.temperature)
 
 
 def load_module(path: Path):
     """The `TransferModule` saved in a checkpoint, on the CPU; a file that is not a tl checkpoint is refused."""
     from tl.models import TransferModule
+    from tl.models.module import check_calibration
 
     if path.is_dir():
         raise TLError(f"ckpt={str(path)!r} is a folder, and this needs a .ckpt file written by python -m tl.train: "
@@ -113,6 +114,7 @@ def load_module(path: Path):
     if not isinstance(hp, dict) or not {"name", "num_classes", "class_names", "preprocess"} <= hp.keys() \
             or not any(k.startswith("model.") for k in peek.get("state_dict", {})):
         raise TLError(f"ckpt={str(path)!r} is not a tl checkpoint (no TransferModule hyperparameters): {CKPT_HINT}")
+    check_calibration(peek.get("calibration"), f"ckpt={str(path)!r}")
     del peek
     return TransferModule.load_from_checkpoint(path, weights_only=True, map_location="cpu")
 
@@ -122,6 +124,7 @@ def load_export(folder: Path) -> Classifier:
     from safetensors.torch import load_file
 
     from tl.models.backbone import create_backbone
+    from tl.models.module import check_calibration
 
     config_path, weights_path = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
@@ -129,6 +132,8 @@ def load_export(folder: Path) -> Classifier:
     try:
         meta = json.loads(config_path.read_text())
         names, preprocess = list(meta["class_names"]), dict(meta["preprocess"])
+        calibration = check_calibration(meta.get("calibration"), repr(str(config_path)))
+        temperature = float(calibration["temperature"]) if calibration else 1.0
         model = create_backbone(meta["name"], meta["num_classes"], meta.get("drop_rate", 0.0),
                                 meta.get("drop_path_rate", 0.0))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -149,7 +154,7 @@ def load_export(folder: Path) -> Classifier:
         raise TLError(f"the weights in {str(weights_path)!r} do not fit the model {str(config_path)!r} describes "
                       f"({meta['name']}, {meta['num_classes']} classes; {first}): export the two files together "
                       "again with python -m tl.export") from None
-    return Classifier(model, meta["name"], names, preprocess, str(folder))
+    return Classifier(model, meta["name"], names, preprocess, str(folder), temperature)
 
 
 def run_dir_of(ckpt: Path) -> Path | None:
@@ -170,19 +175,28 @@ def snapshot_paths(run_dir: Path) -> list[Path]:
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
-def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-    """Test metrics from class probabilities (N, C) and integer targets (N)."""
+def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, class_names: list[str],
+                           uncalibrated: torch.Tensor | None = None) -> dict[str, Any]:
+    """Test metrics from class probabilities (N, C) and integer targets (N); `uncalibrated`: the probabilities before
+    the temperature, for `test/ece_uncalibrated`."""
+    from tl.report import expected_calibration_error, per_class_metrics
+
     c = len(class_names)
     metrics: dict[str, Any] = {
         "test/acc": multiclass_accuracy(probs, targets, c, average="micro").item(),
+        "test/balanced_acc": multiclass_accuracy(probs, targets, c, average="macro").item(),
         "test/nll": F.nll_loss(probs.clamp_min(1e-12).log(), targets).item(),
-        "test/f1_macro": multiclass_f1_score(probs, targets, c, average="macro").item(),
-        "test/ece": multiclass_calibration_error(probs, targets, c, n_bins=15).item(),
+        "test/macro_f1": multiclass_f1_score(probs, targets, c, average="macro").item(),
+        "test/ece": expected_calibration_error(probs, targets),
     }
+    metrics["test/f1_macro"] = metrics["test/macro_f1"]  # the earlier name
+    if uncalibrated is not None:
+        metrics["test/ece_uncalibrated"] = expected_calibration_error(uncalibrated, targets)
     if c > 5:
         metrics["test/acc_top5"] = multiclass_accuracy(probs, targets, c, top_k=5, average="micro").item()
     per_class = multiclass_accuracy(probs, targets, c, average=None).tolist()
     metrics["per_class_acc"] = dict(zip(class_names, per_class, strict=True))
+    metrics["test/per_class"] = per_class_metrics(probs, targets, class_names)
     metrics["confusion_matrix"] = multiclass_confusion_matrix(probs, targets, c).tolist()
     return metrics
 
@@ -208,23 +222,30 @@ def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
         log.warning("tta=flip skipped: the data is not mirror invariant (data.mirror_invariant=false)")
         tta = "none"
 
+    temperatures = [m.temperature for m in members]
+    calibrated = any(t != 1.0 for t in temperatures)
     started = time.perf_counter()
-    chunks, targets = [], []
+    chunks, raw_chunks, targets = [], [], []
     loader = DataLoader(datamodule.dataset("test"), batch_size=datamodule.eval_batch_size,
                         num_workers=datamodule._workers(), collate_fn=collate_readable)
     for batch in loader:
         if batch is None:  # every file of the batch unreadable since the scan (counted by the dataset)
             continue
         x, y = batch
-        chunks.append(member_probs([m.model for m in members], x.to(device), tta).cpu())
+        logits = member_logits([m.model for m in members], x.to(device), tta)
+        chunks.append(probs_from_logits(logits, temperatures).cpu())
+        if calibrated:
+            raw_chunks.append(probs_from_logits(logits).cpu())
         targets.append(y)
     seconds = time.perf_counter() - started
     per_member, targets = torch.cat(chunks, dim=1), torch.cat(targets)  # (members, N, C), (N,)
     probs = per_member.mean(dim=0)  # the ensemble: mean of the members' softmaxes
+    raw = torch.cat(raw_chunks, dim=1).mean(dim=0) if calibrated else probs
 
     results = {"members": [m.source for m in members], "tta": tta, "n_test": len(targets),
                "num_classes": first.num_classes, "seconds": round(seconds, 2),
-               **classification_metrics(probs, targets, first.class_names)}
+               "calibration/temperature": temperatures[0] if len(members) == 1 else temperatures,
+               **classification_metrics(probs, targets, first.class_names, raw)}
     if len(members) > 1:
         results["member_acc"] = [multiclass_accuracy(p, targets, first.num_classes, average="micro").item()
                                  for p in per_member]
@@ -287,9 +308,10 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int]) -> nn.Mo
 
 
 # -- test-time augmentation and averaging ---------------------------------------------------------------------------
-def mean_softmax(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The mean of the softmaxes of several logit tensors of one shape: TTA views, or ensemble members."""
-    return torch.stack([z.float().softmax(dim=-1) for z in logits]).mean(dim=0)
+def mean_softmax(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """The mean of the softmaxes of several logit tensors of one shape (TTA views, or ensemble members), each
+    divided by `temperature` first."""
+    return torch.stack([(z.float() / temperature).softmax(dim=-1) for z in logits]).mean(dim=0)
 
 
 def tta_views(x: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
@@ -312,8 +334,21 @@ def tta_views(x: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def member_probs(models: Sequence[nn.Module], x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Class probabilities (members, N, classes): per model, the mean softmax over the TTA views of `x`."""
+def member_logits(models: Sequence[nn.Module], x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits (members, views, N, classes) of each model on each TTA view of `x` (one forward pass per model)."""
     views = tta_views(x, tta)
-    batch = torch.cat(views) if len(views) > 1 else x  # one forward pass for all views
-    return torch.stack([mean_softmax(model(batch).chunk(len(views))) for model in models])
+    batch = torch.cat(views) if len(views) > 1 else x
+    return torch.stack([model(batch).float().unflatten(0, (len(views), len(x))) for model in models])
+
+
+def probs_from_logits(logits: torch.Tensor, temperatures: Sequence[float] | None = None) -> torch.Tensor:
+    """(members, N, classes): per member, the mean over views of softmax(logits / the member's temperature)."""
+    t = torch.tensor(temperatures or [1.0] * len(logits), dtype=logits.dtype, device=logits.device)
+    return (logits / t.view(-1, 1, 1, 1)).softmax(dim=-1).mean(dim=1)
+
+
+def member_probs(models: Sequence[nn.Module], x: torch.Tensor, tta: str = "none",
+                 temperatures: Sequence[float] | None = None) -> torch.Tensor:
+    """Class probabilities (members, N, classes): per model, the mean softmax (of logits / its temperature) over the
+    TTA views of `x`."""
+    return probs_from_logits(member_logits(models, x, tta), temperatures)

@@ -3,7 +3,9 @@
 1. load the classifier (a tl checkpoint or an exported model directory): its class names and preprocessing;
 2. list the inputs: one file, a folder (searched recursively for images) or a .txt list of files;
 3. decode in DataLoader workers (an unreadable file becomes an error on its row, never a stopped run);
-4. batched softmax under `torch.inference_mode`, top-k per file, one CSV row per file.
+4. batched softmax (of logits / the calibration temperature the training run fitted) under `torch.inference_mode`,
+   top-k per file, one CSV row per file; with `min_prob=P`, a file whose top probability is below P gets an empty
+   label and the reason in the `abstained` column.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ def auto_threads(workers: int, device: torch.device) -> int:
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers))
 
 
-def write_csv(path: Path, rows: list[dict], topk: int) -> None:
-    columns = ["path", "label", "prob", "error"] + [f"{c}_{k}" for k in range(2, topk + 1) for c in ("label", "prob")]
+def write_csv(path: Path, rows: list[dict], topk: int, abstain: bool = False) -> None:
+    columns = ["path", "label", "prob", "error"] + (["abstained"] if abstain else []) + [
+        f"{c}_{k}" for k in range(2, topk + 1) for c in ("label", "prob")]
     # UTF-8 whatever the locale; a file name that is not valid UTF-8 is written as its original bytes
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
@@ -106,12 +109,13 @@ def write_csv(path: Path, rows: list[dict], topk: int) -> None:
 
 @torch.inference_mode()
 def predict_rows(model: torch.nn.Module, loader: DataLoader, paths: list[Path], class_names: list[str], topk: int,
-                 device: torch.device) -> Iterator[dict]:
-    """One row per file, in order: the top-k labels and probabilities, or the error that kept it from being read."""
+                 device: torch.device, temperature: float = 1.0, min_prob: float | None = None) -> Iterator[dict]:
+    """One row per file, in order: the top-k labels and (calibrated) probabilities, or the error that kept it from
+    being read. Below `min_prob` the label is left empty and `abstained` says why (the probabilities stay)."""
     i = 0
     for x, errors in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        top_p, top_i = model(x).float().softmax(dim=-1).topk(topk, dim=-1)
+        top_p, top_i = (model(x).float() / temperature).softmax(dim=-1).topk(topk, dim=-1)
         for p, c, error in zip(top_p.tolist(), top_i.tolist(), errors, strict=True):
             row = {"path": str(paths[i]), "error": error}
             i += 1
@@ -119,6 +123,9 @@ def predict_rows(model: torch.nn.Module, loader: DataLoader, paths: list[Path], 
                 for k in range(topk):
                     suffix = f"_{k + 1}" if k else ""
                     row[f"label{suffix}"], row[f"prob{suffix}"] = class_names[c[k]], f"{p[k]:.6f}"
+                if min_prob is not None and p[0] < min_prob:
+                    row["abstained"] = f"top probability {p[0]:.4f} < min_prob {min_prob:g} (best: {class_names[c[0]]})"
+                    row["label"] = ""
             yield row
 
 
@@ -134,6 +141,8 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     paths = list_inputs(cfg.inputs)
     ensure_writable(output.parent)
     topk = min(cfg.topk, clf.num_classes)
+    min_prob = cfg.get("min_prob")
+    min_prob = None if min_prob is None else float(min_prob)
     batch_size = cfg.batch_size
     workers = cfg.get("num_workers")
     workers = auto_workers(len(paths), batch_size, device) if workers is None else int(workers)
@@ -146,17 +155,20 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     torch.set_num_threads(threads)
     try:
         started = time.perf_counter()
-        rows = list(predict_rows(model, loader, paths, clf.class_names, topk, device))
+        rows = list(predict_rows(model, loader, paths, clf.class_names, topk, device, clf.temperature, min_prob))
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(previous_threads)
-    write_csv(output, rows, topk)
+    write_csv(output, rows, topk, abstain=min_prob is not None)
 
     n_errors = sum(bool(r["error"]) for r in rows)
-    summary = {"files": len(rows), "errors": n_errors, "seconds": round(seconds, 3),
+    n_abstained = sum(bool(r.get("abstained")) for r in rows)
+    summary = {"files": len(rows), "errors": n_errors, "abstained": n_abstained, "temperature": clf.temperature,
+               "seconds": round(seconds, 3),
                "images_per_s": round(len(rows) / seconds, 1), "workers": workers, "threads": threads,
                "output": str(output), "ckpt": clf.source}
-    print(f"tl.predict: {len(rows)} files, {n_errors} errors, {summary['images_per_s']} images/s "
+    abstained = f", {n_abstained} abstained (min_prob={min_prob:g})" if min_prob is not None else ""
+    print(f"tl.predict: {len(rows)} files, {n_errors} errors{abstained}, {summary['images_per_s']} images/s "
           f"({seconds:.2f}s, {workers} decoding workers, {threads} model threads) -> {output}")
     for row in [r for r in rows if r["error"]][:5]:
         print(f"  error: {row['path']}: {row['error']}")

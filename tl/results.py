@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from tl.callbacks.checkpoint import PatientEarlyStopping
 from tl.callbacks.reporting import ReportingCallback
 
 
@@ -31,8 +32,14 @@ def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningMo
     """The run's results as flat JSON-ready keys (the interface contract's keys among them)."""
     ckpt = trainer.checkpoint_callback
     best_score = ckpt.best_model_score if ckpt is not None else None
-    val_acc = best_score if best_score is not None else trainer.callback_metrics.get("val/acc", float("nan"))
+    monitor = ckpt.monitor if ckpt is not None else None
+    if best_score is not None and monitor == "val/acc":
+        val_acc = best_score
+    else:  # the tested weights' own validation accuracy (tl.report), else the last validation's
+        val_acc = extra.get("val/acc", trainer.callback_metrics.get("val/acc", float("nan")))
     results: dict[str, Any] = {k: _plain(v) for k, v in extra.items()}
+    if best_score is not None and monitor:
+        results["model_selection"] = {"monitor": monitor, "best": float(best_score)}
     results.update({
         "val/acc": float(val_acc),
         "scenario": cfg.scenario.name,
@@ -55,9 +62,13 @@ def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningMo
     for callback in trainer.callbacks:
         if isinstance(callback, ReportingCallback):
             results.update(callback.results)
+        elif isinstance(callback, PatientEarlyStopping):
+            results.update(callback.report)
     evidence = cfg.scenario.get("evidence")
     if evidence is not None:
         results["scenario_evidence"] = OmegaConf.to_container(evidence, resolve=True)
+    if hasattr(datamodule, "balance_report"):
+        results.update(datamodule.balance_report())  # imbalance_ratio, balance
     if getattr(datamodule, "audit", None):
         results["data_audit"] = datamodule.audit
     unreadable = getattr(datamodule, "unreadable", None)

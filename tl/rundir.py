@@ -27,7 +27,8 @@ from tl.errors import TLError
 LOCK = ".tl.lock"
 # What a run writes into its directory; `overwrite=true` removes the previous run's before the new run starts, so
 # its checkpoints, snapshots and event files never mix with the new run's.
-RUN_ARTIFACTS = ("checkpoints", "export", "tensorboard", "csv", "results.json", "evaluation.json", "lr_find.png")
+RUN_ARTIFACTS = ("checkpoints", "export", "report", "tensorboard", "csv", "results.json", "evaluation.json",
+                 "lr_find.png")
 
 
 def _alive(pid: int) -> bool:

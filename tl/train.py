@@ -9,8 +9,9 @@ config once with the chosen preset); `train(cfg)` then receives a final config a
 3. the LightningModule from `cfg.model` (a checkpoint to resume must fit it), then the backbone's pretrained weights
    (`model.pretrained`); save the config;
 4. the Trainer from `cfg.trainer` with every entry of `cfg.callbacks` and `cfg.logger`;
-5. fit (on cached backbone features where that is exact), test the best checkpoint, score the snapshot ensemble,
-   export, and write results.json (`tl.results`).
+5. fit (on cached backbone features where that is exact), test the best checkpoint, calibrate it and report on it
+   (`tl.report`: temperature, per-class metrics, top losses), score the snapshot ensemble, export, and write
+   results.json (`tl.results`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl.callbacks.snapshots import SnapshotEnsemble
@@ -37,6 +38,7 @@ from tl.export import export_model
 from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
 from tl.models.probe_head import init_head_from_probe
+from tl.report import report_run
 from tl.results import collect_results
 from tl.rundir import claim_run_dir
 from tl.scenarios import resolve
@@ -54,7 +56,8 @@ def build_data(cfg: DictConfig):
 def build_module(cfg: DictConfig, datamodule) -> pl.LightningModule:
     """The LightningModule `cfg.model` names, sized to the data module's classes (random weights)."""
     return build(cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.classes,
-                 preprocess=datamodule.preprocess, _convert_="all")
+                 preprocess=datamodule.preprocess, class_weights=getattr(datamodule, "loss_weights", None),
+                 _convert_="all")
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
@@ -103,6 +106,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     datamodule = build_data(cfg)
     datamodule.setup("fit")
 
+    if OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor") == "val/acc_top5" and datamodule.num_classes <= 5:
+        raise TLError(f"callbacks.model_checkpoint.monitor=val/acc_top5 but the data has {datamodule.num_classes} "
+                      "classes (top-5 is logged above 5): monitor val/acc or val/balanced_acc")
+
     # 3. model: architecture and new head, then the pretrained backbone weights; a checkpoint to resume must fit it
     module = build_module(cfg, datamodule)
     if ckpt_path is not None:
@@ -120,7 +127,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     fit_data = datamodule
     if feature_cache_applies(cfg):  # the backbone runs once per image, not once per image per epoch
         features = FeatureCache(cfg.paths.cache_dir).get(module.model, classifier_names(module.model), datamodule)
-        fit_data = FeatureDataModule(features, datamodule.batch_size, datamodule.eval_batch_size)
+        fit_data = FeatureDataModule(features, datamodule.batch_size, datamodule.eval_batch_size,
+                                     train_sampler=datamodule.train_sampler)
     lr_found: dict[str, Any] = {}
     if cfg.lr_find and ckpt_path is None:  # a resumed run keeps its optimizer state
         from tl.callbacks.lr_finder import find_lr
@@ -145,6 +153,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         extra.update(trainer.test(module, datamodule=fit_data, ckpt_path=best or None, weights_only=True)[0])
+        if trainer.is_global_zero:  # the tested weights, whole splits, one process: calibration, per-class, top losses
+            extra.update(report_run(module, datamodule, fit_data, run_dir, trainer.loggers, trainer.global_step,
+                                    calibrate=cfg.report.calibrate, top_losses=cfg.report.top_losses,
+                                    best_ckpt=best or None))
         snapshots = next((c.snapshots for c in trainer.callbacks if isinstance(c, SnapshotEnsemble)), [])
         if snapshots and trainer.is_global_zero:  # the whole test split, on one process
             ensemble = snapshot_ensemble_scores(snapshots, cfg.snapshots.ensemble_last, datamodule)

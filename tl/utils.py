@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -125,8 +126,10 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with suppress(OSError):
             tmp.unlink()
         if isinstance(e, OSError):
-            raise TLError(f"could not write {str(path)!r} ({e.strerror or e}): free space or fix permissions there; "
-                          "its previous version, if any, is unchanged") from e
+            fix = ("a part of that path is a file, not a folder: move it away"
+                   if e.errno in (errno.ENOTDIR, errno.EISDIR) else "free space or fix permissions there")
+            raise TLError(f"could not write {str(path)!r} ({e.strerror or e}): {fix}; its previous version, if any, "
+                          "is unchanged") from e
         raise
 
 

@@ -19,14 +19,17 @@ best epoch's state, not the last one's (resuming would rewind).
 
 from __future__ import annotations
 
+import logging
 import os
 from weakref import proxy
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl.checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -93,3 +96,45 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             super().on_exception(trainer)
+
+
+class PatientEarlyStopping(EarlyStopping):
+    """Lightning's `EarlyStopping`, idle when `patience` is None and under a snapshot ensemble (`snapshot_cycles` > 0:
+    its members are the ends of the LR cycles, so the schedule must run to the end).
+
+    Checked after each validation on the metric model selection monitors. Its state (best score, validations
+    without improvement) is saved in every checkpoint by Lightning, so a resumed run stops where the uninterrupted
+    run would have. Why it stopped is logged and kept in results.json (`early_stopping`, from `report`).
+    """
+
+    def __init__(self, patience: int | None = None, monitor: str = "val/acc", mode: str = "max",
+                 min_delta: float = 0.0, snapshot_cycles: int = 0, **kwargs):
+        super().__init__(monitor=monitor, mode=mode, patience=int(patience or 0), min_delta=float(min_delta),
+                         **kwargs)
+        self.enabled = patience is not None and not snapshot_cycles
+        if patience is not None and snapshot_cycles:
+            log.warning("early_stopping.patience=%s ignored: a snapshot ensemble (snapshots.cycles=%s) runs its whole "
+                        "schedule", patience, snapshot_cycles)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # kept now: testing the best checkpoint afterwards restores the callback states saved with it
+        self._final = self._summary() if self.enabled else {}
+
+    @property
+    def report(self) -> dict:
+        """For results.json: whether it stopped the run, at which epoch and why (as fit ended)."""
+        final = getattr(self, "_final", None)
+        return final if final is not None else (self._summary() if self.enabled else {})
+
+    def _summary(self) -> dict:
+        return {"early_stopping": {"patience": self.patience, "monitor": self.monitor, "stopped": bool(
+            self.stopped_epoch), "stopped_epoch": int(self.stopped_epoch) or None, "best": float(self.best_score),
+            "reason": self.stopping_reason_message}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from hydra.utils import instantiate
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
 from tl.errors import TLError
 from tl.models.backbone import create_backbone, init_head, load_pretrained
@@ -17,8 +19,28 @@ from tl.models.finetune import apply_strategy, param_groups, set_frozen_modules_
 from tl.models.schedules import epoch_steps
 
 
+def check_calibration(entry, where: str) -> dict | None:
+    """A calibration entry as read from a checkpoint or an export: None, or a dict whose `temperature` is a finite
+    positive number; anything else is refused in one line naming `where` (a bad temperature would flip or NaN every
+    probability)."""
+    if entry is None:
+        return None
+    t = entry.get("temperature") if isinstance(entry, dict) else None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise TLError(f"{where} holds a calibration entry that is not a finite positive temperature "
+                      f"({str(entry)[:80]}): use the file as tl wrote it, or export it again from the run's checkpoint")
+    return dict(entry)
+
+
 class NonFiniteLossError(TLError):
     """Training diverged: stop at once rather than train on NaNs (the last good checkpoints stay as they are)."""
+
+
+def weighted_soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (mixup, cutmix) with per-class weights: sum_i,c w_c s_ic (-log p_ic) /
+    sum_i,c w_c s_ic. For one-hot targets it is PyTorch's weighted cross-entropy (mean over the weights)."""
+    weighted = soft * weights
+    return -(weighted * logits.log_softmax(dim=-1)).sum() / weighted.sum()
 
 
 class TransferModule(pl.LightningModule):
@@ -57,6 +79,12 @@ class TransferModule(pl.LightningModule):
         scheduler: a `_partial_` schedule config (conf/scheduler/), or None for a constant LR.
         class_names: label names, saved for prediction.
         preprocess: the input pipeline's size, interpolation and mean/std, saved for prediction.
+        class_weights: per-class cross-entropy weights (`data.balance=weights`, `tl.data.balance`), or None.
+
+    Metrics per epoch: `{stage}/acc` and `{stage}/loss`; on val and test also `balanced_acc` (mean per-class
+    recall), `macro_f1`, `acc_top5` (more than 5 classes) and the expected calibration error (`val/ece`; at test
+    `test/ece_uncalibrated`: `tl.report` adds the calibrated `test/ece`). A temperature fitted after training
+    (`calibration`, by `tl.report`) is saved in checkpoints under "calibration" and read back on loading.
     """
 
     def __init__(self, name: str, num_classes: int, pretrained: str = "none", drop_rate: float = 0.0,
@@ -66,7 +94,8 @@ class TransferModule(pl.LightningModule):
                  label_smoothing: float = 0.0, freeze_bn_stats: bool = False, mixup: dict | None = None,
                  optimizer: dict | None = None,
                  scheduler: dict | None = None,
-                 class_names: list[str] | None = None, preprocess: dict | None = None):
+                 class_names: list[str] | None = None, preprocess: dict | None = None,
+                 class_weights: list[float] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_backbone(name, num_classes, drop_rate, drop_path_rate)
@@ -74,6 +103,9 @@ class TransferModule(pl.LightningModule):
         self.head_init: dict | None = None  # what fitted the head instead, when it starts as a probe (train.py)
         apply_strategy(self.model, strategy, trainable_stages, lp_epochs, unfreeze_every)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)  # rebuilt from hparams, not in state_dict
+        self.calibration: dict | None = None  # {"temperature": T, ...} once fitted on val (tl.report)
         self.mixup = None
         if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
             self.mixup = Mixup(
@@ -83,6 +115,12 @@ class TransferModule(pl.LightningModule):
             self.soft_criterion = SoftTargetCrossEntropy()
         self.metrics = nn.ModuleDict({
             f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro") for stage in ("train", "val", "test")})
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_balanced_acc"] = MulticlassAccuracy(num_classes, average="macro")
+            self.metrics[f"{stage}_macro_f1"] = MulticlassF1Score(num_classes, average="macro")
+            # fed probabilities (see _step); on test the raw model's: tl.report adds the calibrated test/ece
+            self.metrics["val_ece" if stage == "val" else "test_ece_uncalibrated"] = MulticlassCalibrationError(
+                num_classes, n_bins=15)
         if num_classes > 5:
             self.metrics.update({f"{stage}_acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro")
                                  for stage in ("val", "test")})
@@ -128,10 +166,17 @@ class TransferModule(pl.LightningModule):
                 x, y = x[:-1], y[:-1]
             mixed, soft = self.mixup(x, y)
             logits = self(mixed)
-            loss = self.soft_criterion(logits, soft)  # accuracy below is against the unmixed labels
+            if self.class_weights is None:
+                loss = self.soft_criterion(logits, soft)  # accuracy below is against the unmixed labels
+            else:
+                loss = weighted_soft_cross_entropy(logits, soft, self.class_weights)
         else:
             logits = self(x)
-            loss = self.criterion(logits, y)
+            if stage == "train" and self.class_weights is not None:
+                loss = F.cross_entropy(logits, y, weight=self.class_weights,
+                                       label_smoothing=self.hparams.label_smoothing)
+            else:  # val/test losses stay unweighted: comparable across balance settings
+                loss = self.criterion(logits, y)
         if stage == "train" and not torch.isfinite(loss):
             lr = (self.hparams.optimizer or {}).get("lr", "?")
             raise NonFiniteLossError(
@@ -142,9 +187,14 @@ class TransferModule(pl.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=stage != "train")
         with torch.no_grad():
+            probs = None
             for key, metric in self.metrics.items():
-                if key.startswith(stage):
-                    metric.update(logits, y)  # logged once per epoch (_log_metrics): self.log costs ~0.3 ms a call
+                if key.startswith(stage):  # logged once per epoch (_log_metrics): self.log costs ~0.3 ms a call
+                    if isinstance(metric, MulticlassCalibrationError):  # it would guess whether these are logits
+                        probs = logits.float().softmax(dim=-1) if probs is None else probs
+                        metric.update(probs, y)
+                    else:
+                        metric.update(logits, y)
         return loss
 
     def _log_metrics(self, stage: str) -> None:
@@ -177,6 +227,21 @@ class TransferModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.calibration is not None:
+            checkpoint["calibration"] = dict(self.calibration)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.calibration = check_calibration(checkpoint.get("calibration"), "the checkpoint")
+
+    def on_fit_start(self) -> None:
+        self.calibration = None  # training moves the weights: a temperature fitted to earlier ones no longer holds
+
+    @property
+    def temperature(self) -> float:
+        """The fitted calibration temperature (1.0 before one is fitted): probabilities are softmax(logits / T)."""
+        return float((self.calibration or {}).get("temperature", 1.0))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
