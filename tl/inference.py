@@ -308,10 +308,9 @@ def optimize_for_inference(model: nn.Module, input_size: Sequence[int]) -> nn.Mo
 
 
 # -- test-time augmentation and averaging ---------------------------------------------------------------------------
-def mean_softmax(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """The mean of the softmaxes of several logit tensors of one shape (TTA views, or ensemble members), each
-    divided by `temperature` first."""
-    return torch.stack([(z.float() / temperature).softmax(dim=-1) for z in logits]).mean(dim=0)
+def mean_softmax(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of the softmaxes of several logit tensors of one shape: TTA views, or ensemble members."""
+    return torch.stack([z.float().softmax(dim=-1) for z in logits]).mean(dim=0)
 
 
 def tta_views(x: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
@@ -343,8 +342,8 @@ def member_logits(models: Sequence[nn.Module], x: torch.Tensor, tta: str = "none
 
 def probs_from_logits(logits: torch.Tensor, temperatures: Sequence[float] | None = None) -> torch.Tensor:
     """(members, N, classes): per member, the mean over views of softmax(logits / the member's temperature)."""
-    t = torch.tensor(temperatures or [1.0] * len(logits), dtype=logits.dtype, device=logits.device)
-    return (logits / t.view(-1, 1, 1, 1)).softmax(dim=-1).mean(dim=1)
+    temperatures = temperatures or [1.0] * len(logits)
+    return torch.stack([mean_softmax(views / t) for views, t in zip(logits, temperatures, strict=True)])
 
 
 def member_probs(models: Sequence[nn.Module], x: torch.Tensor, tta: str = "none",

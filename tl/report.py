@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
-    multiclass_confusion_matrix,
     multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
 )
 
 from tl.data.datamodule import collate_readable
@@ -89,16 +90,13 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor) -> fl
 
 
 def per_class_metrics(probs: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
-    """Precision, recall, F1 and support per class, from the confusion matrix (rows: true class)."""
-    matrix = multiclass_confusion_matrix(probs, targets, len(class_names)).double()
-    tp, support, predicted = matrix.diag(), matrix.sum(dim=1), matrix.sum(dim=0)
-    rows = []
-    for i, name in enumerate(class_names):
-        precision = float(tp[i] / predicted[i]) if predicted[i] > 0 else 0.0
-        recall = float(tp[i] / support[i]) if support[i] > 0 else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": int(support[i])})
-    return rows
+    """Precision, recall, F1 (torchmetrics, 0 where undefined) and support per class."""
+    c = len(class_names)
+    columns = {"precision": multiclass_precision(probs, targets, c, average=None).tolist(),
+               "recall": multiclass_recall(probs, targets, c, average=None).tolist(),
+               "f1": multiclass_f1_score(probs, targets, c, average=None).tolist(),
+               "support": torch.bincount(targets, minlength=c).tolist()}
+    return [{"class": name, **{k: v[i] for k, v in columns.items()}} for i, name in enumerate(class_names)]
 
 
 def test_metrics(logits: torch.Tensor, targets: torch.Tensor, class_names: list[str],
@@ -275,11 +273,13 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def save_figure(fig, path: Path, writers: list, tag: str, step: int) -> None:
     import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    for writer in writers:
-        writer.add_figure(tag, fig, step, close=False)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        for writer in writers:
+            writer.add_figure(tag, fig, step, close=False)
+    finally:
+        plt.close(fig)
 
 
 # -- the whole report -------------------------------------------------------------------------------------------
@@ -363,12 +363,6 @@ def _keep_going(out: dict, write, *args, **kwargs) -> None:
     except (OSError, TLError) as e:
         log.warning("report: %s", e)
         out.setdefault("report_errors", []).append(str(e))
-    finally:
-        for arg in args:  # a figure that was not saved is closed all the same
-            if type(arg).__name__ == "Figure":
-                import matplotlib.pyplot as plt
-
-                plt.close(arg)
 
 
 def write_calibration(path: Path, calibration: dict) -> None:
