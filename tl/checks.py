@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import timm
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tl.errors import TLError
-from tl.models.finetune import STAGED, STRATEGIES
+from tl.models.strategies import STAGED, STRATEGIES
 from tl.utils import check_required
 
 Rule = tuple[str, Callable[[object], bool], str]
@@ -77,6 +76,21 @@ TRAINER_RULES: list[Rule] = [
     ("trainer.deterministic", lambda v: v in (True, False, "warn"), "true, false or warn"),
 ]
 
+def _input_size(v) -> bool:
+    return v is None or (isinstance(v, (list, tuple, ListConfig)) and len(v) == 2 and all(_size(s) for s in v))
+
+
+# the ONNX export's options: conf/train.yaml `onnx` and conf/export.yaml `onnx`
+ONNX_RULES: list[Rule] = [
+    ("onnx.quantize", lambda v: v in (True, False, "static", "dynamic"),
+     "false, true (static int8 calibrated on validation images), static or dynamic"),
+    ("onnx.parity_images", lambda v: _integer(v) and 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    ("onnx.tolerance", lambda v: _number(v) and 0 < v <= 1, "a probability difference in (0, 1], e.g. 1e-4"),
+    ("onnx.min_int8_agreement", lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1], e.g. 0.97"),
+    ("onnx.input_size", _input_size, "null (the model's own input size) or [H, W] in pixels from 16 to 4096"),
+    ("onnx.opset", lambda v: _integer(v) and 17 <= v <= 23, "an ONNX opset from 17 to 23"),
+]
+
 RULES: list[Rule] = [
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-3"),
     ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 (null or 0: none)"),
@@ -115,6 +129,9 @@ RULES: list[Rule] = [
     *((key, _boolean, "true or false")
       for key in ("overwrite", "test", "export", "cache_features", "data.mirror_invariant",
                   "finetune.freeze_bn_stats", "report.calibrate")),
+    *ONNX_RULES,
+    ("onnx.enabled", lambda v: v in (True, False, "auto"),
+     "auto (where onnx and onnxruntime are installed), true (required) or false"),
     ("data.image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
     ("data.small_data_image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
     ("data.crop_pct", _optional(lambda v: _number(v) and 0 < v <= 1),
@@ -129,8 +146,13 @@ RULES: list[Rule] = [
 DEVICE_RULE: Rule = ("device", lambda v: isinstance(v, str) and v != "", "auto, cpu, cuda or cuda:N")
 CKPT_RULE: Rule = ("ckpt", lambda v: isinstance(v, str) and v.strip() != "",
                    "a .ckpt written by python -m tl.train, a run directory or an export directory")
-EXPORT_RULES: list[Rule] = [CKPT_RULE, ("output", lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
-                                        "null (RUN/export) or a folder")]
+EXPORT_RULES: list[Rule] = [
+    CKPT_RULE,
+    ("output", lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null (RUN/export) or a folder"),
+    ("format", lambda v: v in ("onnx", "safetensors", "all"), "onnx, safetensors or all"),
+    ("ensemble.last", lambda v: v is None or (_integer(v) and v >= 1), "null (all snapshots) or an integer >= 1"),
+    *ONNX_RULES,
+]
 PREDICT_RULES: list[Rule] = [
     CKPT_RULE,
     ("inputs", lambda v: isinstance(v, str) and v.strip() != "", "an image file, a folder or a .txt list of files"),
@@ -236,6 +258,8 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     if final and cfg.scenario.name == "auto":
         raise TLError("scenario=auto is decided before train(): run python -m tl.train, or pass the config through "
                       "tl.scenarios.resolve(cfg, overrides) first")
+    import timm  # here, not at the top: tl.predict's ONNX Runtime path imports this module without timm
+
     if not timm.is_model(cfg.model.name):
         from tl.data.transforms import _unknown_model_message
 

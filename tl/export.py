@@ -1,18 +1,26 @@
-"""`python -m tl.export ckpt=PATH [output=DIR]`: a trained model as plain files, usable without tl's training code.
+"""`python -m tl.export ckpt=RUN|CKPT format=onnx|safetensors|all [output=DIR]`: a trained model as plain files.
 
-The directory holds `model.safetensors` (the timm model's state dict: tensors only, no pickle) and `model.json`
-(timm model name, number of classes, class names, preprocessing, drop rates, and the calibration temperature T where
-the run fitted one: probabilities are softmax(logits / T)). To rebuild it anywhere:
+The directory holds, by format:
+- `model.onnx` (onnx, all; where onnx and onnxruntime are installed): one graph from uint8 RGB images to calibrated
+  probabilities, preprocessing inside, dynamic batch; checked against PyTorch on real validation images at export
+  (`tl.onnx_export`). Optional `model.int8.onnx` (`onnx.quantize=true`). Runs anywhere ONNX Runtime does, without tl:
+  README, "Deploying". `ckpt=RUN` of a snapshot-ensemble run exports the ensemble, the graph averaging its members.
+- `model.safetensors` (safetensors, all): the timm model's state dict (tensors only, no pickle) of the tested
+  checkpoint. To rebuild it: `timm.create_model(meta["name"], num_classes=meta["num_classes"])` and
+  `load_state_dict(safetensors.torch.load_file("model.safetensors"))`.
+- `model.json`: timm model name, classes, preprocessing, drop rates, the calibration temperature T where the run
+  fitted one (probabilities are softmax(logits / T)), and `onnx`: the graph's input contract, the preprocessing left
+  outside it, the members and the parity figures.
 
-    model = timm.create_model(meta["name"], num_classes=meta["num_classes"])
-    model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
-
-`python -m tl.predict ckpt=DIR` reads it directly (`tl.inference.load_export`).
+`python -m tl.predict ckpt=DIR` reads the safetensors export (PyTorch); `ckpt=DIR/model.onnx` runs ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -25,13 +33,14 @@ from tl.errors import TLError
 from tl.inference import EXPORT_CONFIG, EXPORT_WEIGHTS, load_module, run_dir_of
 from tl.utils import atomic_path, atomic_write_text, check_required, ensure_writable, user_errors
 
+log = logging.getLogger("tl.export")
+
 FORMAT = "tl-export/1"
+FORMATS = ("onnx", "safetensors", "all")
 
 
-def export_model(module: nn.Module, out_dir: str | Path) -> Path:
-    """Write `module`'s timm model (a `TransferModule`) to `out_dir` as model.safetensors + model.json; return it."""
-    from safetensors.torch import save_file
-
+def export_meta(module: nn.Module) -> dict:
+    """model.json's common part, from a `TransferModule`; a bad calibration is refused before anything is written."""
     from tl.models.module import check_calibration
 
     hp = module.hparams
@@ -47,29 +56,143 @@ def export_model(module: nn.Module, out_dir: str | Path) -> Path:
     calibration = check_calibration(getattr(module, "calibration", None), "the model")
     if calibration:  # probabilities are softmax(logits / temperature)
         meta["calibration"] = {k: v for k, v in calibration.items() if isinstance(v, (int, float, str))}
-    # everything is known before either file is written: the pair is never half old, half new for a bad model
+    return meta
+
+
+def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safetensors", onnx: dict | None = None,
+                 members: list[nn.Module] | None = None, parity_data=None, sources: dict | None = None) -> Path:
+    """Write `module` (a `TransferModule`) to `out_dir` in `formats` (onnx | safetensors | all); return `out_dir`.
+
+    Args:
+        onnx: the ONNX options (conf/train.yaml `onnx`: quantize, input_size, parity_images, tolerance,
+            min_int8_agreement, opset).
+        members: the models of a snapshot ensemble for the ONNX graph (their calibration temperatures on them as
+            `.temperature`); None: `module.model` alone.
+        parity_data: a set-up data module whose validation images check the ONNX model; None: synthetic images.
+        sources: where the weights came from, recorded in model.json (checkpoint paths).
+
+    Everything is computed in a scratch folder first; the files are moved into place only when all of them are
+    ready, model.json last, so a failure (a parity check, a full disk) leaves the previous export as it was. A format
+    not written this time is removed, so model.json never describes a stale file beside it.
+    """
+    from tl.onnx_export import INT8_FILE, ONNX_FILE, build_onnx, parity_images_from, quantize_mode, synthetic_images
+
+    if formats not in FORMATS:
+        raise TLError(f"format={formats!r} is not a choice: use {', '.join(FORMATS)}")
+    onnx = dict(onnx or {})
+    quantize_as = quantize_mode(onnx.get("quantize"))
+    meta = export_meta(module)
+    if sources:
+        meta["weights_from"] = sources
     out_dir = ensure_writable(Path(out_dir))
-    # safetensors wants contiguous tensors that share no memory: plain detached copies
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
-    with atomic_path(out_dir / EXPORT_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "name": hp.name})
-    atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        moves: list[tuple[Path, str]] = []
+        if formats in ("onnx", "all"):
+            from tl.onnx_export import onnx_available
+
+            missing = onnx_available()
+            if missing:
+                raise TLError(f"format={formats} needs ONNX: {missing}; or export format=safetensors")
+            n = int(onnx.get("parity_images", 64))
+            images, split = parity_images_from(parity_data, n) if parity_data is not None else ([], "no")
+            images_from = f"{split} split"
+            if not images:
+                h, w = meta["preprocess"]["input_size"][1:]
+                images, images_from = synthetic_images(n, h, w), "synthetic (the run's data was not reachable)"
+                log.warning("ONNX parity is checked on synthetic images: the run's data could not be loaded")
+            models = members or [module.model]
+            temperatures = [float(getattr(m, "temperature", None) or 1.0) for m in members] if members \
+                else [float((meta.get("calibration") or {}).get("temperature", 1.0))]
+            section, files = build_onnx(
+                models, temperatures, meta["preprocess"], meta, work, images, images_from,
+                tolerance=float(onnx.get("tolerance", 1e-4)), quantize_as=quantize_as,
+                min_int8_agreement=float(onnx.get("min_int8_agreement", 0.97)), input_size=onnx.get("input_size"),
+                opset=int(onnx.get("opset", 18)))
+            meta["onnx"] = section
+            moves += files
+        if formats in ("safetensors", "all"):
+            from safetensors.torch import save_file
+
+            # safetensors wants contiguous tensors that share no memory: plain detached copies
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
+            save_file(state, str(work / EXPORT_WEIGHTS), metadata={"format": FORMAT, "name": meta["name"]})
+            meta["safetensors"] = {"file": EXPORT_WEIGHTS, "members": 1}
+            moves.append((work / EXPORT_WEIGHTS, EXPORT_WEIGHTS))
+        written = {name for _, name in moves}
+        for scratch, name in moves:
+            with atomic_path(out_dir / name) as tmp:
+                shutil.move(scratch, tmp)
+        for stale in {ONNX_FILE, INT8_FILE, EXPORT_WEIGHTS} - written:  # from an earlier export of other weights
+            (out_dir / stale).unlink(missing_ok=True)
+        atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
 
 def export(cfg: DictConfig) -> Path:
-    """Export the checkpoint `cfg.ckpt` to `cfg.output` (default: RUN/export beside the training run)."""
+    """Export the checkpoint, run or snapshot ensemble `cfg.ckpt` to `cfg.output` (default: RUN/export)."""
+    from tl.evaluate import resolve_members
+    from tl.inference import load_classifier
+
     check_required(cfg)
     check_rules(cfg, EXPORT_RULES)
     if cfg.get("output") and Path(cfg.output).expanduser().is_file():
-        raise TLError(f"output={cfg.output!r} is a file: give a folder for model.safetensors and model.json")
-    ckpt = Path(cfg.ckpt).expanduser()
-    module = load_module(ckpt)
-    run_dir = run_dir_of(ckpt)
+        raise TLError(f"output={cfg.output!r} is a file: give a folder for the model files")
+    if cfg.format not in FORMATS:
+        raise TLError(f"format={cfg.format!r} is not a choice: use {', '.join(FORMATS)}")
+    paths = resolve_members(cfg.ckpt, (cfg.get("ensemble") or {}).get("last"))
+    if any(p.is_dir() for p in paths):
+        raise TLError(f"ckpt={cfg.ckpt!r} is an export already: export from the training run's checkpoint "
+                      "(RUN or RUN/checkpoints/<best>.ckpt)")
+    module = load_module(paths[-1])  # an ensemble's last member carries the common metadata
+    members = None
+    if len(paths) > 1:
+        members = []
+        for p in paths:
+            clf = load_classifier(p)
+            clf.model.temperature = clf.temperature
+            members.append(clf.model)
+        if cfg.format == "safetensors":
+            raise TLError(f"ckpt={cfg.ckpt!r} is a snapshot ensemble of {len(paths)} members: format=safetensors "
+                          "holds one model; export format=onnx (one graph averaging them) or one member's .ckpt")
+    run_dir = run_dir_of(paths[0])
     output = cfg.get("output") or (run_dir / "export" if run_dir else Path(cfg.paths.output_dir) / "export")
-    out_dir = export_model(module, output)
-    print(f"tl.export: {ckpt} -> {out_dir} ({EXPORT_WEIGHTS}, {EXPORT_CONFIG})")
+    parity_data = None
+    if cfg.format in ("onnx", "all"):
+        parity_data = _parity_data(cfg, paths[0], dict(module.hparams.preprocess))
+    formats = cfg.format if members is None else "onnx"
+    out_dir = export_model(module, output, formats, dict(cfg.onnx), members, parity_data,
+                           sources={"checkpoints": [str(p) for p in paths]})
+    meta = json.loads((out_dir / EXPORT_CONFIG).read_text())
+    written = [name for name in ("model.onnx", "model.int8.onnx", EXPORT_WEIGHTS) if (out_dir / name).is_file()]
+    print(f"tl.export: {cfg.ckpt} -> {out_dir} ({', '.join(written)}, {EXPORT_CONFIG})")
+    if "onnx" in meta:
+        check = meta["onnx"]["parity"]
+        print(f"  onnx parity on {check['images']} {check['inputs']} images: max |dp| {check['max_abs_prob_diff']:.2e},"
+              f" top-1 agreement {check['top1_agreement']:.2%} ({meta['onnx']['members']} member(s), "
+              f"{meta['onnx']['exporter']} exporter, {meta['onnx']['seconds']:.1f}s)")
+        if "int8" in meta["onnx"]:
+            q = meta["onnx"]["int8"]["parity"]
+            print(f"  int8 ({meta['onnx']['int8']['mode']}) parity: max |dp| {q['max_abs_prob_diff']:.2e}, top-1 "
+                  f"agreement {q['top1_agreement']:.2%}")
     return out_dir
+
+
+def _parity_data(cfg: DictConfig, ckpt: Path, preprocess: dict):
+    """The training run's data module, set up, for the parity images; None (synthetic images) when unreachable."""
+    from tl.data.datamodule import build_datamodule
+    from tl.evaluate import data_config
+
+    try:
+        data, seed = data_config(cfg, ckpt)
+        datamodule = build_datamodule(data, preprocess, augment=None, seed=seed)
+        datamodule.setup("fit")
+        return datamodule
+    except TLError as e:
+        log.warning("the run's data is not reachable (%s): checking ONNX parity on synthetic images", e)
+        return None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

@@ -86,6 +86,50 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
+def onnx_formats(cfg: DictConfig) -> tuple[str, str | None]:
+    """The export formats a run writes, and why ONNX is left out (None when it is not)."""
+    from tl.onnx_export import onnx_available
+
+    enabled = OmegaConf.select(cfg, "onnx.enabled", default="auto")
+    if not cfg.export or enabled is False:
+        return "safetensors", "onnx.enabled=false" if cfg.export else None
+    missing = onnx_available()
+    if missing and enabled is True:
+        raise TLError(f"onnx.enabled=true but {missing}: install them, or set onnx.enabled=auto|false")
+    return ("safetensors", missing) if missing else ("all", None)
+
+
+def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: list[dict] | None) -> dict[str, Any]:
+    """RUN/export: the tested weights (safetensors) and, where onnx is installed, model.onnx checked on validation
+    images; a snapshot-ensemble run's ONNX graph is its ensemble (the last `snapshots.ensemble_last` members)."""
+    from tl.inference import load_classifier
+
+    formats, skipped = onnx_formats(cfg)
+    members = None
+    if snapshots and formats == "all":
+        last = cfg.snapshots.ensemble_last
+        members = []
+        for s in snapshots[-last:] if last else snapshots:
+            clf = load_classifier(s["path"])
+            clf.model.temperature = clf.temperature
+            members.append(clf.model)
+    started = time.perf_counter()
+    out_dir = export_model(module, run_dir / "export", formats, OmegaConf.to_container(cfg.onnx, resolve=True),
+                           members, parity_data=datamodule)
+    info: dict[str, Any] = {"export_dir": str(out_dir), "export_seconds": round(time.perf_counter() - started, 2)}
+    if formats == "all":
+        import json
+
+        section = json.loads((out_dir / "model.json").read_text())["onnx"]
+        info["onnx"] = {"members": section["members"], "parity": section["parity"],
+                        **({"int8_parity": section["int8"]["parity"]} if "int8" in section else {})}
+    else:
+        info["onnx"] = {"skipped": skipped}
+        if skipped != "onnx.enabled=false":
+            log.info("model.onnx not written: %s", skipped)
+    return info
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train and test as the final config `cfg` says (no `scenario=auto`: see `tl.scenarios.resolve`).
 
@@ -93,6 +137,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """
     # 1. check, seed, record
     validate(cfg)
+    onnx_formats(cfg)  # onnx.enabled=true without onnx installed: refused now, not after training
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     with claim_run_dir(run_dir, resuming=ckpt_path is not None, overwrite=cfg.overwrite):
@@ -167,7 +212,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     export_error = None
     if cfg.export and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
         try:
-            extra["export_dir"] = str(export_model(module, run_dir / "export"))
+            extra.update(export_run(cfg, module, datamodule, run_dir, extra.get("snapshots")))
         except TLError as e:  # optional: the results of the finished training are written all the same
             export_error = extra["export_error"] = str(e)
 

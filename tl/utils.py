@@ -18,12 +18,29 @@ from typing import Any
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl.errors import Interrupted, TLError
 
 log = logging.getLogger("tl")
+
+
+def _is_lightning_sigterm(e: BaseException) -> bool:
+    """Lightning's SIGTERMException, looked up only where Lightning is loaded (nothing else could have raised it):
+    tl.predict's ONNX Runtime path runs without Lightning."""
+    module = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return module is not None and isinstance(e, module.SIGTERMException)
+
+
+def rank_zero_only(fn: Callable) -> Callable:
+    """Lightning's `rank_zero_only`, applied at call time so importing this module does not import Lightning."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pytorch_lightning.utilities import rank_zero_only as lightning_rank_zero_only
+
+        return lightning_rank_zero_only(fn)(*args, **kwargs)
+
+    return wrapper
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -40,7 +57,9 @@ def user_errors(fn: Callable) -> Callable:
                 message = message.splitlines()[-1].split("TLError: ", 1)[-1]
             print(f"tl: error: {message}", file=sys.stderr)
             sys.exit(2)
-        except SIGTERMException:  # Lightning's, a SystemExit with status 0: a preempted job must not look finished
+        except SystemExit as e:  # Lightning's SIGTERMException, status 0: a preempted job must not look finished
+            if not _is_lightning_sigterm(e):
+                raise
             print("tl: interrupted by SIGTERM: the state is saved as checkpoints/interrupted.ckpt in the run "
                   "directory; resume with the same hydra.run.dir and ckpt_path=auto", file=sys.stderr)
             sys.exit(128 + signal.SIGTERM)

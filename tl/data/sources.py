@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tl.data.images import to_rgb
+from tl.data.images import IMAGE_EXTENSIONS, to_rgb
 from tl.errors import TLError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLIT_NAMES = ("train", "val", "test")
 
 

@@ -21,9 +21,7 @@ from torch import nn
 
 from tl.errors import TLError
 from tl.models.backbone import classifier_names
-
-STRATEGIES = ("linear_probe", "partial", "full", "gradual", "lp_ft")
-STAGED = ("gradual", "lp_ft")
+from tl.models.strategies import STAGED, STRATEGIES
 
 
 def stage_groups(model: nn.Module) -> list[list[str]]:
