@@ -22,6 +22,7 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "~callbacks.progress",
+    "onnx.enabled=false",  # ONNX export (seconds per run) is tested in test_onnx.py
 ]
 
 

@@ -128,6 +128,8 @@ def trace_to_onnx(graph: ExportGraph, height: int, width: int, opset: int) -> tu
     """
     import onnx
 
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):  # their INFO is not ours
+        logging.getLogger(name).setLevel(logging.WARNING)
     example = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8)
     names = {"input_names": ["image"], "output_names": ["logits", "probs"]}
     errors = []
