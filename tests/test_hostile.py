@@ -523,7 +523,7 @@ def test_outputs_of_the_wrong_kind_are_named(finished, tmp_path, monkeypatch, ca
          "is a folder: give a file"),
         ("tl.export", [f"ckpt={results['best_ckpt']}", f"output={run_dir / 'results.json'}"],
          "is a file: give a folder"),
-        ("tl.export", [f"ckpt={run_dir / 'export'}"], "is a folder, and this needs a .ckpt file"),
+        ("tl.export", [f"ckpt={run_dir / 'export'}"], "is an export already: export from the training run"),
     ]
     for module, argv, culprit in cases:
         code, lines = entry(module, *argv, f"hydra.run.dir={tmp_path / 'out'}", monkeypatch=monkeypatch, capfd=capfd)

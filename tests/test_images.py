@@ -82,7 +82,7 @@ def test_ordinary_modes_keep_their_colours(tmp_path, mode, colour, suffix, expec
 def test_the_training_and_prediction_datasets_decode_16_bit_files(tmp_path):
     from tl.data.datamodule import ImageDataset
     from tl.data.sources import ImageSet
-    from tl.predict import FileDataset
+    from tl.predict_torch import FileDataset
 
     path = _save(Image.fromarray(np.tile(np.linspace(0, 4095, 32).astype(np.uint16), (32, 1))), tmp_path / "a.png")
     images = ImageSet(classes=["a"], targets=np.zeros(1, np.int64), paths=[str(path)])

@@ -276,3 +276,120 @@ def test_tl_export_command_formats_and_bad_options(run, tmp_path):
                               ("onnx.tolerance=0", "onnx.tolerance=0 is invalid")]:
         with pytest.raises(TLError, match=message):
             export(make_cfg(tmp_path, [f"ckpt={run_dir}", override], config_name="export"))
+
+
+def edited(src: Path, dst: Path, edit) -> Path:
+    """A copy of the export `src` with its tl metadata changed by `edit(meta)`."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    entry = next(p for p in proto.metadata_props if p.key == "tl")
+    meta = json.loads(entry.value)
+    edit(meta)
+    entry.value = json.dumps(meta)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.update(class_names=m["class_names"][:3]), "3 class names for 4 outputs"),
+    (lambda m: m.update(class_names=[*m["class_names"], "extra"]), "5 class names for 4 outputs"),
+    (lambda m: m.update(class_names=None), "class_names is not a list"),
+    (lambda m: m["onnx"]["preprocess_steps"].append({"op": "rotate"}), "is unknown"),
+    (lambda m: m["onnx"]["preprocess_steps"][-1].update(size=[16, 16]), "not at the graph's input size"),
+    (lambda m: m["onnx"]["preprocess_steps"][0].update(size=0), "has size 0"),
+    (lambda m: m["onnx"]["preprocess_steps"][0].update(interpolation="fancy"), "has interpolation 'fancy'"),
+    (lambda m: m["onnx"]["input"].update(shape=["batch", 64, 64, 3]), "the graph takes tensor"),
+])
+def test_edited_metadata_is_refused_when_loading_in_one_line(run, tmp_path, edit, problem):
+    run_dir, _, _ = run
+    path = edited(run_dir / "export" / "model.onnx", tmp_path / "m.onnx", edit)
+    with pytest.raises(TLError, match=problem) as caught:
+        load_onnx(path)
+    assert "\n" not in str(caught.value) and "does not fit its graph" in str(caught.value)
+
+
+def test_a_copied_run_exports_into_the_copy_and_never_touches_the_original(run, tmp_path):
+    import shutil
+
+    from tl.evaluate import resolve_members
+
+    run_dir, results, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    members = resolve_members(str(copy), None)
+    assert members == [copy / "checkpoints" / Path(results["best_ckpt"]).name]  # results.json names the original
+
+
+@pytest.mark.parametrize("sig, code, word", [("TERM", 143, "SIGTERM"), ("INT", 130, "Ctrl-C")])
+def test_a_signal_during_export_exits_in_one_line_and_leaves_no_scratch(run, tmp_path, sig, code, word):
+    import os
+    import shutil
+    import signal
+    import time
+
+    run_dir, _, _ = run
+    out = tmp_path / "export"
+    shutil.copytree(run_dir / "export", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.Popen([sys.executable, "-m", "tl.export", f"ckpt={run_dir}", f"output={out}", "format=onnx",
+                             "onnx.parity_images=8", f"hydra.run.dir={tmp_path / 'h'}"],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".export-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the export (tracing the graph)
+    os.kill(proc.pid, getattr(signal, f"SIG{sig}"))
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == code and lines[-1].startswith(f"tl: interrupted by {word}") and \
+        "Traceback" not in stderr, stderr[-1500:]
+    assert not list(out.glob(".export-*")) and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_predict_output_through_a_link_to_a_pipe_or_with_a_non_utf8_list(run, images, tmp_path):
+    import os
+
+    run_dir, _, _ = run
+    model = f"ckpt={run_dir / 'export' / 'model.onnx'}"
+    target = tmp_path / "real.csv"
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    predict(make_cfg(tmp_path, [model, f"inputs={images}", f"output={link}"], config_name="predict"))
+    assert link.is_symlink() and len(read_csv(target)) == 13
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(TLError, match="exists and is not a regular file"):
+        predict(make_cfg(tmp_path, [model, f"inputs={images}", f"output={tmp_path / 'pipe.csv'}"],
+                         config_name="predict"))
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"missing\xff.png\n" + str(next(images.glob("00.png"))).encode() + b"\n")
+    rows, _ = predict(make_cfg(tmp_path, [model, f"inputs={listing}", f"output={tmp_path / 'l.csv'}"],
+                               config_name="predict"))
+    assert rows[0]["error"].startswith("FileNotFoundError") and rows[1]["label"]
+
+
+def test_a_failed_onnx_export_in_training_still_leaves_the_safetensors_export(tmp_path, monkeypatch):
+    import tl.onnx_export as onnx_export
+
+    real = onnx_export.reference_probs
+    monkeypatch.setattr(onnx_export, "reference_probs", lambda *a, **k: real(*a, **k) + 1e-3)
+    with pytest.raises(TLError, match="export failed: ONNX parity check failed.*model.safetensors and model.json "
+                                      "were written, without model.onnx"):
+        train(make_cfg(tmp_path, [*TINY, "scenario=large_similar", "trainer.max_epochs=1", "onnx.enabled=auto",
+                                  "onnx.parity_images=8"]))
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.json", "model.safetensors"]
+    assert "ONNX parity" in json.loads((tmp_path / "results.json").read_text())["export_error"]
+
+
+def test_a_folder_in_the_way_stops_the_export_before_anything_changes(run, tmp_path):
+    run_dir, results, objects = run
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "model.onnx").write_text("old")
+    (out / "model.json").mkdir()  # in the way
+    with pytest.raises(TLError, match="model.json' is in the way"):
+        export_model(load_module(Path(results["best_ckpt"])), out, "safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
+    assert (out / "model.onnx").read_text() == "old"
+    with pytest.raises(TLError, match="is a training run's folder"):
+        export_model(load_module(Path(results["best_ckpt"])), run_dir, "safetensors")

@@ -13,3 +13,9 @@ class TLError(Exception):
 class Interrupted(Exception):
     """Ctrl-C (SIGINT) during fitting: Lightning saved the state and exits with status 1; tl says so in one line and
     exits like an interrupted process (130)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM in tl.export, tl.predict or tl.evaluate (`tl.utils.terminate_as_exception`): raised in the main thread
+    so that clean-ups run (scratch files removed, earlier files kept) before the one-line exit with status 143. A
+    BaseException, so that no `except Exception` swallows it."""

@@ -33,7 +33,7 @@ from tl.inference import (
     run_dir_of,
     snapshot_paths,
 )
-from tl.utils import check_required, print_results, user_errors, write_json
+from tl.utils import check_required, print_results, terminate_as_exception, user_errors, write_json
 
 log = logging.getLogger("tl.evaluate")
 
@@ -53,9 +53,16 @@ def resolve_members(ckpt: str, last: int | None) -> list[Path]:
         return snapshots[-int(last):] if last is not None else snapshots
     results = path / "results.json"
     best = json.loads(results.read_text()).get("best_ckpt") if results.is_file() else None
-    for candidate in (best, path / "checkpoints" / "last.ckpt", path / "last.ckpt"):  # RUN, or RUN/checkpoints
-        if candidate and Path(candidate).is_file():
-            return [Path(candidate)]
+    # results.json holds the absolute path it was written with: a copied or moved run finds its best checkpoint by
+    # name in its own folder, never in the original's
+    best_here = []
+    if isinstance(best, str) and best:
+        best_here.append(path / "checkpoints" / Path(best).name)
+        if Path(best).resolve().is_relative_to(path.resolve()):  # another checkpoint folder inside this run
+            best_here.append(Path(best))
+    for candidate in (*best_here, path / "checkpoints" / "last.ckpt", path / "last.ckpt"):  # RUN, or RUN/checkpoints
+        if candidate.is_file():
+            return [candidate]
     raise TLError(f"ckpt={ckpt!r} is a directory with no snapshots (checkpoints/snapshots/*.ckpt), no best or last "
                   f"checkpoint and no model.json: {CKPT_HINT}")
 
@@ -113,6 +120,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float:
+    terminate_as_exception()
     results, _ = evaluate(cfg)
     return results["test/acc"]
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import hydra
@@ -31,7 +33,12 @@ from tl.checks import EXPORT_RULES, check_rules
 from tl.cli import launch
 from tl.errors import TLError
 from tl.inference import EXPORT_CONFIG, EXPORT_WEIGHTS, load_module, run_dir_of
-from tl.utils import atomic_path, atomic_write_text, check_required, ensure_writable, user_errors
+from tl.utils import (
+    check_required,
+    ensure_writable,
+    terminate_as_exception,
+    user_errors,
+)
 
 log = logging.getLogger("tl.export")
 
@@ -84,8 +91,14 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
     meta = export_meta(module)
     if sources:
         meta["weights_from"] = sources
-    out_dir = ensure_writable(Path(out_dir))
+    out_dir = Path(out_dir)
+    if (out_dir / "config.yaml").is_file() or (out_dir / "checkpoints").is_dir():
+        raise TLError(f"output={str(out_dir)!r} is a training run's folder: export into RUN/export (the default) or "
+                      "another folder")
+    created = not out_dir.exists()
+    out_dir = ensure_writable(out_dir, setting="output=DIR")
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    done = False
     try:
         moves: list[tuple[Path, str]] = []
         if formats in ("onnx", "all"):
@@ -104,11 +117,12 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
             models = members or [module.model]
             temperatures = [float(getattr(m, "temperature", None) or 1.0) for m in members] if members \
                 else [float((meta.get("calibration") or {}).get("temperature", 1.0))]
-            section, files = build_onnx(
-                models, temperatures, meta["preprocess"], meta, work, images, images_from,
-                tolerance=float(onnx.get("tolerance", 1e-4)), quantize_as=quantize_as,
-                min_int8_agreement=float(onnx.get("min_int8_agreement", 0.97)), input_size=onnx.get("input_size"),
-                opset=int(onnx.get("opset", 18)))
+            with _write_errors(out_dir / ONNX_FILE):
+                section, files = build_onnx(
+                    models, temperatures, meta["preprocess"], meta, work, images, images_from,
+                    tolerance=float(onnx.get("tolerance", 1e-4)), quantize_as=quantize_as,
+                    min_int8_agreement=float(onnx.get("min_int8_agreement", 0.97)),
+                    input_size=onnx.get("input_size"), opset=int(onnx.get("opset", 18)))
             meta["onnx"] = section
             moves += files
         if formats in ("safetensors", "all"):
@@ -116,19 +130,52 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
 
             # safetensors wants contiguous tensors that share no memory: plain detached copies
             state = {k: v.detach().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
-            save_file(state, str(work / EXPORT_WEIGHTS), metadata={"format": FORMAT, "name": meta["name"]})
+            with _write_errors(out_dir / EXPORT_WEIGHTS):
+                save_file(state, str(work / EXPORT_WEIGHTS), metadata={"format": FORMAT, "name": meta["name"]})
             meta["safetensors"] = {"file": EXPORT_WEIGHTS, "members": 1}
             moves.append((work / EXPORT_WEIGHTS, EXPORT_WEIGHTS))
-        written = {name for _, name in moves}
-        for scratch, name in moves:
-            with atomic_path(out_dir / name) as tmp:
-                shutil.move(scratch, tmp)
-        for stale in {ONNX_FILE, INT8_FILE, EXPORT_WEIGHTS} - written:  # from an earlier export of other weights
-            (out_dir / stale).unlink(missing_ok=True)
-        atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
+        (work / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        moves.append((work / EXPORT_CONFIG, EXPORT_CONFIG))  # last: it describes the files moved before it
+        stale = {ONNX_FILE, INT8_FILE, EXPORT_WEIGHTS} - {name for _, name in moves}  # an earlier export's
+        install(moves, stale, out_dir)
+        done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if created and not done:
+            with suppress(OSError):
+                out_dir.rmdir()  # only if still empty
     return out_dir
+
+
+def install(moves: list[tuple[Path, str]], stale: set[str], out_dir: Path) -> None:
+    """Rename the finished scratch files over their destinations (same folder: each rename is atomic), then remove the
+    files of an earlier export that this one does not replace. Every destination is checked first, so a folder or
+    other non-file in the way stops it before anything changes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for _, name in moves:
+        target = out_dir / name
+        if (target.exists() and not target.is_file()) or target.is_symlink():
+            raise TLError(f"{str(target)!r} is in the way (not a regular file): move it away and export again; "
+                          "nothing was written")
+    for scratch, name in moves:
+        with _write_errors(out_dir / name):
+            with open(scratch, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(scratch, 0o666 & ~mask)  # as a plain open() would create it (safetensors writes 0600)
+            os.replace(scratch, out_dir / name)
+    for name in stale:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def _write_errors(path: Path):
+    """An OSError while a file for `path` is prepared (a full disk, permissions): one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise TLError(f"could not write {str(path)!r} ({e.strerror or e}): free space or fix permissions there; the "
+                      "previous export, if any, is unchanged") from e
 
 
 def export(cfg: DictConfig) -> Path:
@@ -191,6 +238,8 @@ def _parity_data(cfg: DictConfig, ckpt: Path, preprocess: dict):
         datamodule.setup("fit")
         return datamodule
     except TLError as e:
+        if cfg.get("data") is not None:  # named on the command line: it must be there
+            raise
         log.warning("the run's data is not reachable (%s): checking ONNX parity on synthetic images", e)
         return None
 
@@ -198,6 +247,7 @@ def _parity_data(cfg: DictConfig, ckpt: Path, preprocess: dict):
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 @user_errors
 def _hydra_main(cfg: DictConfig) -> None:
+    terminate_as_exception()
     export(cfg)
 
 

@@ -127,6 +127,9 @@ def load_export(folder: Path) -> Classifier:
     from tl.models.module import check_calibration
 
     config_path, weights_path = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
+    if config_path.is_file() and not weights_path.is_file() and (folder / "model.onnx").is_file():
+        raise TLError(f"ckpt={str(folder)!r} holds model.onnx and no {EXPORT_WEIGHTS}: predict with "
+                      f"ckpt={str(folder / 'model.onnx')!r} (ONNX Runtime), or export format=all")
     if not config_path.is_file() or not weights_path.is_file():
         raise TLError(f"ckpt={str(folder)!r} is a directory without {EXPORT_CONFIG} and {EXPORT_WEIGHTS}: {CKPT_HINT}")
     try:

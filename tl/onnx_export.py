@@ -265,6 +265,9 @@ def build_onnx(models: Sequence[nn.Module], temperatures: Sequence[float], prepr
     height, width = preprocess["input_size"][1:]
     models = [m.eval() for m in models]
     if input_size is not None:
+        log.warning("onnx.input_size=%s: the graph resizes its input without the evaluation crop; its answers can "
+                    "differ from the PyTorch path's (parity is checked against the same graph in PyTorch)",
+                    list(input_size))
         input_size = [int(s) for s in input_size]
         if len(input_size) != 2 or min(input_size) < 1:
             raise TLError(f"input_size={list(input_size)!r} is not [H, W] in pixels: give e.g. input_size=[256,256] "
@@ -320,8 +323,10 @@ def build_onnx(models: Sequence[nn.Module], temperatures: Sequence[float], prepr
         if q_check["top1_agreement"] < min_int8_agreement:
             raise TLError(f"int8 quantisation ({quantize_as}) changed the top-1 answer on "
                           f"{1 - q_check['top1_agreement']:.1%} of {q_check['images']} {images_from} images (allowed "
-                          f"{1 - min_int8_agreement:.1%}); nothing was written: export without quantize, or with "
-                          "more validation images (onnx.parity_images)")
+                          f"{1 - min_int8_agreement:.1%}); nothing was written: " + (
+                              "export with onnx.quantize=static (calibrated), or without quantize"
+                              if quantize_as == "dynamic" else
+                              "export without quantize, or calibrate on more validation images (onnx.parity_images)"))
         import onnx
 
         save_with_meta(onnx.load(str(int8)), int8, {**full_meta, "onnx": {**section, "file": INT8_FILE}})

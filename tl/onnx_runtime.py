@@ -115,6 +115,8 @@ class OnnxClassifier:
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:
     """An ONNX Runtime session for a .onnx file written by `tl.export`; anything else is refused in one line."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise TLError(f"ckpt={str(path)!r} is a folder: give the model.onnx file written by python -m tl.export")
     if not path.is_file():
         raise TLError(f"ckpt={str(path)!r} not found: give a model.onnx written by python -m tl.export")
     try:
@@ -143,7 +145,56 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:
     if not ok:
         raise TLError(f"ckpt={str(path)!r} is an ONNX model but not one written by tl.export (no class names, input "
                       f"contract or preprocessing in its metadata): {EXPORT_HINT}")
+    problem = check_meta(meta, session)
+    if problem:
+        raise TLError(f"ckpt={str(path)!r} has tl metadata that does not fit its graph ({problem}): {EXPORT_HINT}")
     return OnnxClassifier(session, meta, str(path))
+
+
+def _side(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536
+
+
+def check_meta(meta: dict, session) -> str | None:
+    """What is wrong with an export's metadata against its graph (an edited or mismatched file), or None."""
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return "class_names is not a list of names"
+    probs = next(o for o in session.get_outputs() if o.name == "probs")
+    classes = probs.shape[-1] if probs.shape else None
+    if isinstance(classes, int) and classes != len(names):
+        return f"{len(names)} class names for {classes} outputs"
+    shape = meta["onnx"]["input"].get("shape")
+    if not isinstance(shape, list) or len(shape) != 4 or not all(_side(v) for v in shape[1:]) or shape[3] != 3:
+        return f"input shape {shape!r} is not [batch, H, W, 3]"
+    graph_input = next(i for i in session.get_inputs() if i.name == meta["onnx"]["input"]["name"])
+    if graph_input.type != "tensor(uint8)" or len(graph_input.shape) != 4 or any(
+            isinstance(g, int) and g != m for g, m in zip(graph_input.shape[1:], shape[1:], strict=True)):
+        return f"the graph takes {graph_input.type} {graph_input.shape}, the metadata says uint8 {shape}"
+    steps = meta["onnx"]["preprocess_steps"]
+    if not isinstance(steps, list) or not steps:
+        return "preprocess_steps is not a list of steps"
+    for step in steps:
+        op = step.get("op") if isinstance(step, dict) else None
+        size = step.get("size") if isinstance(step, dict) else None
+        pair = isinstance(size, list) and len(size) == 2 and all(_side(v) for v in size)
+        if op not in ("resize", "resize_keep_ratio", "center_crop"):
+            return f"preprocessing step {step!r} is unknown"
+        if not (pair or (op == "resize" and (_side(size) or (isinstance(size, list) and len(size) == 1
+                                                               and _side(size[0]))))):
+            return f"step {op} has size {size!r}"
+        if op != "center_crop" and step.get("interpolation") not in PIL_INTERPOLATION:
+            return f"step {op} has interpolation {step.get('interpolation')!r}"
+        if op == "resize_keep_ratio" and not (isinstance(step.get("longest", 0.0), (int, float))
+                                              and 0 <= step.get("longest", 0.0) <= 1):
+            return f"step {op} has longest {step.get('longest')!r}"
+        if op == "resize" and step.get("max_size") is not None and not _side(step.get("max_size")):
+            return f"step {op} has max_size {step.get('max_size')!r}"
+    last = steps[-1]
+    if last["op"] == "resize_keep_ratio" or not isinstance(last["size"], list) or len(last["size"]) != 2 \
+            or list(last["size"]) != shape[1:3]:
+        return f"the steps end at {last['size']!r}, not at the graph's input size {shape[1:3]}"
+    return None
 
 
 # -- tl.predict's ONNX Runtime path ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tl.checks import PREDICT_RULES, check_rules
 from tl.cli import launch
 from tl.data.images import IMAGE_EXTENSIONS
 from tl.errors import TLError
-from tl.utils import atomic_path, check_required, ensure_writable, user_errors
+from tl.utils import atomic_path, check_required, ensure_writable, terminate_as_exception, user_errors
 
 log = logging.getLogger("tl.predict")
 
@@ -45,7 +45,8 @@ def list_inputs(inputs: str | Path) -> list[Path]:
                           "point inputs at a folder of images, an image file or a .txt list of files")
         return files
     if root.is_file() and root.suffix.lower() == ".txt":
-        lines = [line.strip() for line in root.read_text().splitlines()]
+        # a file name that is not valid UTF-8 keeps its bytes (and is reported on its row if it cannot be read)
+        lines = [line.strip() for line in root.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
         files = [root.parent / line for line in lines if line and not line.startswith("#")]  # absolute ones stay
         if not files:
             raise TLError(f"inputs={str(inputs)!r} lists no files: write one image path per line")
@@ -104,9 +105,14 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     output = Path(cfg.output).expanduser()
     if output.is_dir():
         raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'predictions.csv'}")
+    if output.is_symlink():  # write where the link points, keeping the link
+        output = output.resolve()
+    if output.exists() and not output.is_file():
+        raise TLError(f"output={cfg.output!r} exists and is not a regular file (a device, a pipe, ...): give a .csv "
+                      "file path")
     predictor = load_predictor(cfg.ckpt, cfg.get("device", "auto"), cfg.get("optimize", True))
     paths = list_inputs(cfg.inputs)
-    ensure_writable(output.parent)
+    ensure_writable(output.parent, setting="output=FILE.csv")
     class_names = predictor.class_names
     topk = min(cfg.topk, len(class_names))
     min_prob = cfg.get("min_prob")
@@ -138,6 +144,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 @user_errors
 def _hydra_main(cfg: DictConfig) -> None:
+    terminate_as_exception()
     predict(cfg)
 
 

@@ -99,9 +99,11 @@ def onnx_formats(cfg: DictConfig) -> tuple[str, str | None]:
     return ("safetensors", missing) if missing else ("all", None)
 
 
-def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: list[dict] | None) -> dict[str, Any]:
-    """RUN/export: the tested weights (safetensors) and, where onnx is installed, model.onnx checked on validation
-    images; a snapshot-ensemble run's ONNX graph is its ensemble (the last `snapshots.ensemble_last` members)."""
+def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: list[dict] | None,
+               tested_ckpt: str | None) -> dict[str, Any]:
+    """RUN/export: the tested weights (safetensors; with EMA or SWA, the average the run tested) and, where onnx is
+    installed, model.onnx checked on validation images; a snapshot-ensemble run's ONNX graph is its ensemble (the
+    last `snapshots.ensemble_last` members, as `ensemble/test/acc` scored them)."""
     from tl.inference import load_classifier
 
     formats, skipped = onnx_formats(cfg)
@@ -114,8 +116,19 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: li
             clf.model.temperature = clf.temperature
             members.append(clf.model)
     started = time.perf_counter()
-    out_dir = export_model(module, run_dir / "export", formats, OmegaConf.to_container(cfg.onnx, resolve=True),
-                           members, parity_data=datamodule)
+    averaging = OmegaConf.select(cfg, "callbacks.weight_averaging._target_")
+    tested = [s["path"] for s in (snapshots[-cfg.snapshots.ensemble_last:] if cfg.snapshots.ensemble_last
+                                  else snapshots)] if members else [tested_ckpt]
+    sources = {"checkpoints": tested, "weight_averaging": averaging.rsplit(".", 1)[-1] if averaging else None}
+    try:
+        out_dir = export_model(module, run_dir / "export", formats, OmegaConf.to_container(cfg.onnx, resolve=True),
+                               members, parity_data=datamodule, sources=sources)
+    except TLError as e:
+        if formats != "all":
+            raise
+        # the ONNX part failed (a parity check, a model torch.export cannot capture): keep the weights usable
+        export_model(module, run_dir / "export", "safetensors", sources={**sources, "checkpoints": [tested_ckpt]})
+        raise TLError(f"{e} [model.safetensors and model.json were written, without model.onnx]") from None
     info: dict[str, Any] = {"export_dir": str(out_dir), "export_seconds": round(time.perf_counter() - started, 2)}
     if formats == "all":
         import json
@@ -212,7 +225,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     export_error = None
     if cfg.export and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
         try:
-            extra.update(export_run(cfg, module, datamodule, run_dir, extra.get("snapshots")))
+            tested = ((trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None) or None
+                      if cfg.test else None)  # without a test, the module holds the last weights
+            extra.update(export_run(cfg, module, datamodule, run_dir, extra.get("snapshots"), tested))
         except TLError as e:  # optional: the results of the finished training are written all the same
             export_error = extra["export_error"] = str(e)
 

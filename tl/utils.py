@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tl.errors import Interrupted, TLError
+from tl.errors import Interrupted, Terminated, TLError
 
 log = logging.getLogger("tl")
 
@@ -29,6 +29,22 @@ def _is_lightning_sigterm(e: BaseException) -> bool:
     tl.predict's ONNX Runtime path runs without Lightning."""
     module = sys.modules.get("pytorch_lightning.utilities.exceptions")
     return module is not None and isinstance(e, module.SIGTERMException)
+
+
+def terminate_as_exception() -> None:
+    """From now on a SIGTERM raises `Terminated` in this process's main thread, so `finally` blocks and atomic writes
+    clean up (the default action kills at once and leaves scratch files). A forked child (a DataLoader worker)
+    that inherits the handler dies as before."""
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def rank_zero_only(fn: Callable) -> Callable:
@@ -67,6 +83,11 @@ def user_errors(fn: Callable) -> Callable:
             print("tl: interrupted by Ctrl-C: the state is saved as checkpoints/interrupted.ckpt in the run "
                   "directory; resume with the same hydra.run.dir and ckpt_path=auto", file=sys.stderr)
             sys.exit(128 + signal.SIGINT)
+        except (KeyboardInterrupt, Terminated) as e:  # outside fitting: what was being written is discarded
+            name = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+            print(f"tl: interrupted by {name}: files being written were discarded, earlier ones are unchanged",
+                  file=sys.stderr)
+            sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM))
 
     return wrapper
 
@@ -109,20 +130,21 @@ def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
-def ensure_writable(path: Path, min_free_mb: int = 200) -> Path:
-    """Create `path` and prove it takes a file now, not after an hour of training."""
+def ensure_writable(path: Path, min_free_mb: int = 200, setting: str = "hydra.run.dir=DIR") -> Path:
+    """Create `path` and prove it takes a file now, not after an hour of training; `setting` is what the user sets to
+    choose another place (named in the error)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_test.{os.getpid()}"  # per process: all ranks of a job may start at once
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:
-        raise TLError(f"output directory {str(path)!r} is not writable ({e.strerror}): set hydra.run.dir=DIR "
+        raise TLError(f"output directory {str(path)!r} is not writable ({e.strerror}): set {setting} "
                       "to a writable place with free space") from e
     free = shutil.disk_usage(path).free
     if free < min_free_mb * 2**20:  # checkpoints and event files need room; fail now, not at the first save
         raise TLError(f"output directory {str(path)!r} has {free / 2**20:.0f} MB free (< {min_free_mb} MB): free "
-                      "space or set hydra.run.dir=DIR elsewhere")
+                      f"space or set {setting} elsewhere")
     return path
 
 
