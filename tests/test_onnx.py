@@ -184,12 +184,15 @@ def test_a_failed_parity_check_writes_nothing_and_keeps_the_previous_export(run,
     run_dir, results, objects = run
     module = load_module(Path(results["best_ckpt"]))
     out = tmp_path / "export"
-    export_model(module, out, "all", {"parity_images": 8}, parity_data=objects["datamodule"])
+    export_model(module, out, "all", {"parity_images": 8, "exporter": "torchscript"},
+                 parity_data=objects["datamodule"])
+    assert json.loads((out / "model.json").read_text())["onnx"]["exporter"] == "torchscript"  # the fallback path
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real = onnx_export.reference_probs
     monkeypatch.setattr(onnx_export, "reference_probs", lambda *a, **k: real(*a, **k) + 1e-3)  # a graph that drifts
     with pytest.raises(TLError, match=r"ONNX parity check failed on 8 val split images: max \|p_onnx - p_torch\|"):
-        export_model(module, out, "all", {"parity_images": 8}, parity_data=objects["datamodule"])
+        export_model(module, out, "all", {"parity_images": 8, "exporter": "torchscript"},
+                     parity_data=objects["datamodule"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no scratch folder left, nothing replaced
 
 
@@ -199,8 +202,8 @@ def test_int8_export_is_checked_against_pytorch_and_predicts(run, images, tmp_pa
     run by scripts/bench_onnx.py."""
     run_dir, results, objects = run
     module = load_module(Path(results["best_ckpt"]))
-    out = export_model(module, tmp_path / "export", "onnx", {"quantize": True, "parity_images": 32,
-                                                             "min_int8_agreement": 0.0},
+    options = {"quantize": True, "parity_images": 32, "exporter": "torchscript"}
+    out = export_model(module, tmp_path / "export", "onnx", {**options, "min_int8_agreement": 0.0},
                        parity_data=objects["datamodule"])
     meta = json.loads((out / "model.json").read_text())
     int8 = meta["onnx"]["int8"]
@@ -214,7 +217,7 @@ def test_int8_export_is_checked_against_pytorch_and_predicts(run, images, tmp_pa
     if int8["parity"]["top1_agreement"] < 1.0:  # the guard: above the allowed disagreement, nothing is written
         before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         with pytest.raises(TLError, match=r"int8 quantisation \(static\) changed the top-1 answer"):
-            export_model(module, out, "onnx", {"quantize": True, "parity_images": 32, "min_int8_agreement": 1.0},
+            export_model(module, out, "onnx", {**options, "min_int8_agreement": 1.0},
                          parity_data=objects["datamodule"])
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -263,7 +266,7 @@ def test_tl_export_command_formats_and_bad_options(run, tmp_path):
 
     run_dir, results, _ = run
     out = export(make_cfg(tmp_path, [f"ckpt={run_dir}", f"output={tmp_path / 'e'}", "format=onnx",
-                                     "onnx.parity_images=8"], config_name="export"))
+                                     "onnx.parity_images=8", "onnx.exporter=torchscript"], config_name="export"))
     meta = json.loads((out / "model.json").read_text())
     assert meta["onnx"]["parity"]["inputs"] == "val split" and sorted(p.name for p in out.iterdir()) == \
         ["model.json", "model.onnx"]
@@ -273,7 +276,8 @@ def test_tl_export_command_formats_and_bad_options(run, tmp_path):
     for override, message in [("format=tflite", "format='tflite' is invalid"),
                               ("onnx.quantize=yes", "onnx.quantize='yes' is invalid"),
                               ("onnx.input_size=[64]", "onnx.input_size=.* is invalid"),
-                              ("onnx.tolerance=0", "onnx.tolerance=0 is invalid")]:
+                              ("onnx.tolerance=0", "onnx.tolerance=0 is invalid"),
+                              ("onnx.exporter=tf2onnx", "onnx.exporter='tf2onnx' is invalid")]:
         with pytest.raises(TLError, match=message):
             export(make_cfg(tmp_path, [f"ckpt={run_dir}", override], config_name="export"))
 
@@ -376,7 +380,7 @@ def test_a_failed_onnx_export_in_training_still_leaves_the_safetensors_export(tm
     with pytest.raises(TLError, match="export failed: ONNX parity check failed.*model.safetensors and model.json "
                                       "were written, without model.onnx"):
         train(make_cfg(tmp_path, [*TINY, "scenario=large_similar", "trainer.max_epochs=1", "onnx.enabled=auto",
-                                  "onnx.parity_images=8"]))
+                                  "onnx.parity_images=8", "onnx.exporter=torchscript"]))
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.json", "model.safetensors"]
     assert "ONNX parity" in json.loads((tmp_path / "results.json").read_text())["export_error"]
 

@@ -89,6 +89,8 @@ ONNX_RULES: list[Rule] = [
     ("onnx.min_int8_agreement", lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1], e.g. 0.97"),
     ("onnx.input_size", _input_size, "null (the model's own input size) or [H, W] in pixels from 16 to 4096"),
     ("onnx.opset", lambda v: _integer(v) and 17 <= v <= 23, "an ONNX opset from 17 to 23"),
+    ("onnx.exporter", lambda v: v in ("auto", "dynamo", "torchscript"),
+     "auto (torch.export, falling back to TorchScript), dynamo or torchscript"),
 ]
 
 RULES: list[Rule] = [

@@ -122,7 +122,8 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
                     models, temperatures, meta["preprocess"], meta, work, images, images_from,
                     tolerance=float(onnx.get("tolerance", 1e-4)), quantize_as=quantize_as,
                     min_int8_agreement=float(onnx.get("min_int8_agreement", 0.97)),
-                    input_size=onnx.get("input_size"), opset=int(onnx.get("opset", 18)))
+                    input_size=onnx.get("input_size"), opset=int(onnx.get("opset", 18)),
+                    exporter=str(onnx.get("exporter", "auto")))
             meta["onnx"] = section
             moves += files
         if formats in ("safetensors", "all"):

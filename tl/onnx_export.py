@@ -124,11 +124,16 @@ class ExportGraph(nn.Module):
         return probs.clamp_min(1e-30).log(), probs
 
 
-def trace_to_onnx(graph: ExportGraph, height: int, width: int, opset: int) -> tuple[object, str]:
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def trace_to_onnx(graph: ExportGraph, height: int, width: int, opset: int,
+                  exporter: str = "auto") -> tuple[object, str]:
     """The ONNX ModelProto of `graph` with a dynamic batch axis, and which exporter made it.
 
-    torch.export (the `dynamo` exporter, torch's supported one) first; a model it cannot capture falls back to the
-    TorchScript exporter.
+    `auto`: torch.export (the `dynamo` exporter, torch's supported one; ~5 s for EfficientNet-Lite0 here) first, and a
+    model it cannot capture falls back to the TorchScript exporter (deprecated by torch, ~1 s). `dynamo` or
+    `torchscript`: that one only.
     """
     import onnx
 
@@ -137,7 +142,9 @@ def trace_to_onnx(graph: ExportGraph, height: int, width: int, opset: int) -> tu
     example = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8)
     names = {"input_names": ["image"], "output_names": ["logits", "probs"]}
     errors = []
-    if importlib.util.find_spec("onnxscript") is not None:
+    if exporter in ("auto", "dynamo") and importlib.util.find_spec("onnxscript") is None:
+        errors.append("dynamo: onnxscript not installed")
+    elif exporter in ("auto", "dynamo"):
         try:
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -148,6 +155,9 @@ def trace_to_onnx(graph: ExportGraph, height: int, width: int, opset: int) -> tu
         except Exception as e:  # noqa: BLE001 - torch.export raises many kinds for graphs it cannot capture
             errors.append(f"dynamo: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
             log.warning("torch.export could not capture the model (%s); trying the TorchScript exporter", errors[-1])
+    if exporter == "dynamo":
+        raise TLError(f"the model could not be exported to ONNX ({'; '.join(errors)}): try onnx.exporter=torchscript, "
+                      "or export format=safetensors")
     buffer = io.BytesIO()
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -261,7 +271,8 @@ def quantize(fp32: Path, out: Path, mode: str, images: np.ndarray, work: Path) -
 def build_onnx(models: Sequence[nn.Module], temperatures: Sequence[float], preprocess: dict, meta: dict,
                work: Path, images: list[Image.Image], images_from: str, tolerance: float = 1e-4,
                quantize_as: str | None = None, min_int8_agreement: float = 0.97,
-               input_size: Sequence[int] | None = None, opset: int = 18) -> tuple[dict, list[tuple[Path, str]]]:
+               input_size: Sequence[int] | None = None, opset: int = 18,
+               exporter: str = "auto") -> tuple[dict, list[tuple[Path, str]]]:
     """Export, check and (optionally) quantise in `work` (a scratch folder beside the destination).
 
     Returns the JSON section `onnx` and the files to move into place [(scratch file, final name)]. Nothing is moved
@@ -299,7 +310,7 @@ def build_onnx(models: Sequence[nn.Module], temperatures: Sequence[float], prepr
         "opset": opset,
     }
     with torch.inference_mode(False), torch.no_grad():
-        proto, section["exporter"] = trace_to_onnx(graph, in_h, in_w, opset)
+        proto, section["exporter"] = trace_to_onnx(graph, in_h, in_w, opset, exporter)
     fp32 = work / ONNX_FILE
     full_meta = {**meta, "onnx": section}
     save_with_meta(proto, fp32, full_meta)

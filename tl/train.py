@@ -16,6 +16,7 @@ config once with the chosen preset); `train(cfg)` then receives a final config a
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -131,8 +132,6 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: li
         raise TLError(f"{e} [model.safetensors and model.json were written, without model.onnx]") from None
     info: dict[str, Any] = {"export_dir": str(out_dir), "export_seconds": round(time.perf_counter() - started, 2)}
     if formats == "all":
-        import json
-
         section = json.loads((out_dir / "model.json").read_text())["onnx"]
         info["onnx"] = {"members": section["members"], "parity": section["parity"],
                         **({"int8_parity": section["int8"]["parity"]} if "int8" in section else {})}
