@@ -135,3 +135,9 @@ def test_imagefolder_skips_or_refuses_bad_files(tmp_path):
     assert str(tmp_path / "b" / "gone.png") in images.skipped_files
     with pytest.raises(TLError, match="unreadable or non-image"):
         ImageFolderSource(tmp_path, on_bad_file="error").load()
+
+
+def test_a_class_too_small_to_split_is_named():
+    targets = np.array([0] * 10 + [1] + [2] * 10)
+    with pytest.raises(TLError, match=r"class 'lonely' has only 1 example\(s\) to split: too few to carve a test"):
+        make_splits(targets, {}, 0.15, 0.15, 0, ["cat", "lonely", "dog"])

@@ -236,7 +236,7 @@ def _parity_data(cfg: DictConfig, ckpt: Path, preprocess: dict):
     try:
         data, seed = data_config(cfg, ckpt)
         datamodule = build_datamodule(data, preprocess, augment=None, seed=seed)
-        datamodule.setup("fit")
+        datamodule.setup("validate")
         return datamodule
     except TLError as e:
         if cfg.get("data") is not None:  # named on the command line: it must be there

@@ -150,7 +150,7 @@ class TransferDataModule(pl.LightningDataModule):
         if self.images is None:
             self.images = self.source.load()
         splits = make_splits(self.images.targets, self.images.given_splits, self.val_fraction, self.test_fraction,
-                             self.seed)
+                             self.seed, self.images.classes)
         splits["train"] = subset_per_class(splits["train"], self.images.targets, self.samples_per_class, self.seed,
                                            self.images.classes)
         self.audit = audit_splits(self.images, splits)  # one class, classes missing from a split, train/test copies
@@ -159,7 +159,8 @@ class TransferDataModule(pl.LightningDataModule):
                  *(len(splits[s]) for s in ("train", "val", "test")))
         counts = self.class_counts
         self.balance_mode = resolve_balance(self.balance, counts, self.balance_auto_ratio)
-        if self.balance_mode != "none" or imbalance_ratio(counts) >= self.balance_auto_ratio:
+        imbalanced = self.balance_mode != "none" or imbalance_ratio(counts) >= self.balance_auto_ratio
+        if imbalanced and stage in (None, "fit"):  # a training matter: evaluate and export set up without it
             log.info("Train classes: largest/smallest %.1f (%d/%d); data.balance=%s -> %s", imbalance_ratio(counts),
                      max(counts), min(counts), self.balance, self.balance_mode)
 

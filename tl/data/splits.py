@@ -13,15 +13,19 @@ from sklearn.model_selection import train_test_split
 from tl.errors import TLError
 
 
-def _carve(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int, what: str):
+def _carve(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int, what: str,
+           classes: list[str] | None = None):
     """Split `indices` into (rest, carved) with `fraction` of each class in `carved`."""
     if not 0.0 < fraction < 1.0:
         raise TLError(f"data.{what}_fraction={fraction}: use a fraction in (0, 1)")
-    counts = np.bincount(targets[indices])
-    counts = counts[counts > 0]
+    all_counts = np.bincount(targets[indices])
+    counts = all_counts[all_counts > 0]
     if counts.min() < 2:
-        raise TLError(f"a class has only {counts.min()} example(s): too few to carve a {what} split; add data or "
-                      f"provide a {what}/ folder")
+        small = [int(c) for c in np.flatnonzero((all_counts > 0) & (all_counts < 2))]
+        names = ", ".join(repr(classes[c]) if classes and c < len(classes) else str(c) for c in small[:5])
+        more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+        raise TLError(f"class {names}{more} has only {counts.min()} example(s) to split: too few to carve a "
+                      f"{what} split; add images to it, remove it, or provide a {what}/ folder")
     # Stratified needs at least one example per class on each side; round the carved count up to the class count.
     n_carve = max(int(round(fraction * len(indices))), len(counts))
     if n_carve >= len(indices) - len(counts) + 1:
@@ -31,15 +35,15 @@ def _carve(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int,
 
 
 def make_splits(targets: np.ndarray, given: dict[str, np.ndarray], val_fraction: float, test_fraction: float,
-                seed: int) -> dict[str, np.ndarray]:
-    """Return index arrays for train, val and test."""
+                seed: int, classes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Return index arrays for train, val and test (`classes`: the names, for errors)."""
     splits = {k: np.asarray(v) for k, v in given.items()}
     train = splits.get("train", np.arange(len(targets)))
     n = len(train)  # fractions are of the data before carving, so val and test come out the sizes asked for
     if "test" not in splits:
-        train, splits["test"] = _carve(train, targets, test_fraction, seed, "test")
+        train, splits["test"] = _carve(train, targets, test_fraction, seed, "test", classes)
     if "val" not in splits:
-        train, splits["val"] = _carve(train, targets, val_fraction * n / len(train), seed + 1, "val")
+        train, splits["val"] = _carve(train, targets, val_fraction * n / len(train), seed + 1, "val", classes)
     splits["train"] = train
     return splits
 
