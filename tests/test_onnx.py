@@ -176,6 +176,11 @@ def test_corrupt_truncated_or_foreign_onnx_is_one_line_naming_the_file(run, imag
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "truncated.onnx" in proc.stderr
     assert not (tmp_path / "p.csv").exists()
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # the CPU-only onnxruntime package
+        with pytest.raises(TLError, match="has no CUDA provider .*pip install onnxruntime-gpu, or use device=cpu"):
+            load_onnx(run_dir / "export" / "model.onnx", device="cuda")
 
 
 def test_a_failed_parity_check_writes_nothing_and_keeps_the_previous_export(run, monkeypatch, tmp_path):

@@ -112,7 +112,24 @@ class OnnxClassifier:
         return self.session.run(["probs"], {self.meta["onnx"]["input"]["name"]: images})[0]
 
 
-def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:
+def providers_for(device: str) -> list[str]:
+    """ONNX Runtime execution providers for `device=auto|cpu|cuda|cuda:N` (CUDA needs the onnxruntime-gpu package)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise TLError(f"device={device!r} but this ONNX Runtime has no CUDA provider ({', '.join(available)}): "
+                          "pip install onnxruntime-gpu, or use device=cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise TLError(f"device={device!r} is not a device for ckpt=*.onnx: use auto, cpu, cuda or cuda:N")
+
+
+def load_onnx(path: str | Path, threads: int | None = None, device: str = "cpu") -> OnnxClassifier:
     """An ONNX Runtime session for a .onnx file written by `tl.export`; anything else is refused in one line."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -128,8 +145,14 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:
     options.intra_op_num_threads = int(threads or os.cpu_count() or 1)
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are not the user's
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave decoding the cores
+    providers: list = providers_for(device)
+    if device.startswith("cuda:"):  # a given GPU
+        index = device.split(":", 1)[1]
+        if not index.isdigit():
+            raise TLError(f"device={device!r} is not a device: use cuda or cuda:N")
+        providers[0] = ("CUDAExecutionProvider", {"device_id": int(index)})
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # noqa: BLE001 - InvalidProtobuf, Fail, InvalidGraph, NoSuchFile, ...
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise TLError(f"ckpt={str(path)!r} is not a readable ONNX model ({type(e).__name__}: {first}): "
@@ -219,16 +242,13 @@ class OnnxPredictor:
     backend = "onnxruntime"
 
     def __init__(self, ckpt: str, device: str = "auto"):
-        if device not in ("auto", "cpu"):
-            raise TLError(f"device={device!r}: ckpt=*.onnx runs on ONNX Runtime's CPU provider here; use device=cpu "
-                          "(or auto), or predict on the GPU with the .ckpt")
-        self.ckpt = ckpt
+        self.ckpt, self.device = ckpt, device
         self.clf: OnnxClassifier | None = None
         self.source = str(Path(ckpt).expanduser())
         self._load(None)
 
     def _load(self, threads: int | None) -> None:
-        self.clf = load_onnx(self.ckpt, threads)
+        self.clf = load_onnx(self.ckpt, threads, self.device)
         self.class_names, self.temperature = self.clf.class_names, self.clf.temperature
 
     def settings(self, n_files: int, batch_size: int, workers: int | None, threads: int | None) -> tuple[int, int]:
