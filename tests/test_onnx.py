@@ -309,6 +309,9 @@ def edited(src: Path, dst: Path, edit) -> Path:
     (lambda m: m["onnx"]["preprocess_steps"][0].update(size=0), "has size 0"),
     (lambda m: m["onnx"]["preprocess_steps"][0].update(interpolation="fancy"), "has interpolation 'fancy'"),
     (lambda m: m["onnx"]["input"].update(shape=["batch", 64, 64, 3]), "the graph takes tensor"),
+    (lambda m: m.update(calibration="x"), "has no positive temperature"),
+    (lambda m: m.update(calibration={"temperature": "abc"}), "has no positive temperature"),
+    (lambda m: m["onnx"]["preprocess_steps"][0].update(interpolation=["bicubic"]), "has interpolation"),
 ])
 def test_edited_metadata_is_refused_when_loading_in_one_line(run, tmp_path, edit, problem):
     run_dir, _, _ = run
@@ -328,6 +331,8 @@ def test_a_copied_run_exports_into_the_copy_and_never_touches_the_original(run, 
     shutil.copytree(run_dir, copy, symlinks=True)
     members = resolve_members(str(copy), None)
     assert members == [copy / "checkpoints" / Path(results["best_ckpt"]).name]  # results.json names the original
+    (copy / "results.json").write_text("{bad")
+    assert resolve_members(str(copy), None) == [copy / "checkpoints" / "last.ckpt"]
 
 
 @pytest.mark.parametrize("sig, code, word", [("TERM", 143, "SIGTERM"), ("INT", 130, "Ctrl-C")])
@@ -371,10 +376,16 @@ def test_predict_output_through_a_link_to_a_pipe_or_with_a_non_utf8_list(run, im
         predict(make_cfg(tmp_path, [model, f"inputs={images}", f"output={tmp_path / 'pipe.csv'}"],
                          config_name="predict"))
     listing = tmp_path / "list.txt"
-    listing.write_bytes(b"missing\xff.png\n" + str(next(images.glob("00.png"))).encode() + b"\n")
-    rows, _ = predict(make_cfg(tmp_path, [model, f"inputs={listing}", f"output={tmp_path / 'l.csv'}"],
-                               config_name="predict"))
-    assert rows[0]["error"].startswith("FileNotFoundError") and rows[1]["label"]
+    os.mkfifo(tmp_path / "fifo.png")  # opening it would wait for a writer forever
+    listing.write_bytes(b"missing\xff.png\n" + str(next(images.glob("00.png"))).encode() + b"\nfifo.png\n")
+    for ckpt in (model, f"ckpt={run_dir / 'export'}"):  # ONNX Runtime and PyTorch
+        rows, _ = predict(make_cfg(tmp_path, [ckpt, f"inputs={listing}", f"output={tmp_path / 'l.csv'}"],
+                                   config_name="predict"))
+        assert rows[0]["error"].startswith("FileNotFoundError") and rows[1]["label"]
+        assert "not a regular file" in rows[2]["error"]
+    target.chmod(0o600)  # a CSV rewritten keeps its permissions
+    predict(make_cfg(tmp_path, [model, f"inputs={images}", f"output={link}"], config_name="predict"))
+    assert target.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_failed_onnx_export_in_training_still_leaves_the_safetensors_export(tmp_path, monkeypatch):
@@ -400,5 +411,19 @@ def test_a_folder_in_the_way_stops_the_export_before_anything_changes(run, tmp_p
         export_model(load_module(Path(results["best_ckpt"])), out, "safetensors")
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
     assert (out / "model.onnx").read_text() == "old"
-    with pytest.raises(TLError, match="is a training run's folder"):
-        export_model(load_module(Path(results["best_ckpt"])), run_dir, "safetensors")
+    for inside in (run_dir, run_dir / "checkpoints", run_dir / "report"):
+        with pytest.raises(TLError, match="is a training run's folder"):
+            export_model(load_module(Path(results["best_ckpt"])), inside, "safetensors")
+    # files named like an export's in a folder that holds no tl export are not "stale": they stay
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.onnx").write_text("someone else's")
+    export_model(load_module(Path(results["best_ckpt"])), foreign, "safetensors")
+    assert (foreign / "model.onnx").read_text() == "someone else's"
+    # a folder in the place of a stale file stops the export before anything changes
+    (foreign / "model.onnx").unlink()
+    (foreign / "model.onnx").mkdir()
+    before = {p.name: p.stat().st_mtime_ns for p in foreign.iterdir()}
+    with pytest.raises(TLError, match="model.onnx' is in the way"):
+        export_model(load_module(Path(results["best_ckpt"])), foreign, "safetensors")
+    assert {p.name: p.stat().st_mtime_ns for p in foreign.iterdir()} == before

@@ -52,7 +52,11 @@ def resolve_members(ckpt: str, last: int | None) -> list[Path]:
                           f"{len(snapshots)}, or null for all")
         return snapshots[-int(last):] if last is not None else snapshots
     results = path / "results.json"
-    best = json.loads(results.read_text()).get("best_ckpt") if results.is_file() else None
+    try:
+        best = json.loads(results.read_text()).get("best_ckpt") if results.is_file() else None
+    except (ValueError, AttributeError, OSError):  # garbled results.json: the checkpoints decide
+        log.warning("%s is not readable JSON: using the run's last checkpoint", results)
+        best = None
     # results.json holds the absolute path it was written with: a copied or moved run finds its best checkpoint by
     # name in its own folder, never in the original's
     best_here = []
@@ -62,6 +66,9 @@ def resolve_members(ckpt: str, last: int | None) -> list[Path]:
             best_here.append(Path(best))
     for candidate in (*best_here, path / "checkpoints" / "last.ckpt", path / "last.ckpt"):  # RUN, or RUN/checkpoints
         if candidate.is_file():
+            if best_here and candidate not in best_here:
+                log.warning("the best checkpoint results.json names (%s) is not in %s: using %s", best, path,
+                            candidate)
             return [candidate]
     raise TLError(f"ckpt={ckpt!r} is a directory with no snapshots (checkpoints/snapshots/*.ckpt), no best or last "
                   f"checkpoint and no model.json: {CKPT_HINT}")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -44,6 +45,8 @@ log = logging.getLogger("tl.export")
 
 FORMAT = "tl-export/1"
 FORMATS = ("onnx", "safetensors", "all")
+# a run's own folders (tl.rundir.RUN_ARTIFACTS), which an export must not land in; RUN/export is the export's place
+RUN_PARTS = ("checkpoints", "report", "tensorboard", "csv", "snapshots", ".hydra")
 
 
 def export_meta(module: nn.Module) -> dict:
@@ -92,12 +95,13 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
     if sources:
         meta["weights_from"] = sources
     out_dir = Path(out_dir)
-    if (out_dir / "config.yaml").is_file() or (out_dir / "checkpoints").is_dir():
-        raise TLError(f"output={str(out_dir)!r} is a training run's folder: export into RUN/export (the default) or "
-                      "another folder")
+    if _is_run(out_dir) or (_is_run(out_dir.parent) and out_dir.name in RUN_PARTS):
+        raise TLError(f"output={str(out_dir)!r} is a training run's folder or one of its parts: export into RUN/export "
+                      "(the default) or another folder")
     created = not out_dir.exists()
     out_dir = ensure_writable(out_dir, setting="output=DIR")
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    _remove_abandoned_scratch(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out_dir))
     done = False
     try:
         moves: list[tuple[Path, str]] = []
@@ -149,12 +153,18 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
 
 
 def install(moves: list[tuple[Path, str]], stale: set[str], out_dir: Path) -> None:
-    """Rename the finished scratch files over their destinations (same folder: each rename is atomic), then remove the
-    files of an earlier export that this one does not replace. Every destination is checked first, so a folder or
-    other non-file in the way stops it before anything changes."""
+    """Put the finished scratch files in place (same folder: each rename is atomic), model.json last, then remove the
+    files an earlier tl export left that this one does not replace (only where the folder holds a tl export).
+
+    Every destination is checked first, so a folder or other non-file in the way stops it before anything changes;
+    every file is on disk before the first rename; SIGTERM and Ctrl-C wait while the renames run (milliseconds), so
+    the folder never holds a mix of two exports.
+    """
     mask = os.umask(0)
     os.umask(mask)
-    for _, name in moves:
+    previous = _is_tl_export(out_dir / EXPORT_CONFIG)
+    stale = {name for name in stale if previous and (out_dir / name).exists()}
+    for name in [*(name for _, name in moves), *stale]:
         target = out_dir / name
         if (target.exists() and not target.is_file()) or target.is_symlink():
             raise TLError(f"{str(target)!r} is in the way (not a regular file): move it away and export again; "
@@ -164,9 +174,40 @@ def install(moves: list[tuple[Path, str]], stale: set[str], out_dir: Path) -> No
             with open(scratch, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(scratch, 0o666 & ~mask)  # as a plain open() would create it (safetensors writes 0600)
-            os.replace(scratch, out_dir / name)
-    for name in stale:
-        (out_dir / name).unlink(missing_ok=True)
+    signals = {signal.SIGTERM, signal.SIGINT}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        for scratch, name in moves:
+            with _write_errors(out_dir / name):
+                os.replace(scratch, out_dir / name)
+        for name in stale:
+            (out_dir / name).unlink(missing_ok=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is delivered now
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "config.yaml").is_file() or (folder / ".hydra" / "config.yaml").is_file() or \
+        (folder / "checkpoints").is_dir()
+
+
+def _is_tl_export(config: Path) -> bool:
+    try:
+        return json.loads(config.read_text()).get("format", "").startswith("tl-export/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_abandoned_scratch(out_dir: Path) -> None:
+    """Scratch folders of exports that were killed outright (SIGKILL, power loss): their process is gone."""
+    for folder in out_dir.glob(".export-*-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
 
 
 @contextmanager

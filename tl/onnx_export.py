@@ -166,8 +166,9 @@ def trace_to_onnx(graph: ExportGraph, height: int, width: int, opset: int,
                               dynamic_axes={k: {0: "batch"} for k in ("image", "logits", "probs")}, **names)
     except Exception as e:  # noqa: BLE001
         errors.append(f"torchscript: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
-        raise TLError(f"the model could not be exported to ONNX ({'; '.join(errors)}): export format=safetensors "
-                      "instead") from None
+        hint = ("onnx.input_size needs the dynamo exporter (onnx.exporter=auto, with onnxscript installed), or drop it"
+                if graph.resize_to is not None else "export format=safetensors instead")
+        raise TLError(f"the model could not be exported to ONNX ({'; '.join(errors)}): {hint}") from None
     return onnx.load_from_string(buffer.getvalue()), "torchscript"
 
 
@@ -325,7 +326,7 @@ def build_onnx(models: Sequence[nn.Module], temperatures: Sequence[float], prepr
     if not check["max_abs_prob_diff"] <= tolerance:  # (a top-1 flip within the tolerance is a tie, not an error)
         raise TLError(f"ONNX parity check failed on {check['images']} {images_from} images: max |p_onnx - p_torch| = "
                       f"{check['max_abs_prob_diff']:.2e} (tolerance {tolerance:g}), top-1 agreement "
-                      f"{check['top1_agreement']:.2%}; nothing was written: export format=safetensors, or report "
+                      f"{check['top1_agreement']:.2%}; no ONNX file was written: export format=safetensors, or report "
                       f"it with the model name ({meta.get('name')})")
     files = [(fp32, ONNX_FILE)]
     if quantize_as:
@@ -340,7 +341,7 @@ def build_onnx(models: Sequence[nn.Module], temperatures: Sequence[float], prepr
         if q_check["top1_agreement"] < min_int8_agreement:
             raise TLError(f"int8 quantisation ({quantize_as}) changed the top-1 answer on "
                           f"{1 - q_check['top1_agreement']:.1%} of {q_check['images']} {images_from} images (allowed "
-                          f"{1 - min_int8_agreement:.1%}); nothing was written: " + (
+                          f"{1 - min_int8_agreement:.1%}); no ONNX file was written: " + (
                               "export with onnx.quantize=static (calibrated), or without quantize"
                               if quantize_as == "dynamic" else
                               "export without quantize, or calibrate on more validation images (onnx.parity_images)"))

@@ -194,6 +194,11 @@ def check_meta(meta: dict, session) -> str | None:
     if graph_input.type != "tensor(uint8)" or len(graph_input.shape) != 4 or any(
             isinstance(g, int) and g != m for g, m in zip(graph_input.shape[1:], shape[1:], strict=True)):
         return f"the graph takes {graph_input.type} {graph_input.shape}, the metadata says uint8 {shape}"
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        t = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else None
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < float("inf"):
+            return f"calibration {calibration!r} has no positive temperature"
     steps = meta["onnx"]["preprocess_steps"]
     if not isinstance(steps, list) or not steps:
         return "preprocess_steps is not a list of steps"
@@ -206,7 +211,8 @@ def check_meta(meta: dict, session) -> str | None:
         if not (pair or (op == "resize" and (_side(size) or (isinstance(size, list) and len(size) == 1
                                                                and _side(size[0]))))):
             return f"step {op} has size {size!r}"
-        if op != "center_crop" and step.get("interpolation") not in PIL_INTERPOLATION:
+        if op != "center_crop" and not (isinstance(step.get("interpolation"), str)
+                                        and step["interpolation"] in PIL_INTERPOLATION):
             return f"step {op} has interpolation {step.get('interpolation')!r}"
         if op == "resize_keep_ratio" and not (isinstance(step.get("longest", 0.0), (int, float))
                                               and 0 <= step.get("longest", 0.0) <= 1):
@@ -214,18 +220,26 @@ def check_meta(meta: dict, session) -> str | None:
         if op == "resize" and step.get("max_size") is not None and not _side(step.get("max_size")):
             return f"step {op} has max_size {step.get('max_size')!r}"
     last = steps[-1]
-    if last["op"] == "resize_keep_ratio" or not isinstance(last["size"], list) or len(last["size"]) != 2 \
-            or list(last["size"]) != shape[1:3]:
+    if last["op"] == "resize_keep_ratio":
+        return "the steps end with resize_keep_ratio, whose output size depends on the image"
+    if not isinstance(last["size"], list) or len(last["size"]) != 2 or list(last["size"]) != shape[1:3]:
         return f"the steps end at {last['size']!r}, not at the graph's input size {shape[1:3]}"
     return None
 
 
 # -- tl.predict's ONNX Runtime path ------------------------------------------------------------------------------------
+def check_regular(path: Path) -> None:
+    """Refuse a pipe, a device or a folder before opening it (opening a FIFO blocks until a writer comes)."""
+    if path.exists() and not path.is_file():
+        raise OSError(f"not a regular file (a pipe, a device or a folder): {path}")
+
+
 def read_image(path: Path, clf: OnnxClassifier) -> tuple[np.ndarray | None, str]:
     """A file decoded (any mode, EXIF orientation applied) and prepared for the graph, or the error that stopped it."""
     from tl.data.images import to_rgb
 
     try:
+        check_regular(path)
         with Image.open(path) as f:
             return clf.prepare(to_rgb(f)), ""
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError

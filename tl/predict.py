@@ -106,7 +106,11 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     if output.is_dir():
         raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'predictions.csv'}")
     if output.is_symlink():  # write where the link points, keeping the link
-        output = output.resolve()
+        try:
+            output = output.resolve(strict=False)
+        except (RuntimeError, OSError) as e:  # a link loop
+            raise TLError(f"output={cfg.output!r} is a symbolic link that does not resolve ({e}): give a .csv file "
+                          "path") from None
     if output.exists() and not output.is_file():
         raise TLError(f"output={cfg.output!r} exists and is not a regular file (a device, a pipe, ...): give a .csv "
                       "file path")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tl.data.images import to_rgb
 from tl.data.transforms import eval_transform
 from tl.inference import load_classifier, optimize_for_inference, resolve_device
+from tl.onnx_runtime import check_regular
 
 
 class FileDataset(Dataset):
@@ -29,6 +30,7 @@ class FileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         try:
+            check_regular(self.paths[i])
             with Image.open(self.paths[i]) as f:
                 return self.transform(to_rgb(f)), ""  # any mode, EXIF orientation applied (tl.data.images)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError

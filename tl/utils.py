@@ -162,6 +162,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        with suppress(OSError):  # a file replaced keeps its permissions (a private 0600 CSV stays private)
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException as e:
         with suppress(OSError):
