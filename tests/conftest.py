@@ -95,3 +95,13 @@ class LogEpoch(pl.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         pl_module.log("epoch_index", float(trainer.current_epoch))
+
+
+def synthetic_pil(samples_per_class: int = 3, seed: int = 1) -> list:
+    """Images like TINY runs' (4 synthetic classes, 32 px; another seed than theirs) as RGB PIL images."""
+    from PIL import Image
+
+    from tl.data.sources import SyntheticSource
+
+    images = SyntheticSource(num_classes=4, samples_per_class=samples_per_class, image_size=32, seed=seed).load()
+    return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images.images]

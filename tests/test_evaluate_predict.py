@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_cfg
+from conftest import TINY, make_cfg, synthetic_pil
 from PIL import Image
 
 from tl.data.transforms import eval_transform
@@ -37,13 +37,11 @@ def run(tmp_path_factory, one_thread):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """12 images like the run's (3 per class, another seed) as PNG files in nested folders."""
-    from tl.data.sources import SyntheticSource
-
     folder = tmp_path_factory.mktemp("images")
-    for n, image in enumerate(SyntheticSource(num_classes=4, samples_per_class=3, image_size=32, seed=1).load().images):
+    for n, img in enumerate(synthetic_pil()):
         sub = folder / f"part{n % 2}"
         sub.mkdir(exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(sub / f"{n:02d}.png")
+        img.save(sub / f"{n:02d}.png")
     return folder
 
 

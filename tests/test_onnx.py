@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_cfg
+from conftest import TINY, make_cfg, synthetic_pil
 from PIL import Image
 
 from tl.data.transforms import eval_transform
@@ -44,11 +44,8 @@ def run(tmp_path_factory, one_thread):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """12 images like the run's (another seed), of assorted sizes and modes, plus one file that is not an image."""
-    from tl.data.sources import SyntheticSource
-
     folder = tmp_path_factory.mktemp("images")
-    for n, image in enumerate(SyntheticSource(num_classes=4, samples_per_class=3, image_size=32, seed=1).load().images):
-        img = Image.fromarray(image.permute(1, 2, 0).numpy())
+    for n, img in enumerate(synthetic_pil()):
         if n % 3 == 1:
             img = img.resize((48, 40))  # not the model's size: resized and cropped outside the graph
         if n % 4 == 2:

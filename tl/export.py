@@ -69,6 +69,18 @@ def export_meta(module: nn.Module) -> dict:
     return meta
 
 
+def ensemble_members(paths: list) -> list[nn.Module]:
+    """The models of a snapshot ensemble for `export_model(members=...)`, each with its calibration temperature."""
+    from tl.inference import load_classifier
+
+    members = []
+    for path in paths:
+        clf = load_classifier(path)
+        clf.model.temperature = clf.temperature
+        members.append(clf.model)
+    return members
+
+
 def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safetensors", onnx: dict | None = None,
                  members: list[nn.Module] | None = None, parity_data=None, sources: dict | None = None) -> Path:
     """Write `module` (a `TransferModule`) to `out_dir` in `formats` (onnx | safetensors | all); return `out_dir`.
@@ -223,7 +235,6 @@ def _write_errors(path: Path):
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint, run or snapshot ensemble `cfg.ckpt` to `cfg.output` (default: RUN/export)."""
     from tl.evaluate import resolve_members
-    from tl.inference import load_classifier
 
     check_required(cfg)
     check_rules(cfg, EXPORT_RULES)
@@ -238,11 +249,7 @@ def export(cfg: DictConfig) -> Path:
     module = load_module(paths[-1])  # an ensemble's last member carries the common metadata
     members = None
     if len(paths) > 1:
-        members = []
-        for p in paths:
-            clf = load_classifier(p)
-            clf.model.temperature = clf.temperature
-            members.append(clf.model)
+        members = ensemble_members(paths)
         if cfg.format == "safetensors":
             raise TLError(f"ckpt={cfg.ckpt!r} is a snapshot ensemble of {len(paths)} members: format=safetensors "
                           "holds one model; export format=onnx (one graph averaging them) or one member's .ckpt")

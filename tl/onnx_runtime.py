@@ -234,6 +234,11 @@ def check_regular(path: Path) -> None:
         raise OSError(f"not a regular file (a pipe, a device or a folder): {path}")
 
 
+def read_error(e: Exception) -> str:
+    """A file's read error for its CSV row: the exception's name and first line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def read_image(path: Path, clf: OnnxClassifier) -> tuple[np.ndarray | None, str]:
     """A file decoded (any mode, EXIF orientation applied) and prepared for the graph, or the error that stopped it."""
     from tl.data.images import to_rgb
@@ -243,7 +248,7 @@ def read_image(path: Path, clf: OnnxClassifier) -> tuple[np.ndarray | None, str]
         with Image.open(path) as f:
             return clf.prepare(to_rgb(f)), ""
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
-        return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        return None, read_error(e)
 
 
 class OnnxPredictor:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tl.data.images import to_rgb
 from tl.data.transforms import eval_transform
 from tl.inference import load_classifier, optimize_for_inference, resolve_device
-from tl.onnx_runtime import check_regular
+from tl.onnx_runtime import check_regular, read_error
 
 
 class FileDataset(Dataset):
@@ -35,10 +35,6 @@ class FileDataset(Dataset):
                 return self.transform(to_rgb(f)), ""  # any mode, EXIF orientation applied (tl.data.images)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
             return torch.zeros(self.input_size), read_error(e)
-
-
-def read_error(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def auto_workers(n_files: int, batch_size: int, device: torch.device) -> int:

@@ -35,7 +35,7 @@ from tl.data.datamodule import build_datamodule
 from tl.data.features import FeatureCache, FeatureDataModule
 from tl.data.transforms import backbone_preprocess
 from tl.errors import Interrupted, TLError
-from tl.export import export_model
+from tl.export import ensemble_members, export_model
 from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
 from tl.models.probe_head import init_head_from_probe
@@ -104,22 +104,13 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: li
                tested_ckpt: str | None) -> dict[str, Any]:
     """RUN/export: the tested weights (safetensors; with EMA or SWA, the average the run tested) and, where onnx is
     installed, model.onnx checked on validation images; a snapshot-ensemble run's ONNX graph is its ensemble (the
-    last `snapshots.ensemble_last` members, as `ensemble/test/acc` scored them)."""
-    from tl.inference import load_classifier
-
+    last `snapshots.ensemble_last` members, as `ensemble/test/acc` scored them: `snapshots` holds exactly those)."""
     formats, skipped = onnx_formats(cfg)
-    members = None
-    if snapshots and formats == "all":
-        last = cfg.snapshots.ensemble_last
-        members = []
-        for s in snapshots[-last:] if last else snapshots:
-            clf = load_classifier(s["path"])
-            clf.model.temperature = clf.temperature
-            members.append(clf.model)
+    ensemble = bool(snapshots) and formats == "all"
+    members = ensemble_members([s["path"] for s in snapshots]) if ensemble else None
     started = time.perf_counter()
     averaging = OmegaConf.select(cfg, "callbacks.weight_averaging._target_")
-    tested = [s["path"] for s in (snapshots[-cfg.snapshots.ensemble_last:] if cfg.snapshots.ensemble_last
-                                  else snapshots)] if members else [tested_ckpt]
+    tested = [s["path"] for s in snapshots] if ensemble else [tested_ckpt]
     sources = {"checkpoints": tested, "weight_averaging": averaging.rsplit(".", 1)[-1] if averaging else None}
     try:
         out_dir = export_model(module, run_dir / "export", formats, OmegaConf.to_container(cfg.onnx, resolve=True),
