@@ -218,3 +218,19 @@ class SamplerProbe(pl.Callback):
                   "seed": dm.seed}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"sampler{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SampleLog(pl.Callback):
+    """Appends, per rank, each training batch's record ids (batches streamed from shards carry them as their third
+    element) with the global step after it, one JSON line per batch, flushed at once: the log survives kill -9."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"ids{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                "ids": [int(i) for i in batch[2]]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -31,6 +31,10 @@ def native_side(images, indices: np.ndarray, limit: int = 200) -> int:
     """Median of the shorter side of (up to `limit` of) the images at `indices`, read from headers only."""
     if images.images is not None:
         return int(min(images.images.shape[-2:]))
+    if images.store is not None:  # shards: sizes recorded at conversion
+        chosen = np.asarray(indices[:limit], dtype=np.int64)
+        sides = np.minimum(images.store.heights[chosen], images.store.widths[chosen])
+        return int(np.median(sides)) if len(sides) else 0
     sides = []
     for i in indices[:limit]:
         try:

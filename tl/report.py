@@ -171,6 +171,8 @@ def split_logits(module, datamodule, fit_data, split: str) -> tuple[torch.Tensor
 def item_name(datamodule, split: str, position: int) -> str:
     """A file path, or `<Source>[i]` for in-memory data."""
     j = int(datamodule.split_indices[split][position])
+    if datamodule.images.store is not None:
+        return f"{datamodule.images.store.root}#{j}:{datamodule.images.store.name(j)}"
     paths = datamodule.images.paths
     return str(paths[j]) if paths is not None else f"{type(datamodule.source).__name__}[{j}]"
 

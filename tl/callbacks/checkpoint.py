@@ -33,10 +33,24 @@ log = logging.getLogger(__name__)
 
 
 class LastCheckpoint(ModelCheckpoint):
-    def __init__(self, *args, link_same_step: bool = True, **kwargs) -> None:
+    """`last.ckpt` at every epoch's end and, with `every_n_steps`, also every that many optimizer steps within an
+    epoch (Lightning's own `every_n_train_steps` would replace the epoch-end save). A mid-epoch `last.ckpt` is what a
+    job killed without warning (kill -9, a node lost) resumes from; from shards (`data=shards`), whose loader
+    position is saved with it, the resumed run reads exactly the records the uninterrupted run would have."""
+
+    def __init__(self, *args, link_same_step: bool = True, every_n_steps: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.link_same_step = link_same_step
+        self.every_n_steps = int(every_n_steps or 0)
         self._dumped_loop_state: dict | None = None  # fit-loop state (global step included) of the latest dump
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.every_n_steps
+        if n <= 0 or trainer.global_step % n or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Called for every checkpoint the trainer dumps, whichever callback asked for it.

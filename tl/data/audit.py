@@ -43,6 +43,9 @@ def _file_digests(paths: list[str], indices: np.ndarray, sizes: dict[int, int], 
 
 def _digests(images: ImageSet, train: np.ndarray, others: np.ndarray) -> tuple[dict[int, bytes], dict[int, bytes]]:
     """Content digests of the train examples and the others that could be duplicates of each other."""
+    if images.store is not None:  # shards: the digests of the stored bytes, taken at conversion
+        digests = images.store.digests
+        return ({int(i): bytes(digests[int(i)]) for i in train}, {int(i): bytes(digests[int(i)]) for i in others})
     if images.images is not None:
         tensors = images.images
         digest = {int(i): _digest(tensors[int(i)].numpy().tobytes()) for i in np.concatenate([train, others])}
@@ -58,6 +61,8 @@ def _digests(images: ImageSet, train: np.ndarray, others: np.ndarray) -> tuple[d
 
 
 def _name(images: ImageSet, i: int) -> str:
+    if images.store is not None:
+        return images.store.name(i)
     if images.paths is None:
         return f"#{i}"
     head, name = os.path.split(images.paths[i])

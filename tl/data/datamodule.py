@@ -57,6 +57,8 @@ class ImageDataset(Dataset):
 
     def load_image(self, i: int) -> Image.Image:
         j = int(self.indices[i])
+        if self.set.store is not None:  # LitData shards (tl.data.shards): damaged records stop with one line
+            return to_rgb(self.set.store.open(j))
         if self.set.images is not None:
             arr = self.set.images[j].permute(1, 2, 0).numpy()
             img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
@@ -67,7 +69,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         target = int(self.set.targets[self.indices[i]])
-        if self.set.paths is None:
+        if self.set.paths is None:  # in memory, or shards (their files were checked at conversion)
             return self.transform(self.load_image(i)), target
         try:
             return self.transform(self.load_image(i)), target
@@ -217,6 +219,29 @@ class TransferDataModule(pl.LightningDataModule):
         # In-memory images are cheap to transform: extra processes would only compete with the model for cores.
         return 0 if self.images.images is not None else min(8, os.cpu_count() or 1)
 
+    @property
+    def streams_train(self) -> bool:
+        """Train is streamed from LitData shards: a shard source, all of train (no `samples_per_class` subset) and no
+        class-balanced sampler (those draw examples by index, which the shards also serve, without streaming)."""
+        store = self.images.store if self.images is not None else None
+        return (store is not None and self.balance_mode != "sampler"
+                and len(self.split_indices["train"]) == store.sizes["train"])
+
+    def _stream_loader(self):
+        """Train from shards: LitData's StreamingDataset (disjoint shares per DDP rank, shuffled by chunk and within
+        chunks from the seed and the epoch) and StreamingDataLoader, whose position Lightning saves in checkpoints,
+        so a run resumed mid-epoch reads exactly the records an uninterrupted run would. Batches are (images,
+        labels, record ids)."""
+        from litdata import StreamingDataLoader
+
+        from tl.data.shards import ShardSample
+
+        store = self.images.store
+        tf = train_transform(self.preprocess, self.augment, self.mirror_invariant)
+        stream = store.stream(ShardSample(tf, store.root), self.seed)
+        return StreamingDataLoader(stream, batch_size=self.batch_size, num_workers=self._workers(),
+                                   pin_memory=torch.cuda.is_available())
+
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         """`sampler`: a training sampler that draws the order itself (class-balanced); else shuffled or in order."""
         workers = self._workers()
@@ -232,6 +257,8 @@ class TransferDataModule(pl.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader:
+        if self.streams_train:
+            return self._stream_loader()
         sampler = self.train_sampler(self.trainer)  # class-balanced, or None: shuffled
         return self._loader(self.dataset("train"), self.batch_size, shuffle=True, sampler=sampler)
 

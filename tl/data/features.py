@@ -54,7 +54,9 @@ def data_fingerprint(datamodule) -> str:
     """A hash of the images themselves (in memory) or of the files' paths, sizes and mtimes."""
     h = hashlib.sha256()
     images = datamodule.images
-    if images.images is not None:
+    if images.store is not None:  # shards: their manifest's fingerprint of the source and the split recipe
+        h.update(images.store.fingerprint.encode())
+    elif images.images is not None:
         _digest(h, images.images)
     else:
         for p in images.paths:

@@ -1,7 +1,8 @@
 """Where images come from.
 
 A source loads a whole dataset into an `ImageSet`: class names, integer targets, and either the images themselves
-(uint8 tensors, for small datasets held in memory) or file paths (decoded lazily by the dataset). A source may also
+(uint8 tensors, for small datasets held in memory), file paths (decoded lazily by the dataset), or a store of LitData
+shards read by index (`tl.data.shards`, written by `python -m tl.shard`). A source may also
 say which examples belong to given splits (an image folder's train/val/test, a torchvision dataset's train/test).
 Splitting, subsetting and transforms happen elsewhere (`tl.data.splits`, `tl.data.datamodule`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class ImageSet:
-    """A labelled image collection: exactly one of `images` (uint8, N x C x H x W) or `paths` is set."""
+    """A labelled image collection: exactly one of `images` (uint8, N x C x H x W), `paths` or `store` (a
+    `tl.data.shards.ShardStore`) is set."""
 
     classes: list[str]
     targets: np.ndarray
@@ -34,6 +37,7 @@ class ImageSet:
     paths: list[str] | None = None
     given_splits: dict[str, np.ndarray] = field(default_factory=dict)  # split name -> indices
     skipped_files: list[str] = field(default_factory=list)
+    store: Any = None
 
     def __len__(self) -> int:
         return len(self.targets)

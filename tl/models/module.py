@@ -160,7 +160,7 @@ class TransferModule(pl.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor | None:
         if batch is None:  # every file of the batch unreadable since the scan: skipped and counted by the dataset
             return None
-        x, y = batch
+        x, y = batch[0], batch[1]  # (images, labels), or (images, labels, record ids) streamed from shards
         if stage == "train" and self.mixup is not None and x.ndim == 4:
             if len(y) % 2:  # timm's Mixup pairs the batch with its mirror: it needs an even count
                 x, y = x[:-1], y[:-1]
@@ -238,6 +238,9 @@ class TransferModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.calibration = None  # training moves the weights: a temperature fitted to earlier ones no longer holds
 
+    def on_train_start(self) -> None:
+        restore_loader_state(self.trainer)
+
     @property
     def temperature(self) -> float:
         """The fitted calibration temperature (1.0 before one is fitted): probabilities are softmax(logits / T)."""
@@ -268,3 +271,17 @@ class TransferModule(pl.LightningModule):
         scheduler = instantiate(dict(hp.scheduler), _convert_="all")(
             optimizer, steps_per_epoch=epoch_steps(self.trainer), max_epochs=self.trainer.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def restore_loader_state(trainer: pl.Trainer) -> None:
+    """Give a resumed run's stateful training loader (LitData's StreamingDataLoader, `data=shards`) the position saved
+    in the checkpoint. Lightning 2.6 drops it when `trainer.estimated_stepping_batches` was read before the checkpoint
+    was restored (tl's schedules read it in `configure_optimizers`): the loader is then built early and never loads
+    the state (Lightning issue #20550). Here, before the first training batch, the pending state is loaded and the
+    fetcher's iterator made again (it had already prefetched a batch from the start of the epoch); with Lightning's
+    own fix the state is loaded already, nothing is pending, and this does nothing."""
+    loop = trainer.fit_loop
+    if not loop.restarting or not loop._combined_loader_states_to_load or loop._combined_loader is None:
+        return
+    loop._load_combined_loader_states()
+    iter(loop._data_fetcher)

@@ -1,0 +1,272 @@
+"""Datasets converted once into LitData shards and streamed from them (`python -m tl.shard`, `data=shards`).
+
+A shard dataset is a folder:
+
+    DIR/.tl-shards           written first: the folder belongs to tl.shard (complete only with manifest.json)
+    DIR/train/ val/ test/    LitData's `optimize` output: index.json + chunk-*.bin, one record per image:
+                             {image: the encoded file's bytes, label, id, name}
+    DIR/<split>.meta.npz     per record, in shard order: label, id, content digest, height and width
+    DIR/manifest.json        written last: classes, counts per split and class, the split recipe, skipped files,
+                             the source it came from and its fingerprint
+
+Images keep their own encoding (a JPEG stays the same bytes; in-memory sources such as digits are stored as PNG, so
+nothing is lost) and are decoded by the same code as an image folder (`tl.data.images.to_rgb`): a model sees the
+same pixels from shards as from the folder they came from. The splits are made once, at conversion, by tl's own
+seeded stratified recipe (`tl.data.splits`), so every run on the shards trains, selects and tests on the same
+examples. Train is written in a seeded random order: LitData shuffles chunks and records within chunks, which mixes
+well only if a chunk is not one class (an image folder lists its files class by class).
+
+Reading: training streams train through `StreamingDataset` + `StreamingDataLoader` (each DDP rank reads a disjoint
+share, the loader's position goes into checkpoints for an exact mid-epoch resume). Validation, test, the feature
+cache, scenario=auto's measurements and the report read records by index (`ShardStore`), in order, so under DDP
+they are split exactly by `UnrepeatedDistributedSampler` like any other source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tl.data.images import to_rgb
+from tl.errors import TLError
+
+log = logging.getLogger(__name__)
+# LitData logs each reader it opens at INFO (cache sizes, mmap mode): one line per split and loader process.
+logging.getLogger("litdata").setLevel(logging.WARNING)
+
+FORMAT = "tl-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+MARKER = ".tl-shards"
+SPLITS = ("train", "val", "test")
+META_FIELDS = ("labels", "ids", "digests", "heights", "widths")
+
+
+def is_remote(root: str | os.PathLike) -> bool:
+    return "://" in str(root)
+
+
+def meta_name(split: str) -> str:
+    return f"{split}.meta.npz"
+
+
+def _join(root: str, name: str) -> str:
+    return f"{str(root).rstrip('/')}/{name}"
+
+
+def _read_bytes(root: str, name: str) -> bytes:
+    """A small file of the dataset (manifest, index, meta), local or at a URL fsspec can open."""
+    path = _join(root, name)
+    if is_remote(root):
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# -- the store: reading records by index ---------------------------------------------------------------------------
+class ShardStore:
+    """Random access to the records of a shard dataset, by index over train, val and test in that order.
+
+    Each process opens its own LitData readers on first use (DataLoader workers included), so the store can be
+    handed to worker processes.
+    """
+
+    def __init__(self, root: str, sizes: dict[str, int], digests: np.ndarray, heights: np.ndarray,
+                 widths: np.ndarray, fingerprint: str, chunk_files: dict[str, list[str]]):
+        self.root, self.sizes, self.fingerprint = str(root), dict(sizes), fingerprint
+        self.digests, self.heights, self.widths = digests, heights, widths
+        self.chunk_files = chunk_files
+        self.offsets = {}
+        start = 0
+        for split in SPLITS:
+            self.offsets[split] = start
+            start += self.sizes[split]
+        self._open: dict[str, Any] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+    def split_dir(self, split: str) -> str:
+        return _join(self.root, split)
+
+    def locate(self, j: int) -> tuple[str, int]:
+        for split in reversed(SPLITS):
+            if j >= self.offsets[split] and self.sizes[split]:
+                return split, j - self.offsets[split]
+        raise IndexError(j)
+
+    def _dataset(self, split: str):
+        if self._pid != os.getpid():  # a forked worker: its own readers
+            self._open, self._pid = {}, os.getpid()
+        if split not in self._open:
+            from litdata import StreamingDataset
+
+            self._open[split] = StreamingDataset(self.split_dir(split), shuffle=False, drop_last=False)
+        return self._open[split]
+
+    def record(self, j: int) -> dict:
+        split, i = self.locate(int(j))
+        try:
+            return self._dataset(split)[i]
+        except TLError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged chunk surfaces as struct, index or decode errors
+            raise TLError(f"shard dataset {self.root!r}: record {i} of {split} cannot be read "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): the files are damaged or "
+                          f"incomplete; copy them again or rerun python -m tl.shard") from e
+
+    def open(self, j: int) -> Image.Image:
+        """The record's image as decoded (any mode), for `to_rgb`."""
+        return decode(self.record(j), self.root)
+
+    def name(self, j: int) -> str:
+        return str(self.record(j)["name"])
+
+    def stream(self, transform, seed: int, shuffle: bool = True):
+        """Train as a LitData `StreamingDataset`: under DDP each rank reads a disjoint share; shuffled by chunk and
+        within chunks from `seed` and the epoch. Items are `transform(record)`."""
+        from litdata import StreamingDataset
+
+        return StreamingDataset(self.split_dir("train"), shuffle=shuffle, seed=int(seed), item_shuffle_window="full",
+                                transform=transform)
+
+
+def decode(record: dict, where: str = "") -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(bytes(record["image"])))
+        img.load()
+        return img
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+        raise TLError(f"shard dataset {where!r}: image {record.get('name')!r} (id {record.get('id')}) does not decode "
+                      f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): the shard is damaged; "
+                      "rerun python -m tl.shard") from e
+
+
+class ShardSample:
+    """A training record -> (transformed image, label, id): applied inside LitData's streaming dataset (in the
+    loader's worker processes). The id is the record's index in the source (`manifest.json`: ids), so a run's sample
+    sequence can be compared across runs."""
+
+    def __init__(self, transform, where: str):
+        self.transform, self.where = transform, where
+
+    def __call__(self, record: dict):
+        return self.transform(to_rgb(decode(record, self.where))), int(record["label"]), int(record["id"])
+
+
+# -- the source: a shard dataset as tl data ------------------------------------------------------------------------
+def _manifest(root: str) -> dict:
+    if not is_remote(root):
+        path = Path(root)
+        if not path.is_dir():
+            raise TLError(f"data.root={root!r} does not exist or is not a folder: give the output of "
+                          "python -m tl.shard data=<source> output=DIR")
+        if not (path / MANIFEST).is_file():
+            if (path / MARKER).exists():
+                raise TLError(f"data.root={root!r} is an incomplete shard dataset (no {MANIFEST}: its conversion was "
+                              "interrupted): rerun the same python -m tl.shard command to finish it")
+            raise TLError(f"data.root={root!r} is not a tl shard dataset (no {MANIFEST}): create one with "
+                          f"python -m tl.shard data=<source> output={root}, or use data=imagefolder for a folder of "
+                          "images")
+    try:
+        manifest = json.loads(_read_bytes(root, MANIFEST))
+    except (OSError, ValueError) as e:
+        raise TLError(f"{_join(root, MANIFEST)!r} cannot be read ({e}): rerun python -m tl.shard") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TLError(f"{_join(root, MANIFEST)!r} is not a tl shard manifest: rerun python -m tl.shard")
+    if manifest.get("version") != VERSION:
+        raise TLError(f"{_join(root, MANIFEST)!r} has shard format version {manifest.get('version')}, this tl reads "
+                      f"version {VERSION}: rerun python -m tl.shard with this version")
+    return manifest
+
+
+def check_chunks(root: str, split: str) -> list[str]:
+    """Every chunk file the split's index lists is there, whole (size as indexed); returns their names."""
+    try:
+        index = json.loads(_read_bytes(root, f"{split}/index.json"))
+        chunks = index["chunks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TLError(f"{_join(root, split + '/index.json')!r} is missing or damaged ({type(e).__name__}): copy the "
+                      "shard dataset again or rerun python -m tl.shard") from e
+    if is_remote(root):
+        return [c["filename"] for c in chunks]
+    for c in chunks:
+        path = Path(root) / split / c["filename"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise TLError(f"shard file {str(path)!r} is missing: copy the shard dataset again or rerun "
+                          "python -m tl.shard") from None
+        if size != int(c["chunk_bytes"]):
+            raise TLError(f"shard file {str(path)!r} is {size} bytes, its index says {c['chunk_bytes']}: it is "
+                          "truncated or damaged; copy the shard dataset again or rerun python -m tl.shard")
+    return [c["filename"] for c in chunks]
+
+
+def read_meta(root: str, split: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(_read_bytes(root, meta_name(split))), allow_pickle=False) as z:
+            return {k: z[k] for k in META_FIELDS}
+    except (OSError, ValueError, KeyError) as e:
+        raise TLError(f"{_join(root, meta_name(split))!r} is missing or damaged ({type(e).__name__}): rerun "
+                      "python -m tl.shard") from e
+
+
+class ShardSource:
+    """A shard dataset written by `python -m tl.shard`: `data=shards data.root=DIR` (a local folder, or a URL LitData
+    and fsspec can read, e.g. s3://bucket/prefix).
+
+    Its splits are the ones made at conversion (the manifest records the recipe); the data module's
+    val_fraction/test_fraction do not apply. Unreadable files were skipped at conversion and are listed in the
+    manifest; they are reported here as `skipped_files`.
+    """
+
+    def __init__(self, root: str | Path | None):
+        if root is None or not str(root).strip():
+            raise TLError("data.root is empty: set it to a shard dataset folder written by python -m tl.shard, "
+                          "e.g. data=shards data.root=DIR")
+        self.root = str(root) if is_remote(root) else str(Path(root).expanduser())
+
+    def load(self):
+        from tl.data.sources import ImageSet
+
+        manifest = _manifest(self.root)
+        metas, chunks = {}, {}
+        for split in SPLITS:
+            chunks[split] = check_chunks(self.root, split)
+            metas[split] = read_meta(self.root, split)
+            expected = int(manifest["sizes"][split])
+            if len(metas[split]["labels"]) != expected:
+                raise TLError(f"{_join(self.root, meta_name(split))!r} lists {len(metas[split]['labels'])} records, "
+                              f"the manifest {expected}: the dataset is inconsistent; rerun python -m tl.shard")
+        targets = np.concatenate([metas[s]["labels"] for s in SPLITS]).astype(np.int64)
+        sizes = {s: len(metas[s]["labels"]) for s in SPLITS}
+        given, start = {}, 0
+        for s in SPLITS:
+            given[s] = np.arange(start, start + sizes[s])
+            start += sizes[s]
+        store = ShardStore(self.root, sizes, np.concatenate([metas[s]["digests"] for s in SPLITS]),
+                           np.concatenate([metas[s]["heights"] for s in SPLITS]),
+                           np.concatenate([metas[s]["widths"] for s in SPLITS]), manifest["fingerprint"], chunks)
+        skipped = manifest.get("skipped_files", {})
+        log.info("Shards %s: %d classes; train %d, val %d, test %d (written %s from %s)", self.root,
+                 len(manifest["classes"]), sizes["train"], sizes["val"], sizes["test"], manifest.get("created"),
+                 manifest.get("source", {}).get("name", "?"))
+        return ImageSet(classes=list(manifest["classes"]), targets=targets, store=store, given_splits=given,
+                        skipped_files=list(skipped.get("first", [])))
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()

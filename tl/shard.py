@@ -1,0 +1,344 @@
+"""`python -m tl.shard data=<source> output=DIR`: convert a dataset once into LitData shards (`tl.data.shards`).
+
+Any tl data source (an image folder, digits, a torchvision dataset) is loaded as training would load it: unreadable
+files are skipped and counted here, once, and the splits are made by tl's seeded stratified recipe (`seed`,
+`data.val_fraction`, `data.test_fraction`, or the source's own split folders). Each split is written with LitData's
+`optimize` (worker processes, records in input order), read back and checked (ids, labels), and only then installed:
+
+- DIR/.tl-shards marks the folder as tl.shard's; a folder holding anything else is refused;
+- a complete dataset has DIR/manifest.json, written last; an interrupted conversion (a signal, kill -9, a full
+  disk) leaves none, so the folder never passes for complete (`data=shards` says so and a rerun finishes it);
+- a second run on unchanged input (same source files, sizes and times, same recipe) writes nothing;
+- a complete dataset of other input is replaced only with overwrite=true (runs may be reading it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from tl.cli import launch
+from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, decode, digest, is_remote, meta_name
+from tl.errors import TLError
+from tl.utils import atomic_write_text, check_required, terminate_as_exception, user_errors
+
+log = logging.getLogger(__name__)
+
+LOCK = ".tl-shards.lock"
+SKIPPED_LISTED = 10_000  # skipped files named in the manifest (all are counted)
+
+
+# -- what a record is ------------------------------------------------------------------------------------------
+def encode_record(spec: tuple) -> dict:
+    """One record from (id, label, name, path or None, uint8 HWC/HW array or None); runs in optimize's workers.
+    A file is stored as its own bytes (no re-encoding); an in-memory image as PNG (lossless)."""
+    sid, label, name, path, array = spec
+    if path is not None:
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        data = buf.getvalue()
+    return {"image": data, "label": int(label), "id": int(sid), "name": str(name)}
+
+
+def _inputs(images, indices: np.ndarray, root: Path | None) -> list[tuple]:
+    out = []
+    for j in indices:
+        j = int(j)
+        label = int(images.targets[j])
+        if images.paths is not None:
+            path = images.paths[j]
+            name = os.path.relpath(path, root) if root is not None else path
+            out.append((j, label, name, path, None))
+        else:
+            arr = images.images[j].permute(1, 2, 0).numpy()
+            out.append((j, label, f"#{j}", None, arr[..., 0] if arr.shape[-1] == 1 else arr))
+    return out
+
+
+# -- fingerprints: is the output up to date? -------------------------------------------------------------------------
+def folder_listing(root: Path) -> str:
+    """A hash of every file's path, size and mtime under `root` (a stat each, no reads)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.stat(p)
+                h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{os.path.relpath(p, root)}|broken\n".encode())
+    return h.hexdigest()
+
+
+def content_hash(images) -> str:
+    h = hashlib.sha256()
+    h.update(images.images.contiguous().numpy().tobytes())
+    h.update(np.asarray(images.targets, dtype=np.int64).tobytes())
+    h.update(json.dumps(list(images.classes)).encode())
+    return h.hexdigest()
+
+
+def fingerprint(recipe: dict, data_hash: str) -> str:
+    return hashlib.sha256(json.dumps({"recipe": recipe, "data": data_hash, "format": VERSION},
+                                     sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- the output folder -----------------------------------------------------------------------------------------
+def inspect_output(out: Path) -> tuple[str, dict | None]:
+    """(state, manifest): absent | empty | complete | incomplete (tl.shard's, no manifest) | foreign."""
+    if not out.exists():
+        return "absent", None
+    if not out.is_dir():
+        raise TLError(f"output={str(out)!r} is a file: give a folder for the shard dataset")
+    entries = [p for p in out.iterdir() if p.name != LOCK]
+    if not entries:
+        return "empty", None
+    if not (out / MARKER).exists():
+        return "foreign", None
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        return ("complete", manifest) if manifest.get("format") == FORMAT else ("incomplete", None)
+    except (OSError, ValueError, AttributeError):
+        return "incomplete", None
+
+
+@contextmanager
+def output_lock(out: Path):
+    """One tl.shard at a time per output folder (a lock file naming the process; a dead holder's lock is taken)."""
+    from tl.rundir import _alive
+
+    lock = out / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise TLError(f"output={str(out)!r} is being written by tl.shard process {pid}: wait for it, or "
+                              "choose another output") from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise TLError(f"output={str(out)!r}: could not take {LOCK}; remove it if no tl.shard is running")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _remove_partials(out: Path) -> None:
+    """Scratch folders of conversions that died (kill -9): their process is gone."""
+    from tl.rundir import _alive
+
+    for p in out.glob(".partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _install(partial: Path, out: Path, manifest: dict) -> None:
+    """Replace the dataset in `out` by the one prepared in `partial`. The manifest goes first and comes back last:
+    in between the folder reads as incomplete, never as a mix of two datasets that looks complete."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for split in SPLITS:
+        if (out / split).exists():
+            shutil.rmtree(out / split)
+        (out / meta_name(split)).unlink(missing_ok=True)
+    for split in SPLITS:
+        os.replace(partial / split, out / split)
+        os.replace(partial / meta_name(split), out / meta_name(split))
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames reach the disk before the manifest says complete
+    finally:
+        os.close(fd)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+
+
+# -- writing one split -------------------------------------------------------------------------------------------
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_dir():
+            _fsync_tree(p)
+        else:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_split(inputs: list[tuple], folder: Path, chunk_bytes: str, workers: int) -> dict[str, np.ndarray]:
+    """optimize `inputs` into `folder` (in order), read every record back and check it; the meta arrays."""
+    from litdata import StreamingDataset, optimize
+
+    workers = max(1, min(workers, len(inputs)))
+    optimize(fn=encode_record, inputs=inputs, output_dir=str(folder), chunk_bytes=chunk_bytes, num_workers=workers,
+             keep_data_ordered=True, reorder_files=False, verbose=False, start_method="fork")
+    if not (folder / "index.json").is_file():
+        raise TLError(f"LitData wrote no index into {str(folder)!r}: see its messages above; the previous dataset "
+                      "in output, if any, is unchanged")
+    _fsync_tree(folder)
+    ds = StreamingDataset(str(folder), shuffle=False, drop_last=False)
+    if len(ds) != len(inputs):
+        raise TLError(f"LitData wrote {len(ds)} records into {str(folder)!r} for {len(inputs)} images: nothing "
+                      "was installed; rerun python -m tl.shard")
+    meta = {k: np.zeros(len(inputs), dtype=t) for k, t in
+            zip(META_FIELDS, (np.int64, np.int64, "S16", np.int32, np.int32), strict=True)}
+    for i, spec in enumerate(inputs):
+        record = ds[i]
+        if int(record["id"]) != spec[0] or int(record["label"]) != spec[1]:
+            raise TLError(f"{str(folder)!r}: record {i} is image {record['id']}, expected {spec[0]} (LitData did not "
+                          "keep the input order): nothing was installed; rerun python -m tl.shard")
+        with decode(record, str(folder)) as img:  # size from the header; the content was decoded at the scan
+            w, h = img.size
+        meta["labels"][i], meta["ids"][i] = spec[1], spec[0]
+        meta["digests"][i] = digest(bytes(record["image"]))
+        meta["heights"][i], meta["widths"][i] = h, w
+    return meta
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+def _recipe(cfg: DictConfig) -> dict:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {"source": data.get("source"), "seed": int(cfg.seed), "val_fraction": data.get("val_fraction"),
+            "test_fraction": data.get("test_fraction"), "on_bad_file": data.get("on_bad_file")}
+
+
+def shard(cfg: DictConfig) -> Path:
+    """Convert `cfg.data` into shards in `cfg.output`; returns the output folder."""
+    from tl.data.datamodule import build_datamodule
+    from tl.data.shards import ShardSource
+    from tl.data.sources import ImageFolderSource
+
+    check_required(cfg)
+    if is_remote(cfg.output):
+        raise TLError(f"output={cfg.output!r}: tl.shard writes to a local folder; copy it to object storage "
+                      "afterwards (data=shards data.root=URL reads it there)")
+    out = Path(str(cfg.output)).expanduser().absolute()
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg["samples_per_class"] = None  # all of train is written; a subset is drawn when training
+    datamodule = build_datamodule(data_cfg, preprocess={}, augment=None, seed=int(cfg.seed))
+    source = datamodule.source
+    if isinstance(source, ShardSource):
+        raise TLError(f"data=shards data.root={source.root!r} is a shard dataset already: convert its source "
+                      "instead (e.g. data=imagefolder data.root=DIR)")
+    folder_root = Path(source.root).absolute() if isinstance(source, ImageFolderSource) else None
+    if folder_root is not None and (out == folder_root or folder_root in out.parents):
+        raise TLError(f"output={str(out)!r} is inside data.root={str(folder_root)!r}: the shards would become part "
+                      "of the images; write them elsewhere")
+    state, manifest = inspect_output(out)
+    if state == "foreign":
+        raise TLError(f"output={str(out)!r} holds other files (it is not a tl shard dataset): choose a new or empty "
+                      "folder")
+    recipe = _recipe(cfg)
+    quick = fingerprint(recipe, folder_listing(folder_root)) if folder_root is not None and folder_root.is_dir() \
+        else None
+    if state == "complete" and quick is not None and manifest.get("fingerprint") == quick:
+        print(f"tl.shard: {out} is up to date with {folder_root} (nothing written)")
+        return out
+
+    started = time.time()
+    datamodule.setup("fit")  # the scan (bad files skipped and counted), the split recipe, the audit
+    images = datamodule.images
+    fp = quick if quick is not None else fingerprint(recipe, content_hash(images))
+    if state == "complete" and manifest.get("fingerprint") == fp:
+        print(f"tl.shard: {out} is up to date (nothing written)")
+        return out
+    if state == "complete" and not cfg.overwrite:
+        raise TLError(f"output={str(out)!r} holds shards of other input (written {manifest.get('created')}): add "
+                      "overwrite=true to replace them (stop runs reading them first), or choose another output")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by python -m tl.shard; complete when manifest.json is present\n")
+    workers = int(cfg.num_workers) if cfg.num_workers is not None else (
+        min(8, os.cpu_count() or 1) if images.paths is not None else 1)
+    with output_lock(out):
+        _remove_partials(out)
+        partial = out / f".partial-{os.getpid()}"
+        partial.mkdir()
+        installing = False
+        try:
+            metas = {}
+            rng = np.random.default_rng(int(cfg.seed))
+            for split in SPLITS:
+                indices = np.asarray(datamodule.split_indices[split])
+                if split == "train":  # chunks must mix classes: LitData shuffles chunks, then within a chunk
+                    indices = rng.permutation(indices)
+                log.info("Writing %s: %d images", split, len(indices))
+                metas[split] = write_split(_inputs(images, indices, folder_root), partial / split,
+                                           str(cfg.chunk_bytes), workers)
+                np.savez(partial / meta_name(split), **metas[split])
+            _fsync_tree(partial)
+            classes = list(images.classes)
+            counts = {s: dict(zip(classes, np.bincount(metas[s]["labels"], minlength=len(classes)).tolist(),
+                                  strict=True)) for s in SPLITS}
+            total = sum(f.stat().st_size for s in SPLITS for f in (partial / s).iterdir())
+            import litdata
+
+            import tl
+
+            manifest = {
+                "format": FORMAT, "version": VERSION, "fingerprint": fp,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "tl_version": getattr(tl, "__version__", None), "litdata_version": litdata.__version__,
+                "source": {"name": type(source).__name__, "root": str(folder_root) if folder_root else None,
+                           "config": recipe["source"]},
+                "split_recipe": {"seed": recipe["seed"], "val_fraction": recipe["val_fraction"],
+                                 "test_fraction": recipe["test_fraction"],
+                                 "given_by_source": sorted(images.given_splits),
+                                 "train_order": f"shuffled with seed {recipe['seed']}"},
+                "classes": classes, "sizes": {s: int(len(metas[s]["labels"])) for s in SPLITS}, "counts": counts,
+                "skipped_files": {"count": len(images.skipped_files),
+                                  "first": list(images.skipped_files[:SKIPPED_LISTED])},
+                "audit": datamodule.audit, "chunk_bytes": str(cfg.chunk_bytes), "bytes": int(total),
+                "seconds": round(time.time() - started, 1),
+            }
+            installing = True
+            _install(partial, out, manifest)
+        except OSError as e:
+            before = ("the folder is now incomplete (no manifest.json); rerun this command" if installing else
+                      "a previous dataset there is unchanged")
+            raise TLError(f"could not write the shards in {str(out)!r} ({e.strerror or e}): free space or fix "
+                          f"permissions there; {before}") from e
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    sizes = manifest["sizes"]
+    print(f"tl.shard: {out}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']} images, "
+          f"{len(manifest['classes'])} classes, {manifest['bytes'] / 2**20:.1f} MiB, "
+          f"{len(images.skipped_files)} file(s) skipped, {manifest['seconds']:.1f}s")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="shard")
+@user_errors
+def _hydra_main(cfg: DictConfig) -> None:
+    terminate_as_exception()
+    shard(cfg)
+
+
+def main() -> None:
+    launch(_hydra_main, "shard")
+
+
+if __name__ == "__main__":
+    main()
