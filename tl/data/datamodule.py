@@ -6,6 +6,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -235,6 +236,9 @@ class TransferDataModule(pl.LightningDataModule):
         from litdata import StreamingDataLoader
 
         from tl.data.shards import ShardSample
+
+        # LitData gives each loader process its own share, so the length Lightning doubts is right
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
         store = self.images.store
         tf = train_transform(self.preprocess, self.augment, self.mirror_invariant)

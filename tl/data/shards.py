@@ -113,7 +113,7 @@ class ShardStore:
         if split not in self._open:
             from litdata import StreamingDataset
 
-            self._open[split] = StreamingDataset(self.split_dir(split), shuffle=False, drop_last=False)
+            self._open[split] = StreamingDataset(self.split_dir(split), shuffle=False)  # read by index: no shares
         return self._open[split]
 
     def record(self, j: int) -> dict:

@@ -1,0 +1,280 @@
+"""LitData shards: `python -m tl.shard` conversion and `data=shards` training (tl/shard.py, tl/data/shards.py).
+
+Conversion round trip (labels, class names, counts, skipped files, pixels); a second run is a no-op; an interrupted
+conversion never looks complete and leaves an earlier dataset whole; a truncated shard is one line naming it;
+streaming train covers each record once per epoch, a `samples_per_class` subset reads by index; a run killed with
+SIGKILL mid-epoch and resumed sees exactly the uninterrupted run's sample sequence; two-process DDP reads disjoint
+train shares and tests exactly (its test accuracy equals a single-process evaluation of the same checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, make_cfg, synthetic_pil
+from distributed_helpers import DDP_CPU, REPO, TESTS, run_tl
+from PIL import Image
+
+from tl.data.datamodule import TransferDataModule
+from tl.data.images import to_rgb
+from tl.data.shards import MANIFEST, ShardSource
+from tl.data.sources import ImageFolderSource
+from tl.data.transforms import backbone_preprocess
+from tl.errors import TLError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def shard_cfg(tmp_path: Path, *overrides: str):
+    return make_cfg(tmp_path / "hydra", list(overrides), config_name="shard")
+
+
+def make_folder(root: Path, per_class: int = 6) -> Path:
+    """4 classes of real PNG and JPEG files, plus a truncated image and a text file (both to be skipped)."""
+    images = synthetic_pil(samples_per_class=per_class)
+    for i, img in enumerate(images):
+        folder = root / f"class_{i // per_class}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"img{i}.{'jpg' if i % 2 else 'png'}")
+    data = (root / "class_0" / "img0.png").read_bytes()
+    (root / "class_1" / "broken.png").write_bytes(data[: len(data) // 2])
+    (root / "class_2" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """Shards of synthetic data like the TINY runs' (4 classes x 60: train 144, val 48, test 48), in small chunks so
+    that loader processes and ranks get several."""
+    from tl.shard import shard
+
+    tmp = tmp_path_factory.mktemp("shards")
+    out = tmp / "synthetic"
+    shard(shard_cfg(tmp, "data=synthetic", "data.source.samples_per_class=60", f"output={out}", "chunk_bytes=16KB"))
+    return out
+
+
+# -- conversion -----------------------------------------------------------------------------------------------------
+def test_image_folder_round_trip_labels_counts_pixels_and_skipped_files(tmp_path, capsys):
+    from tl.shard import shard
+
+    folder = make_folder(tmp_path / "images")
+    out = tmp_path / "shards"
+    shard(shard_cfg(tmp_path, "data=imagefolder", f"data.root={folder}", f"output={out}"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["classes"] == ["class_0", "class_1", "class_2", "class_3"]
+    assert sum(manifest["sizes"].values()) == 24
+    assert manifest["skipped_files"]["count"] == 2
+    assert sorted(Path(p).name for p in manifest["skipped_files"]["first"]) == ["broken.png", "notes.txt"]
+    for split in ("train", "val", "test"):
+        assert sum(manifest["counts"][split].values()) == manifest["sizes"][split]
+
+    # The same splits as training on the folder itself with the same seed, and the same pixels and labels.
+    shards = ShardSource(str(out)).load()
+    direct = TransferDataModule(ImageFolderSource(folder), preprocess={}, seed=42)
+    direct.setup("fit")
+    assert shards.skipped_files and len(shards.skipped_files) == 2
+    for split in ("train", "val", "test"):
+        idx = np.asarray(shards.given_splits[split])
+        names = sorted(shards.store.name(int(j)) for j in idx)
+        expected = sorted(os.path.relpath(direct.images.paths[int(j)], folder) for j in direct.split_indices[split])
+        assert names == expected, split
+        for j in idx:
+            name = shards.store.name(int(j))
+            assert shards.classes[shards.targets[int(j)]] == Path(name).parent.name
+            with Image.open(folder / name) as f:
+                assert np.array_equal(np.asarray(to_rgb(shards.store.open(int(j)))), np.asarray(to_rgb(f)))
+
+    # Train is written in a seeded random order, not class by class (LitData shuffles within chunks).
+    train_labels = shards.targets[shards.given_splits["train"]]
+    assert not np.all(np.diff(train_labels) >= 0)
+
+    # Unchanged input: nothing written (not a file touched).
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    shard(shard_cfg(tmp_path, "data=imagefolder", f"data.root={folder}", f"output={out}"))
+    assert "up to date" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    # Changed input: refused without overwrite=true, converted with it.
+    synthetic_pil(1, seed=5)[0].save(folder / "class_3" / "new.png")
+    with pytest.raises(TLError, match="overwrite=true"):
+        shard(shard_cfg(tmp_path, "data=imagefolder", f"data.root={folder}", f"output={out}"))
+    assert json.loads((out / MANIFEST).read_text()) == manifest
+    shard(shard_cfg(tmp_path, "data=imagefolder", f"data.root={folder}", f"output={out}", "overwrite=true"))
+    assert sum(json.loads((out / MANIFEST).read_text())["sizes"].values()) == 25
+
+
+def test_interrupted_conversion_never_looks_complete_and_keeps_the_earlier_dataset(tmp_path, monkeypatch):
+    import tl.shard as shard_mod
+
+    out = tmp_path / "shards"
+    shard_mod.shard(shard_cfg(tmp_path, "data=synthetic", f"output={out}"))
+    manifest = (out / MANIFEST).read_text()
+    chunks = {p: p.read_bytes() for p in (out / "train").iterdir()}
+
+    calls = []
+    real = shard_mod.write_split
+
+    def dies_on_val(inputs, folder, chunk_bytes, workers):
+        calls.append(folder.name)
+        if folder.name == "val":
+            raise OSError(28, "No space left on device")
+        return real(inputs, folder, chunk_bytes, workers)
+
+    monkeypatch.setattr(shard_mod, "write_split", dies_on_val)
+    with pytest.raises(TLError, match="No space left.*previous dataset there is unchanged"):
+        shard_mod.shard(shard_cfg(tmp_path, "data=synthetic", "data.source.seed=3", f"output={out}",
+                                  "overwrite=true"))
+    assert calls == ["train", "val"]
+    assert (out / MANIFEST).read_text() == manifest  # the earlier dataset, whole
+    assert {p: p.read_bytes() for p in (out / "train").iterdir()} == chunks
+    assert not list(out.glob(".partial-*"))
+
+    # Killed while installing (after the old manifest went, before the new one): incomplete, said so, then finished.
+    monkeypatch.setattr(shard_mod, "write_split", real)
+    monkeypatch.setattr(shard_mod, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        shard_mod.shard(shard_cfg(tmp_path, "data=synthetic", "data.source.seed=3", f"output={out}",
+                                  "overwrite=true"))
+    with pytest.raises(TLError, match="incomplete shard dataset.*rerun"):
+        ShardSource(str(out)).load()
+    monkeypatch.undo()
+    shard_mod.shard(shard_cfg(tmp_path, "data=synthetic", "data.source.seed=3", f"output={out}"))
+    assert ShardSource(str(out)).load().store.sizes["train"] > 0
+
+
+def test_output_folder_of_other_files_is_refused(tmp_path):
+    from tl.shard import shard
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep me")
+    with pytest.raises(TLError, match="holds other files"):
+        shard(shard_cfg(tmp_path, "data=synthetic", f"output={out}"))
+    assert (out / "thesis.tex").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_truncated_shard_is_one_line_naming_it(tmp_path, synthetic_shards):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(synthetic_shards, damaged)
+    chunk = sorted((damaged / "val").glob("chunk-*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(TLError, match=f"shard file '{chunk}' is 100 bytes.*truncated"):
+        ShardSource(str(damaged)).load()
+    proc = subprocess.run([sys.executable, "-m", "tl.train", "data=shards", f"data.root={damaged}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(chunk) in lines[0] and lines[0].startswith("tl: error:")
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+def test_streaming_train_reads_each_record_once_per_epoch_and_a_subset_reads_by_index(synthetic_shards):
+    from litdata import StreamingDataLoader
+    from torch.utils.data import DataLoader
+
+    def module(**kw):
+        dm = TransferDataModule(ShardSource(str(synthetic_shards)), backbone_preprocess("efficientnet_lite0"),
+                                image_size=32, crop_pct=1.0, batch_size=16, num_workers=2, seed=42, **kw)
+        dm.setup("fit")
+        return dm
+
+    dm = module()
+    loader = dm.train_dataloader()
+    assert isinstance(loader, StreamingDataLoader)
+    train_ids = set(dm.images.store.record(int(j))["id"] for j in dm.split_indices["train"])
+    epochs = []
+    for _ in range(2):
+        seen = [int(i) for x, y, ids in loader for i in ids]
+        assert sorted(seen) == sorted(train_ids)  # every record once, nothing from val or test
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+
+    small = module(samples_per_class=5)
+    loader = small.train_dataloader()
+    assert isinstance(loader, DataLoader) and not isinstance(loader, StreamingDataLoader)
+    assert sorted(np.bincount([int(t) for _, y in loader for t in y])) == [5, 5, 5, 5]
+
+
+def _read_ids(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_kill_9_mid_epoch_resume_sees_the_uninterrupted_sample_sequence(tmp_path, synthetic_shards):
+    """SIGKILL at step 13 (epoch 2 of 2, 9 steps each); last.ckpt every 4 steps, so the resumed run starts after step
+    12, mid-epoch: the ids it trains on, after the killed run's first 12 batches, are the uninterrupted run's."""
+    common = ["data=shards", f"data.root={synthetic_shards}", "data.image_size=32", "data.crop_pct=1.0",
+              "data.batch_size=16", "model.pretrained=none", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~callbacks.progress",
+              "onnx.enabled=false", "logger=none", "test=false", "report.top_losses=0", "scenario=large_different",
+              "callbacks.last_checkpoint.every_n_steps=4", "+callbacks.ids._target_=distributed_helpers.SampleLog"]
+    run_tl([*common, f"+callbacks.ids.out_dir={tmp_path / 'full'}", f"hydra.run.dir={tmp_path / 'full_run'}"])
+    killed = subprocess.run(
+        [sys.executable, "-m", "tl.train", *common, f"+callbacks.ids.out_dir={tmp_path / 'a'}",
+         f"hydra.run.dir={tmp_path / 'run'}", "+callbacks.kill._target_=distributed_helpers.SignalAt",
+         "+callbacks.kill.step=13", "+callbacks.kill.signum=9"], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(TESTS)}, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_tl([*common, f"+callbacks.ids.out_dir={tmp_path / 'b'}", f"hydra.run.dir={tmp_path / 'run'}",
+            "ckpt_path=last"])
+
+    full, a, b = (_read_ids(tmp_path / d / "ids0.jsonl") for d in ("full", "a", "b"))
+    assert [x["step"] for x in full] == list(range(1, 19))
+    assert b[0]["step"] == 13 and len(a) == 13  # resumed after step 12; the killed run had trained step 13
+    resumed = [x["ids"] for x in a if x["step"] <= 12] + [x["ids"] for x in b]
+    assert resumed == [x["ids"] for x in full]
+    second_epoch = [i for x in full if x["epoch"] == 1 for i in x["ids"]]
+    assert len(second_epoch) == len(set(second_epoch)) == 144
+
+
+def test_ddp_two_processes_disjoint_train_shares_and_exact_test(tmp_path, synthetic_shards):
+    """Two gloo processes: each epoch the ranks' train shares are disjoint; the DDP run's test accuracy (metrics
+    synced over both ranks' shares of test) equals a single-process evaluation of the same checkpoint."""
+    from tl.evaluate import evaluate
+
+    run = tmp_path / "run"
+    run_tl([*DDP_CPU, "data=shards", f"data.root={synthetic_shards}", "data.image_size=32", "data.crop_pct=1.0",
+            "data.batch_size=16", "trainer.max_epochs=4", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "~callbacks.progress", "onnx.enabled=false", "logger=none",
+            "report.top_losses=0", "scenario=large_similar", "optimizer.lr=3e-3", "augment=none",
+            "scheduler.warmup_epochs=0",
+            "+callbacks.ids._target_=distributed_helpers.SampleLog", f"+callbacks.ids.out_dir={tmp_path / 'ids'}",
+            f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path)
+    r0, r1 = (_read_ids(tmp_path / "ids" / f"ids{r}.jsonl") for r in (0, 1))
+    for epoch in range(4):
+        a = [i for x in r0 if x["epoch"] == epoch for i in x["ids"]]
+        b = [i for x in r1 if x["epoch"] == epoch for i in x["ids"]]
+        # 144 train records, 72 per rank, cut to whole batches (LitData's drop_last under DDP: equal step counts)
+        assert len(a) == len(b) == 64 and len(set(a)) == len(set(b)) == 64 and not set(a) & set(b)
+    results = json.loads((run / "results.json").read_text())
+    single, _ = evaluate(make_cfg(tmp_path / "eval", [f"ckpt={run}"], config_name="evaluate"))
+    assert results["n_test"] == single["n_test"] == 48
+    assert results["test/acc"] > 0.3  # learned something (chance: 0.25): the equality is not two uniform guesses
+    assert single["test/acc"] == pytest.approx(results["test/acc"], abs=1e-9)
+
+
+def test_scenario_auto_feature_cache_and_report_run_from_shards(tmp_path, synthetic_shards):
+    """scenario=auto measures the shards (native size, a linear probe on cached features) and the run trains,
+    tests and writes its report (top losses: records named and drawn) from them."""
+    from tl.scenarios import resolve
+    from tl.train import train
+
+    overrides = [*TINY, "scenario=auto", "data=shards", f"data.root={synthetic_shards}", "data.image_size=32",
+                 "data.crop_pct=1.0", "trainer.max_epochs=1"]
+    cfg = resolve(make_cfg(tmp_path, overrides), overrides)
+    results, _ = train(cfg)
+    assert results["n_train"] == 144 and results["n_test"] == 48
+    measured = results["scenario_evidence"]
+    assert measured["native_side"] == 32 and measured["n_train"] == 144  # from the sizes recorded at conversion
+    assert measured["feature_probe_acc"] > 0.5  # the cached features of records read by index carry the classes
+    assert (tmp_path / "report" / "top_losses.csv").is_file()
