@@ -135,12 +135,13 @@ class ShardStore:
         return str(self.record(j)["name"])
 
     def stream(self, transform, seed: int, shuffle: bool = True):
-        """Train as a LitData `StreamingDataset`: under DDP each rank reads a disjoint share; shuffled by chunk and
-        within chunks from `seed` and the epoch. Items are `transform(record)`."""
+        """Train as a LitData `StreamingDataset`: under DDP each rank reads a disjoint share; shuffled from `seed`
+        and the epoch by chunk, by block of 256 records within a chunk, and within blocks (LitData's default window:
+        train was written in a random order, so blocks are already mixed; a full in-chunk permutation,
+        `item_shuffle_window="full"`, measured 25x slower per record here). Items are `transform(record)`."""
         from litdata import StreamingDataset
 
-        return StreamingDataset(self.split_dir("train"), shuffle=shuffle, seed=int(seed), item_shuffle_window="full",
-                                transform=transform)
+        return StreamingDataset(self.split_dir("train"), shuffle=shuffle, seed=int(seed), transform=transform)
 
 
 def decode(record: dict, where: str = "") -> Image.Image:
