@@ -278,3 +278,15 @@ def test_scenario_auto_feature_cache_and_report_run_from_shards(tmp_path, synthe
     assert measured["native_side"] == 32 and measured["n_train"] == 144  # from the sizes recorded at conversion
     assert measured["feature_probe_acc"] > 0.5  # the cached features of records read by index carry the classes
     assert (tmp_path / "report" / "top_losses.csv").is_file()
+
+
+def test_slurm_shard_template_converts_with_the_allocated_cpus(tmp_path):
+    """scripts/slurm/shard.sbatch as SLURM runs it (from the submit directory, with the job's CPU count)."""
+    out = tmp_path / "shards"
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "2"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "shard.sbatch"), "data=synthetic",
+                           f"output={out}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["sizes"] == {"train": 72, "val": 24, "test": 24}
+    assert (tmp_path / "logs" / "slurm" / "4242-shard" / ".hydra" / "config.yaml").is_file()

@@ -73,9 +73,16 @@ def _inputs(images, indices: np.ndarray, root: Path | None) -> list[tuple]:
 
 # -- fingerprints: is the output up to date? -------------------------------------------------------------------------
 def folder_listing(root: Path) -> str:
-    """A hash of every file's path, size and mtime under `root` (a stat each, no reads)."""
+    """A hash of every file's path, size and mtime under `root` (a stat each, no reads). Linked folders are
+    followed, each real folder once (a link loop ends there)."""
     h = hashlib.sha256()
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
             p = os.path.join(dirpath, name)
@@ -187,12 +194,15 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def write_split(inputs: list[tuple], folder: Path, chunk_bytes: str, workers: int) -> dict[str, np.ndarray]:
+def write_split(inputs: list[tuple], folder: Path, chunk_size: int, workers: int) -> dict[str, np.ndarray]:
     """optimize `inputs` into `folder` (in order), read every record back and check it; the meta arrays."""
     from litdata import StreamingDataset, optimize
 
+    if not inputs:
+        raise TLError(f"the {folder.name} split has no images: give it some (or remove its empty folder so that tl "
+                      "carves it from train)")
     workers = max(1, min(workers, len(inputs)))
-    optimize(fn=encode_record, inputs=inputs, output_dir=str(folder), chunk_bytes=chunk_bytes, num_workers=workers,
+    optimize(fn=encode_record, inputs=inputs, output_dir=str(folder), chunk_bytes=chunk_size, num_workers=workers,
              keep_data_ordered=True, reorder_files=False, verbose=False, start_method="fork")
     if not (folder / "index.json").is_file():
         raise TLError(f"LitData wrote no index into {str(folder)!r}: see its messages above; the previous dataset "
@@ -224,6 +234,34 @@ def _recipe(cfg: DictConfig) -> dict:
             "test_fraction": data.get("test_fraction"), "on_bad_file": data.get("on_bad_file")}
 
 
+def chunk_bytes(value) -> int:
+    """`chunk_bytes` as bytes: an integer, or a size LitData reads (8MB, 512KB, 1GB)."""
+    from litdata.utilities.format import _convert_bytes_to_int
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    try:
+        size = _convert_bytes_to_int(str(value))
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise TLError(f"chunk_bytes={value!r}: give a size such as 8MB, 512KB or 1GB (or a number of bytes)")
+    return size
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """One line for a bad value, before anything is read or written."""
+    if not str(cfg.output or "").strip():
+        raise TLError("output is empty: give the folder to write the shards to, e.g. output=/data/my_shards")
+    chunk_bytes(cfg.chunk_bytes)
+    if cfg.num_workers is not None and not (isinstance(cfg.num_workers, int) and cfg.num_workers >= 1):
+        raise TLError(f"num_workers={cfg.num_workers!r}: give a positive number of processes, or null")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise TLError(f"seed={cfg.seed!r}: give an integer (the split seed)")
+    if not isinstance(cfg.overwrite, bool):
+        raise TLError(f"overwrite={cfg.overwrite!r}: use true or false")
+
+
 def shard(cfg: DictConfig) -> Path:
     """Convert `cfg.data` into shards in `cfg.output`; returns the output folder."""
     from tl.data.datamodule import build_datamodule
@@ -231,6 +269,7 @@ def shard(cfg: DictConfig) -> Path:
     from tl.data.sources import ImageFolderSource
 
     check_required(cfg)
+    check_settings(cfg)
     if is_remote(cfg.output):
         raise TLError(f"output={cfg.output!r}: tl.shard writes to a local folder; copy it to object storage "
                       "afterwards (data=shards data.root=URL reads it there)")
@@ -273,6 +312,10 @@ def shard(cfg: DictConfig) -> Path:
     workers = int(cfg.num_workers) if cfg.num_workers is not None else (
         min(8, os.cpu_count() or 1) if images.paths is not None else 1)
     with output_lock(out):
+        state, manifest = inspect_output(out)  # again: another tl.shard may have finished meanwhile
+        if state == "complete" and manifest.get("fingerprint") == fp:
+            print(f"tl.shard: {out} is up to date (nothing written)")
+            return out
         _remove_partials(out)
         partial = out / f".partial-{os.getpid()}"
         partial.mkdir()
@@ -286,7 +329,7 @@ def shard(cfg: DictConfig) -> Path:
                     indices = rng.permutation(indices)
                 log.info("Writing %s: %d images", split, len(indices))
                 metas[split] = write_split(_inputs(images, indices, folder_root), partial / split,
-                                           str(cfg.chunk_bytes), workers)
+                                           chunk_bytes(cfg.chunk_bytes), workers)
                 np.savez(partial / meta_name(split), **metas[split])
             _fsync_tree(partial)
             classes = list(images.classes)

@@ -102,10 +102,11 @@ class ShardStore:
         return _join(self.root, split)
 
     def locate(self, j: int) -> tuple[str, int]:
-        for split in reversed(SPLITS):
-            if j >= self.offsets[split] and self.sizes[split]:
-                return split, j - self.offsets[split]
-        raise IndexError(j)
+        if 0 <= j < sum(self.sizes.values()):
+            for split in reversed(SPLITS):
+                if j >= self.offsets[split] and self.sizes[split]:
+                    return split, j - self.offsets[split]
+        raise IndexError(f"record {j} of a shard dataset of {sum(self.sizes.values())}")
 
     def _dataset(self, split: str):
         if self._pid != os.getpid():  # a forked worker: its own readers
@@ -113,7 +114,12 @@ class ShardStore:
         if split not in self._open:
             from litdata import StreamingDataset
 
-            self._open[split] = StreamingDataset(self.split_dir(split), shuffle=False)  # read by index: no shares
+            ds = StreamingDataset(self.split_dir(split), shuffle=False)  # read by index: no shares
+            # No in-place mmap of local chunks (LitData's "POSIX-fast" reader) for reads by index: every chunk
+            # touched stays mapped, so a pass over train (the report's) kept the whole split resident: +210 MB of
+            # RSS at 100,000 small images, growing with the data. Plain reads here measured as fast per record.
+            ds.posix_fast = None
+            self._open[split] = ds
         return self._open[split]
 
     def record(self, j: int) -> dict:
