@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,8 +163,6 @@ def test_output_folder_of_other_files_is_refused(tmp_path):
 
 
 def test_truncated_shard_is_one_line_naming_it(tmp_path, synthetic_shards):
-    import shutil
-
     damaged = tmp_path / "damaged"
     shutil.copytree(synthetic_shards, damaged)
     chunk = sorted((damaged / "val").glob("chunk-*.bin"))[0]
@@ -212,7 +211,8 @@ def _read_ids(path: Path) -> list[dict]:
 
 def test_kill_9_mid_epoch_resume_sees_the_uninterrupted_sample_sequence(tmp_path, synthetic_shards):
     """SIGKILL at step 13 (epoch 2 of 2, 9 steps each); last.ckpt every 4 steps, so the resumed run starts after step
-    12, mid-epoch: the ids it trains on, after the killed run's first 12 batches, are the uninterrupted run's."""
+    12, mid-epoch: the ids it trains on, after the killed run's first 12 batches, are the uninterrupted run's (also
+    from a copy of the shards in another folder)."""
     common = ["data=shards", f"data.root={synthetic_shards}", "data.image_size=32", "data.crop_pct=1.0",
               "data.batch_size=16", "model.pretrained=none", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~callbacks.progress",
@@ -225,8 +225,10 @@ def test_kill_9_mid_epoch_resume_sees_the_uninterrupted_sample_sequence(tmp_path
          "+callbacks.kill.step=13", "+callbacks.kill.signum=9"], cwd=REPO, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(TESTS)}, timeout=600)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    run_tl([*common, f"+callbacks.ids.out_dir={tmp_path / 'b'}", f"hydra.run.dir={tmp_path / 'run'}",
-            "ckpt_path=last"])
+    moved = tmp_path / "moved"  # the same shards, elsewhere (copied to a node's disk): the position carries over
+    shutil.copytree(synthetic_shards, moved)
+    run_tl([*common, f"data.root={moved}", f"+callbacks.ids.out_dir={tmp_path / 'b'}",
+            f"hydra.run.dir={tmp_path / 'run'}", "ckpt_path=last"])
 
     full, a, b = (_read_ids(tmp_path / d / "ids0.jsonl") for d in ("full", "a", "b"))
     assert [x["step"] for x in full] == list(range(1, 19))
@@ -290,3 +292,15 @@ def test_slurm_shard_template_converts_with_the_allocated_cpus(tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["sizes"] == {"train": 72, "val": 24, "test": 24}
     assert (tmp_path / "logs" / "slurm" / "4242-shard" / ".hydra" / "config.yaml").is_file()
+
+
+def test_resuming_on_other_shards_is_refused(synthetic_shards, tmp_path):
+    """A checkpoint records the shards' fingerprint: shards converted again from other input (other splits) are
+    refused in one line instead of resuming silently on different data."""
+    dm = TransferDataModule(ShardSource(str(synthetic_shards)), backbone_preprocess("efficientnet_lite0"), seed=42)
+    dm.setup("fit")
+    state = dm.state_dict()
+    assert state == {"shards_fingerprint": dm.images.store.fingerprint}
+    dm.load_state_dict(state)  # the same shards: fine
+    with pytest.raises(TLError, match="other shards"):
+        dm.load_state_dict({"shards_fingerprint": "0" * 64})

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -168,6 +169,14 @@ def _remove_partials(out: Path) -> None:
 def _install(partial: Path, out: Path, manifest: dict) -> None:
     """Replace the dataset in `out` by the one prepared in `partial`. The manifest goes first and comes back last:
     in between the folder reads as incomplete, never as a mix of two datasets that looks complete."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:  # a signal now would leave neither dataset: it is delivered once the new one is in place
+        _replace_parts(partial, out, manifest)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _replace_parts(partial: Path, out: Path, manifest: dict) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
     for split in SPLITS:
         if (out / split).exists():
@@ -184,6 +193,26 @@ def _install(partial: Path, out: Path, manifest: dict) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
+def check_space(out: Path, images) -> None:
+    """Refuse, in one line, to start a conversion that cannot fit: LitData's writer processes hang on a full disk
+    instead of failing. Files are stored as they are; in-memory images as PNG (at most about their raw size)."""
+    if images.paths is not None:
+        need = 0
+        for p in images.paths:
+            with suppress(OSError):
+                need += os.stat(p).st_size
+    else:
+        need = int(images.images.numel())
+    need = int(need * 1.05) + (64 << 20)  # chunk headers, meta files, a chunk in flight
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise TLError(f"output={str(out)!r}: {free / 2**20:.0f} MiB free there, the shards need about "
+                      f"{need / 2**20:.0f} MiB: free space or choose another output; nothing was written")
+
+
 # -- writing one split -------------------------------------------------------------------------------------------
 def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
@@ -194,6 +223,49 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with suppress(OSError, ValueError, IndexError):
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+@contextmanager
+def _interruptible_optimize():
+    """LitData's `optimize` installs a Ctrl-C handler that stops its workers and calls `os._exit(0)`: the command
+    would end with status 0, no message and no clean-up, and the handler stays installed afterwards. Here its
+    handler stops and ends the workers, then raises KeyboardInterrupt (tl's one line, status 130, the scratch folder
+    removed); the previous handler is back once `optimize` returns."""
+    from litdata.processing.data_processor import DataProcessor
+
+    def stop(self, signum, frame):
+        for queue in self.stop_queues:
+            queue.put(None)
+        for pid in _descendants(os.getpid()):  # the workers and the processes they started (uploaders, removers)
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for w in self.workers:
+            w.join(5)
+        raise KeyboardInterrupt
+
+    previous, original = signal.getsignal(signal.SIGINT), DataProcessor._signal_handler
+    DataProcessor._signal_handler = stop
+    try:
+        yield
+    finally:
+        DataProcessor._signal_handler = original
+        signal.signal(signal.SIGINT, previous)
+
+
 def write_split(inputs: list[tuple], folder: Path, chunk_size: int, workers: int) -> dict[str, np.ndarray]:
     """optimize `inputs` into `folder` (in order), read every record back and check it; the meta arrays."""
     from litdata import StreamingDataset, optimize
@@ -202,8 +274,10 @@ def write_split(inputs: list[tuple], folder: Path, chunk_size: int, workers: int
         raise TLError(f"the {folder.name} split has no images: give it some (or remove its empty folder so that tl "
                       "carves it from train)")
     workers = max(1, min(workers, len(inputs)))
-    optimize(fn=encode_record, inputs=inputs, output_dir=str(folder), chunk_bytes=chunk_size, num_workers=workers,
-             keep_data_ordered=True, reorder_files=False, verbose=False, start_method="fork")
+    with _interruptible_optimize():
+        optimize(fn=encode_record, inputs=inputs, output_dir=str(folder), chunk_bytes=chunk_size,
+                 num_workers=workers, keep_data_ordered=True, reorder_files=False, verbose=False,
+                 start_method="fork")
     if not (folder / "index.json").is_file():
         raise TLError(f"LitData wrote no index into {str(folder)!r}: see its messages above; the previous dataset "
                       "in output, if any, is unchanged")
@@ -231,7 +305,8 @@ def write_split(inputs: list[tuple], folder: Path, chunk_size: int, workers: int
 def _recipe(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return {"source": data.get("source"), "seed": int(cfg.seed), "val_fraction": data.get("val_fraction"),
-            "test_fraction": data.get("test_fraction"), "on_bad_file": data.get("on_bad_file")}
+            "test_fraction": data.get("test_fraction"), "on_bad_file": data.get("on_bad_file"),
+            "chunk_bytes": chunk_bytes(cfg.chunk_bytes)}
 
 
 def chunk_bytes(value) -> int:
@@ -282,7 +357,8 @@ def shard(cfg: DictConfig) -> Path:
         raise TLError(f"data=shards data.root={source.root!r} is a shard dataset already: convert its source "
                       "instead (e.g. data=imagefolder data.root=DIR)")
     folder_root = Path(source.root).absolute() if isinstance(source, ImageFolderSource) else None
-    if folder_root is not None and (out == folder_root or folder_root in out.parents):
+    real_out, real_root = Path(os.path.realpath(out)), Path(os.path.realpath(folder_root)) if folder_root else None
+    if real_root is not None and (real_out == real_root or real_root in real_out.parents):
         raise TLError(f"output={str(out)!r} is inside data.root={str(folder_root)!r}: the shards would become part "
                       "of the images; write them elsewhere")
     state, manifest = inspect_output(out)
@@ -307,6 +383,7 @@ def shard(cfg: DictConfig) -> Path:
         raise TLError(f"output={str(out)!r} holds shards of other input (written {manifest.get('created')}): add "
                       "overwrite=true to replace them (stop runs reading them first), or choose another output")
 
+    check_space(out, images)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by python -m tl.shard; complete when manifest.json is present\n")
     workers = int(cfg.num_workers) if cfg.num_workers is not None else (

@@ -158,6 +158,7 @@ class TransferDataModule(pl.LightningDataModule):
                                            self.images.classes)
         self.audit = audit_splits(self.images, splits)  # one class, classes missing from a split, train/test copies
         self.split_indices = splits
+        self._check_resumed_shards()
         log.info("Data: %d classes; train %d, val %d, test %d", self.num_classes,
                  *(len(splits[s]) for s in ("train", "val", "test")))
         counts = self.class_counts
@@ -166,6 +167,24 @@ class TransferDataModule(pl.LightningDataModule):
         if imbalanced and stage in (None, "fit"):  # a training matter: evaluate and export set up without it
             log.info("Train classes: largest/smallest %.1f (%d/%d); data.balance=%s -> %s", imbalance_ratio(counts),
                      max(counts), min(counts), self.balance, self.balance_mode)
+
+    # -- resuming -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: which shard dataset (its manifest's fingerprint) a run trained on."""
+        store = self.images.store if self.images is not None else None
+        return {"shards_fingerprint": store.fingerprint} if store is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resumed_shards = state.get("shards_fingerprint")
+        self._check_resumed_shards()
+
+    def _check_resumed_shards(self) -> None:
+        expected = getattr(self, "_resumed_shards", None)
+        store = self.images.store if self.images is not None else None
+        if expected and store is not None and store.fingerprint != expected:
+            raise TLError(f"the checkpoint was trained on other shards than data.root={store.root!r} holds now "
+                          "(converted again from other input, or another dataset): resume with the shards it "
+                          "started on, or start a new run")
 
     # -- class balance ----------------------------------------------------------------------------------------
     @property

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from litdata import StreamingDataset
 from PIL import Image
 
 from tl.data.images import to_rgb
@@ -112,8 +113,6 @@ class ShardStore:
         if self._pid != os.getpid():  # a forked worker: its own readers
             self._open, self._pid = {}, os.getpid()
         if split not in self._open:
-            from litdata import StreamingDataset
-
             ds = StreamingDataset(self.split_dir(split), shuffle=False)  # read by index: no shares
             # No in-place mmap of local chunks (LitData's "POSIX-fast" reader) for reads by index: every chunk
             # touched stays mapped, so a pass over train (the report's) kept the whole split resident: +210 MB of
@@ -129,9 +128,7 @@ class ShardStore:
         except TLError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged chunk surfaces as struct, index or decode errors
-            raise TLError(f"shard dataset {self.root!r}: record {i} of {split} cannot be read "
-                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): the files are damaged or "
-                          f"incomplete; copy them again or rerun python -m tl.shard") from e
+            raise _damaged(self.root, f"record {i} of {split}", e) from e
 
     def open(self, j: int) -> Image.Image:
         """The record's image as decoded (any mode), for `to_rgb`."""
@@ -145,9 +142,27 @@ class ShardStore:
         and the epoch by chunk, by block of 256 records within a chunk, and within blocks (LitData's default window:
         train was written in a random order, so blocks are already mixed; a full in-chunk permutation,
         `item_shuffle_window="full"`, measured 25x slower per record here). Items are `transform(record)`."""
-        from litdata import StreamingDataset
+        return ShardStream(self.split_dir("train"), shuffle=shuffle, seed=int(seed), transform=transform)
 
-        return StreamingDataset(self.split_dir("train"), shuffle=shuffle, seed=int(seed), transform=transform)
+
+def _damaged(root: str, what: str, e: Exception) -> TLError:
+    return TLError(f"shard dataset {root!r}: {what} cannot be read ({type(e).__name__}: "
+                   f"{(str(e).splitlines() or [''])[0][:120]}): the files are damaged or incomplete; copy them again "
+                   "or rerun python -m tl.shard")
+
+
+class ShardStream(StreamingDataset):
+    """LitData's StreamingDataset whose read errors (a damaged chunk: struct, index or decode errors inside LitData)
+    are one line naming the dataset, like the reads by index."""
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except TLError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            root = str(self.input_dir.path or self.input_dir.url)
+            raise _damaged(root, f"record {getattr(index, 'index', index)}", e) from e
 
 
 def decode(record: dict, where: str = "") -> Image.Image:
@@ -194,8 +209,13 @@ def _manifest(root: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise TLError(f"{_join(root, MANIFEST)!r} is not a tl shard manifest: rerun python -m tl.shard")
     if manifest.get("version") != VERSION:
-        raise TLError(f"{_join(root, MANIFEST)!r} has shard format version {manifest.get('version')}, this tl reads "
-                      f"version {VERSION}: rerun python -m tl.shard with this version")
+        raise TLError(f"{_join(root, MANIFEST)!r} has shard format version {manifest.get('version')!r}, this tl "
+                      f"reads version {VERSION}: rerun python -m tl.shard with this version")
+    sizes = manifest.get("sizes")
+    if not (isinstance(manifest.get("classes"), list) and isinstance(manifest.get("fingerprint"), str)
+            and isinstance(sizes, dict) and all(isinstance(sizes.get(s), int) for s in SPLITS)):
+        raise TLError(f"{_join(root, MANIFEST)!r} lacks classes, sizes or fingerprint: it is damaged; rerun "
+                      "python -m tl.shard")
     return manifest
 
 
@@ -226,7 +246,7 @@ def read_meta(root: str, split: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(_read_bytes(root, meta_name(split))), allow_pickle=False) as z:
             return {k: z[k] for k in META_FIELDS}
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, KeyError, zipfile.BadZipFile, ...
         raise TLError(f"{_join(root, meta_name(split))!r} is missing or damaged ({type(e).__name__}): rerun "
                       "python -m tl.shard") from e
 

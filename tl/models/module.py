@@ -283,5 +283,14 @@ def restore_loader_state(trainer: pl.Trainer) -> None:
     loop = trainer.fit_loop
     if not loop.restarting or not loop._combined_loader_states_to_load or loop._combined_loader is None:
         return
+    from lightning_fabric.utilities.types import _Stateful
+
+    stateful = [dl for dl in loop._combined_loader.flattened if isinstance(dl, _Stateful)]
+    for dl, state in zip(stateful, loop._combined_loader_states_to_load, strict=False):
+        # The same shards (the data module checked their fingerprint) moved or mounted elsewhere: LitData refuses a
+        # position saved under another path, so the position is carried over to where they are now.
+        saved, now = state.get("dataset"), getattr(getattr(dl, "dataset", None), "input_dir", None)
+        if isinstance(saved, dict) and now is not None and saved.get("input_dir_path") != now.path:
+            saved["input_dir_path"], saved["input_dir_url"] = now.path, now.url
     loop._load_combined_loader_states()
     iter(loop._data_fetcher)
