@@ -193,7 +193,7 @@ def _replace_parts(partial: Path, out: Path, manifest: dict) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def check_space(out: Path, images) -> None:
+def check_space(out: Path, images, chunk: int) -> None:
     """Refuse, in one line, to start a conversion that cannot fit: LitData's writer processes hang on a full disk
     instead of failing. Files are stored as they are; in-memory images as PNG (at most about their raw size)."""
     if images.paths is not None:
@@ -201,9 +201,9 @@ def check_space(out: Path, images) -> None:
         for p in images.paths:
             with suppress(OSError):
                 need += os.stat(p).st_size
-    else:
-        need = int(images.images.numel())
-    need = int(need * 1.05) + (64 << 20)  # chunk headers, meta files, a chunk in flight
+    else:  # PNG: about the raw size for photos, plus its headers (more than the pixels of an 8x8 digit)
+        need = int(images.images.numel()) + 300 * len(images.images)
+    need = int(need * 1.1) + 2 * chunk + (4 << 20)  # chunk headers and meta files, chunks in flight
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -383,7 +383,7 @@ def shard(cfg: DictConfig) -> Path:
         raise TLError(f"output={str(out)!r} holds shards of other input (written {manifest.get('created')}): add "
                       "overwrite=true to replace them (stop runs reading them first), or choose another output")
 
-    check_space(out, images)
+    check_space(out, images, chunk_bytes(cfg.chunk_bytes))
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by python -m tl.shard; complete when manifest.json is present\n")
     workers = int(cfg.num_workers) if cfg.num_workers is not None else (
