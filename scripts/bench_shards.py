@@ -54,18 +54,10 @@ def make_folder(root: Path, n: int, classes: int = 10, side: int = 32, seed: int
 
 def tree_memory(pid: int) -> tuple[int, int]:
     """(summed PSS of `pid` and its descendants, RSS of `pid`) in bytes."""
-    children = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    pss, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
+    from tl.shard import _descendants
+
+    pss = 0
+    for p in [pid, *_descendants(pid)]:
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
