@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tl.cli import launch
-from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, decode, digest, is_remote, meta_name
+from tl.data.audit import _digest as digest  # the digest the duplicate audit compares
+from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, decode, is_remote, meta_name
 from tl.errors import TLError
 from tl.utils import atomic_write_text, check_required, terminate_as_exception, user_errors
 

@@ -24,7 +24,6 @@ they are split exactly by `UnrepeatedDistributedSampler` like any other source.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -84,10 +83,9 @@ class ShardStore:
     """
 
     def __init__(self, root: str, sizes: dict[str, int], digests: np.ndarray, heights: np.ndarray,
-                 widths: np.ndarray, fingerprint: str, chunk_files: dict[str, list[str]]):
+                 widths: np.ndarray, fingerprint: str):
         self.root, self.sizes, self.fingerprint = str(root), dict(sizes), fingerprint
         self.digests, self.heights, self.widths = digests, heights, widths
-        self.chunk_files = chunk_files
         self.offsets = {}
         start = 0
         for split in SPLITS:
@@ -219,8 +217,8 @@ def _manifest(root: str) -> dict:
     return manifest
 
 
-def check_chunks(root: str, split: str) -> list[str]:
-    """Every chunk file the split's index lists is there, whole (size as indexed); returns their names."""
+def check_chunks(root: str, split: str) -> None:
+    """Every chunk file the split's index lists is there, whole (size as indexed)."""
     try:
         index = json.loads(_read_bytes(root, f"{split}/index.json"))
         chunks = index["chunks"]
@@ -228,7 +226,7 @@ def check_chunks(root: str, split: str) -> list[str]:
         raise TLError(f"{_join(root, split + '/index.json')!r} is missing or damaged ({type(e).__name__}): copy the "
                       "shard dataset again or rerun python -m tl.shard") from e
     if is_remote(root):
-        return [c["filename"] for c in chunks]
+        return
     for c in chunks:
         path = Path(root) / split / c["filename"]
         try:
@@ -239,7 +237,6 @@ def check_chunks(root: str, split: str) -> list[str]:
         if size != int(c["chunk_bytes"]):
             raise TLError(f"shard file {str(path)!r} is {size} bytes, its index says {c['chunk_bytes']}: it is "
                           "truncated or damaged; copy the shard dataset again or rerun python -m tl.shard")
-    return [c["filename"] for c in chunks]
 
 
 def read_meta(root: str, split: str) -> dict[str, np.ndarray]:
@@ -270,9 +267,9 @@ class ShardSource:
         from tl.data.sources import ImageSet
 
         manifest = _manifest(self.root)
-        metas, chunks = {}, {}
+        metas = {}
         for split in SPLITS:
-            chunks[split] = check_chunks(self.root, split)
+            check_chunks(self.root, split)
             metas[split] = read_meta(self.root, split)
             expected = int(manifest["sizes"][split])
             if len(metas[split]["labels"]) != expected:
@@ -286,14 +283,10 @@ class ShardSource:
             start += sizes[s]
         store = ShardStore(self.root, sizes, np.concatenate([metas[s]["digests"] for s in SPLITS]),
                            np.concatenate([metas[s]["heights"] for s in SPLITS]),
-                           np.concatenate([metas[s]["widths"] for s in SPLITS]), manifest["fingerprint"], chunks)
+                           np.concatenate([metas[s]["widths"] for s in SPLITS]), manifest["fingerprint"])
         skipped = manifest.get("skipped_files", {})
         log.info("Shards %s: %d classes; train %d, val %d, test %d (written %s from %s)", self.root,
                  len(manifest["classes"]), sizes["train"], sizes["val"], sizes["test"], manifest.get("created"),
                  manifest.get("source", {}).get("name", "?"))
         return ImageSet(classes=list(manifest["classes"]), targets=targets, store=store, given_splits=given,
                         skipped_files=list(skipped.get("first", [])))
-
-
-def digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
