@@ -1,0 +1,60 @@
+"""scripts/study.py over several image folders: sizes past a class's count fall back to the whole train split, the
+probe baseline runs on tl's own splits, and the summary states issue 16's margins from the rows it is given."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(policy: str, acc: float, size: str = "10", seed: int = 0) -> dict:
+    return {"size": size, "policy": policy, "resolved": policy, "seed": seed, "n_train": 30, "test_acc": acc,
+            "val_acc": "", "fit_seconds": 100.0, "epochs": 30, "side": 128, "run": "r"}
+
+
+def test_summary_states_each_margin(tmp_path):
+    study = _load("study")
+    rows = {"a": [_row("probe", 0.80), _row("auto", 0.87), _row("small_different", 0.875), _row("small_similar", 0.7),
+                  _row("scratch", 0.70)],
+            "b": [_row("probe", 0.80, "100"), _row("auto", 0.83, "100"), _row("small_different", 0.90, "100"),
+                  _row("scratch", 0.50, "100")]}
+    table = study.summarize(tmp_path, rows)
+    a, b = (line for line in table.splitlines() if line.startswith(("| a ", "| b ")))
+    assert "+7.0 (met)" in a and "small_different 0.875" in a and "-0.5 (met)" in a and "+17.0 (met)" in a
+    assert "+3.0 (not met)" in b and "-7.0 (not met)" in b and "+33.0 (met)" in b  # 4 points needed at 100/class
+    assert (tmp_path / "summary.md").read_text().count("not met") == 2
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="the textures builder needs scikit-image")
+def test_probe_sweep_on_tl_splits(tmp_path):
+    """The probe baseline through the study on a real (tiny) dataset: 3 training images per class, so size 100
+    runs on the whole train split; the training subset of size 2 is what tl.train would draw."""
+    md = _load("make_datasets")
+    md.build("textures", tmp_path / "data", 5, 0)  # 3 classes x (3 train, 1 val, 1 test)
+    out = tmp_path / "study"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), "--out", str(out), "--datasets",
+                             str(tmp_path / "data" / "textures"), "--sizes", "2", "100", "--seeds", "0",
+                             "--sweeps", "probe"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["size"]: r for f in (out / "textures").glob("*-probe.json") for r in json.loads(f.read_text())["rows"]}
+    assert rows["2"]["n_train"] == 6 and rows["100"]["n_train"] == 9  # 100 > 3 per class: all of train
+    assert rows["2"]["pixels"] == 224 and rows["2"]["n_test"] == 3
+    assert 0.0 <= rows["100"]["test_acc"] <= 1.0
+    summary = (out / "summary.md").read_text()
+    assert "| textures | 2 | 6 |" in summary and "| textures | 100 | 9 |" in summary
