@@ -93,6 +93,17 @@ ONNX_RULES: list[Rule] = [
      "auto (torch.export, falling back to TorchScript), dynamo or torchscript"),
 ]
 
+# scenario=auto's own knobs (conf/scenario/auto.yaml): checked before anything is measured
+AUTO_RULES: list[Rule] = [
+    ("scenario.small_max_per_class", lambda v: _integer(v) and v >= 1, "an integer >= 1 (examples per class)"),
+    ("scenario.similar_min_gain", lambda v: _number(v) and -1 <= v <= 1, "a probe-accuracy gain in [-1, 1], e.g. 0.1"),
+    ("scenario.probe_max_samples", lambda v: _integer(v) and v >= 2, "an integer >= 2"),
+    ("scenario.pixel_size", lambda v: _integer(v) and 1 <= v <= 256, "an integer side from 1 to 256, e.g. 16"),
+    ("scenario.small_finetune", lambda v: isinstance(v, bool), "true or false"),
+    ("scenario.budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
+    ("scenario.small_budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
+]
+
 RULES: list[Rule] = [
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-3"),
     ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 (null or 0: none)"),
@@ -256,6 +267,8 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
             raise TLError(f"{key}=null: {key} is a group of settings, not a switch: set its keys instead, e.g. "
                           f"{example}")
     check_rules(cfg, RULES)
+    if cfg.scenario.get("name") == "auto":
+        check_rules(cfg, AUTO_RULES)
     check_hardware(cfg.trainer)
     if final and cfg.scenario.name == "auto":
         raise TLError("scenario=auto is decided before train(): run python -m tl.train, or pass the config through "

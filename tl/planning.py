@@ -4,9 +4,12 @@
   images far smaller than the backbone's input are upsampled to 4x their native side (at least 64 px, at most the
   backbone's size), not to the backbone's full size: a 32 px glyph carries no more detail at 224 px than at 128 px,
   and a step costs about (side / 224)^2 of one at 224 px (digits, 8 px, was measured best at 128 px).
-- Budget (`scenario.budget_minutes`, null: none): the run's cost is estimated from a timed forward pass of the
-  backbone on the target images at the chosen side (a training step ~ 3 forward passes; each validation pass one
-  per image; the test split once) plus what the measurement already took. When the preset's schedule would not
+- Budget (`scenario.budget_minutes`; null: `scenario.small_budget_minutes` for small data, none for large): the
+  run's cost is estimated from a timed forward pass of the backbone on the target images at the chosen side (a
+  training step ~ 4 forward passes, augmentation included; each validation pass one per image; test and the report
+  after it two per val/test image) plus what the measurement already took and a fixed `FINISH_S` for start-up and
+  export (measured on the 2-core CPU with EfficientNet-Lite0 at 10 images per class: fit took 1.05-1.25x the
+  3-pass estimate, report 10-18 s, ONNX export with its parity check 19 s). When the preset's schedule would not
   fit, validation runs less often first (every 2, 3, 5 epochs: model selection needs fewer looks than training
   needs steps), then epochs are cut, down to half of the preset's, then the side shrinks (by 32 px, not below
   64). If even that does not fit, the plan says so and runs the smallest schedule: a schedule cut further would
@@ -25,6 +28,8 @@ from PIL import Image
 
 MIN_SIDE = 64
 VAL_EVERY = (1, 2, 3, 5)
+TRAIN_FORWARDS = 4  # a training step costs about this many forward passes per image (backward, optimizer, augmentation)
+FINISH_S = 25.0     # process start-up and the export (ONNX and its parity check), outside the per-image cost
 
 
 def native_side(images, indices: np.ndarray, limit: int = 200) -> int:
@@ -77,7 +82,8 @@ def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_tra
     `can_shrink`: the side is the plan's to choose; `epochs_fixed`: the epochs are the user's."""
     def cost(e: int, every: int, s: int) -> float:
         scale = (s / backbone_side) ** 2
-        return per_image_s * scale * (e * 3 * n_train + math.ceil(e / every) * n_val + n_test)
+        return FINISH_S + per_image_s * scale * (e * TRAIN_FORWARDS * n_train + math.ceil(e / every) * n_val
+                                                 + n_val + 2 * n_test)
 
     plan = {"epochs": epochs, "val_every": 1, "side": side}
     if budget_s is None:

@@ -157,6 +157,9 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     side = small_side(int(m["native_side"]), backbone_side) if choose_side else \
         int(final.data.get("image_size") or backbone_side)
     budget = cfg.scenario.get("budget_minutes")
+    budget_from = "scenario.budget_minutes"
+    if budget is None and small and cfg.scenario.get("small_budget_minutes") is not None:
+        budget, budget_from = cfg.scenario.small_budget_minutes, "scenario.small_budget_minutes (small data)"
     fixed_epochs = "trainer.max_epochs" in given
     schedule = fit_budget(None if budget is None else 60.0 * float(budget), spent_s,
                           float(m["forward_ms_per_image"]) / 1000, m["n_train"], m["n_val"], m["n_test"],
@@ -173,10 +176,11 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
                                                 f"{MIN_SIDE}..{backbone_side})" if choose_side else ""),
            f"{schedule['epochs']} epochs, validating every {schedule['val_every']}",
            f"estimated {schedule['estimated_s'] / 60:.1f} min" + (
-               "" if budget is None else f" of a {float(budget):g} min budget" +
+               "" if budget is None else f" of a {float(budget):g} min budget ({budget_from})" +
                ("" if schedule["fits"] else " (does not fit: the smallest schedule runs; raise "
                                             "scenario.budget_minutes or set trainer.max_epochs)"))]
-    result = {**schedule, "budget_minutes": budget, "preset_epochs": int(final.trainer.max_epochs),
+    result = {**schedule, "budget_minutes": budget, "budget_from": budget_from if budget is not None else None,
+              "preset_epochs": int(final.trainer.max_epochs),
               "overrides": out, "reason": "; ".join(why)}
     log.info("scenario=auto plan: %s", result["reason"])
     return out, result
