@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tl.data.sources import ImageSet
-from tl.planning import FINISH_S, fit_budget, forward_seconds, native_side, small_side
+from tl.planning import FINISH_S, fit_budget, forward_seconds, native_side, small_budget, small_side
 from tl.scenarios import decide
 from tl.train import train
 
@@ -58,6 +58,11 @@ def test_the_budget_cuts_validation_then_epochs_then_the_side():
     assert not impossible["fits"] and (impossible["epochs"], impossible["side"]) == (15, 224)
 
 
+def test_the_default_small_data_budget_grows_with_examples_per_class():
+    assert small_budget(4.5, 3) == small_budget(4.5, 10) == 4.5  # few-shot: the bound itself
+    assert small_budget(4.5, 60) == pytest.approx(27.0) and small_budget(4.5, 100) == pytest.approx(45.0)
+
+
 def test_forward_timing_leaves_the_model_as_it_was():
     import timm
 
@@ -94,6 +99,8 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     assert plan.budget_minutes == 4.5 and plan.budget_from.startswith("scenario.small_budget_minutes")
     tight = auto_cfg(*common, "scenario.small_budget_minutes=0.01").scenario.evidence.plan
     assert not tight.fits and tight.side == 64 and "small_budget_minutes" in tight.reason
+    assert "is 128 px; smaller to fit the budget" in tight.reason
+    assert "4x native, within 64..224)" in free.scenario.evidence.plan.reason
     unbounded = auto_cfg(*common, "scenario.small_budget_minutes=null").scenario.evidence.plan
     assert unbounded.budget_minutes is None and unbounded.budget_from is None and unbounded.side == 128
     cfg = auto_cfg(*common, "scenario.budget_minutes=0.01")  # 0.6 s: less than the measurement took

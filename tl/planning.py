@@ -4,16 +4,16 @@
   images far smaller than the backbone's input are upsampled to 4x their native side (at least 64 px, at most the
   backbone's size), not to the backbone's full size: a 32 px glyph carries no more detail at 224 px than at 128 px,
   and a step costs about (side / 224)^2 of one at 224 px (digits, 8 px, was measured best at 128 px).
-- Budget (`scenario.budget_minutes`; null: `scenario.small_budget_minutes` for small data, none for large): the
-  run's cost is estimated from a timed forward pass of the backbone on the target images at the chosen side (a
-  training step ~ 4 forward passes, augmentation included; each validation pass one per image; test and the report
-  after it two per val/test image) plus what the measurement already took and a fixed `FINISH_S` for start-up and
-  export (measured on the 2-core CPU with EfficientNet-Lite0 at 10 images per class: fit took 1.05-1.25x the
-  3-pass estimate, report 10-18 s, ONNX export with its parity check 19 s). When the preset's schedule would not
-  fit, validation runs less often first (every 2, 3, 5 epochs: model selection needs fewer looks than training
-  needs steps), then epochs are cut, down to half of the preset's, then the side shrinks (by 32 px, not below
-  64). If even that does not fit, the plan says so and runs the smallest schedule: a schedule cut further would
-  not be the recipe any more.
+- Budget (`scenario.budget_minutes`; null: `scenario.small_budget_minutes` per 10 examples per class for small data,
+  none for large): the run's cost is estimated from a timed forward pass of the backbone on the target images at the
+  chosen side (a training step ~ 4 forward passes, augmentation included; each validation pass one per image; test and
+  the report after it two per val/test image) plus what the measurement already took and a fixed `FINISH_S` for
+  start-up and export (measured on the 2-core CPU with EfficientNet-Lite0 at 10 images per class: fit took 1.05-1.25x
+  the 3-pass estimate, report 10-18 s, ONNX export with its parity check 19 s). When the preset's schedule would not
+  fit, validation runs less often first (every 2, 3, 5 epochs: model selection needs fewer looks than training needs
+  steps), then epochs are cut, down to half of the preset's, then the side shrinks (by 32 px, not below 64). If even
+  that does not fit, the plan says so and runs the smallest schedule: a schedule cut further would not be the recipe
+  any more.
 Every choice and the numbers behind it go to the evidence (results.json `scenario_evidence.plan`, TensorBoard).
 """
 
@@ -56,6 +56,11 @@ def small_side(native: int, backbone_side: int) -> int:
         return backbone_side
     side = int(math.ceil(4 * native / 32) * 32)
     return int(min(backbone_side, max(MIN_SIDE, side)))
+
+
+def small_budget(minutes: float, examples_per_class: float) -> float:
+    """The default budget of a small-data run: `minutes` per 10 labelled images per class (at least `minutes`)."""
+    return float(minutes) * max(1.0, float(examples_per_class) / 10)
 
 
 @torch.no_grad()

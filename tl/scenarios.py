@@ -34,7 +34,7 @@ from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
 from tl.data.features import FeatureCache, extract_features
 from tl.data.transforms import backbone_preprocess
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
-from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_side
+from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,11 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     budget = cfg.scenario.get("budget_minutes")
     budget_from = "scenario.budget_minutes"
     if budget is None and small and cfg.scenario.get("small_budget_minutes") is not None:
-        budget, budget_from = cfg.scenario.small_budget_minutes, "scenario.small_budget_minutes (small data)"
+        # per 10 labelled images per class: a few-shot run is bounded to minutes, 100 per class gets 10x that
+        budget = small_budget(cfg.scenario.small_budget_minutes, m["examples_per_class"])
+        scale = budget / float(cfg.scenario.small_budget_minutes)
+        budget_from = "scenario.small_budget_minutes (small data" + (
+            f", x{scale:g} for {m['examples_per_class']:g} examples per class)" if scale > 1 else ")")
     fixed_epochs = "trainer.max_epochs" in given
     schedule = fit_budget(None if budget is None else 60.0 * float(budget), spent_s,
                           float(m["forward_ms_per_image"]) / 1000, m["n_train"], m["n_val"], m["n_test"],
@@ -172,8 +176,11 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
         out.append(f"trainer.max_epochs={schedule['epochs']}")
     if schedule["val_every"] != 1 and "trainer.check_val_every_n_epoch" not in given:
         out.append(f"trainer.check_val_every_n_epoch={schedule['val_every']}")
-    why = [f"train at {schedule['side']} px" + (f" (images {m['native_side']} px: 4x native, within "
-                                                f"{MIN_SIDE}..{backbone_side})" if choose_side else ""),
+    side_why = ""
+    if choose_side:
+        side_why = f" (images {m['native_side']} px: 4x native, within {MIN_SIDE}..{backbone_side}" + (
+            ")" if schedule["side"] == side else f", is {side} px; smaller to fit the budget)")
+    why = [f"train at {schedule['side']} px" + side_why,
            f"{schedule['epochs']} epochs, validating every {schedule['val_every']}",
            f"estimated {schedule['estimated_s'] / 60:.1f} min" + (
                "" if budget is None else f" of a {float(budget):g} min budget ({budget_from})" +
