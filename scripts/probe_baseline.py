@@ -47,7 +47,7 @@ def features(model, datamodule, split: str) -> tuple[np.ndarray, np.ndarray]:
 def probe(x_train: np.ndarray, y_train: np.ndarray, seed: int) -> object:
     """Standardised multinomial logistic regression; C from 10 values by stratified inner cross-validation."""
     folds = int(max(2, min(5, np.bincount(y_train)[np.unique(y_train)].min())))
-    clf = LogisticRegressionCV(Cs=10, cv=folds, max_iter=2000, random_state=seed, n_jobs=1)
+    clf = LogisticRegressionCV(Cs=10, cv=folds, max_iter=2000, random_state=seed, n_jobs=1, scoring="accuracy")
     return make_pipeline(StandardScaler(), clf).fit(x_train, y_train)
 
 

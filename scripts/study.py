@@ -83,7 +83,7 @@ def run_sweeps(out: Path, sizes: list[str], seeds: list[int], extra: list[str], 
                 continue
             sweep_dir = out / f"{size}-{name}"
             cmd = [sys.executable, "-m", "tl.train", "-m", *overrides, *common, f"hydra.sweep.dir={sweep_dir}",
-                   "callbacks.progress=null", "trainer.enable_progress_bar=false", "export=false"]
+                   "callbacks.progress=null", "trainer.enable_progress_bar=false"]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
         if "probe" in which:
