@@ -278,8 +278,13 @@ def save_figure(fig, path: Path, writers: list, tag: str, step: int) -> None:
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
-        for writer in writers:
-            writer.add_figure(tag, fig, step, close=False)
+        if writers:  # TensorBoard gets the PNG just written: the figure is rendered once, not once per sink
+            from PIL import Image
+
+            with Image.open(path) as png:
+                pixels = np.asarray(png.convert("RGB"))
+            for writer in writers:
+                writer.add_image(tag, pixels, step, dataformats="HWC")
     finally:
         plt.close(fig)
 
