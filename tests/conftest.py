@@ -23,6 +23,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "~callbacks.progress",
     "onnx.enabled=false",  # ONNX export (seconds per run) is tested in test_onnx.py
+    "report.top_losses=0",  # the top-loss lists and their image grids (seconds per run) are tested in test_trust.py
 ]
 
 

@@ -36,6 +36,8 @@ TINY_CLI = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "~callbacks.progress",
+    "report.top_losses=0",  # the lists and their image grids are tested in-process (test_trust.py)
+    "export=false",  # the export is tested in test_onnx.py, and under DDP in test_ddp.py's end-to-end run
 ]
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 

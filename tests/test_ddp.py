@@ -1,6 +1,7 @@
 """DDP on CPU (gloo), started as users start it: end to end, parameters unfrozen later, exact evaluation.
 
-Slow ones (-m slow): staged unfreezing under DDP, the tl data module's unpadded evaluation.
+Slow ones (-m slow): the linear-probe variant end to end, staged unfreezing under DDP, the tl data module's
+unpadded evaluation.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from distributed_helpers import DDP_CPU, TINY_CLI, probe, read_ranks, run_tl
 
 
 # -- 1-2. DDP end to end, frozen and partially frozen -----------------------------------------------------------------
-@pytest.mark.parametrize("strategy", ["linear_probe", "partial"])
+@pytest.mark.parametrize("strategy", [pytest.param("linear_probe", marks=pytest.mark.slow), "partial"])
 def test_ddp_two_cpu_processes_end_to_end(tmp_path, strategy):
     """The contract command runs two gloo processes; one run dir (Lightning pins hydra.run.dir for rank 1), one
-    config print and one results.json (rank zero); identical param groups and weights on both ranks; frozen weights
-    untouched and no unused-parameter error with strategy=ddp (frozen parameters are invisible to DDP)."""
+    config print and one results.json and export (rank zero); identical param groups and weights on both ranks;
+    frozen weights untouched and no unused-parameter error with strategy=ddp (frozen parameters are invisible to DDP).
+    (linear_probe, all but the head frozen, is the slow variant: partial has frozen parameters too.)"""
     ranks_dir = tmp_path / "ranks"
     # No hydra.run.dir: the default logs/train/runs/<time> under the working directory, which must be shared.
     proc = run_tl([*DDP_CPU, *TINY_CLI, f"finetune.strategy={strategy}", "finetune.trainable_stages=2",
-                   "logger=none", f"paths.cache_dir={tmp_path / 'cache'}", *probe(ranks_dir)], cwd=tmp_path)
+                   "logger=none", f"paths.cache_dir={tmp_path / 'cache'}", "export=true", *probe(ranks_dir)],
+                  cwd=tmp_path)
 
     run_dirs = list((tmp_path / "logs" / "train" / "runs").iterdir())
     assert len(run_dirs) == 1, f"ranks wrote to different run dirs: {run_dirs}"
@@ -32,6 +35,7 @@ def test_ddp_two_cpu_processes_end_to_end(tmp_path, strategy):
     out = proc.stdout
     assert sum(line.strip() == "config" for line in out.splitlines()) == 1, "config printed by more than one rank"
     assert out.count("results") == 1 and not list(run_dir.glob("*.tmp"))
+    assert (run_dir / "export" / "model.safetensors").is_file() and not list((run_dir / "export").glob("*.tmp"))
 
     r0, r1 = read_ranks(ranks_dir)
     assert (r0["world_size"], r0["rank"], r1["rank"]) == (2, 0, 1)

@@ -97,7 +97,7 @@ def test_class_in_val_but_not_in_train_is_refused(tmp_path):
 
 TRAIN = [sys.executable, "-m", "tl.train", "data=synthetic", "data.source.samples_per_class=60", "trainer.max_epochs=6",
          "scenario=large_similar", "augment=none", "callbacks.progress=null", "trainer.enable_progress_bar=false",
-         "seed=3"]
+         "seed=3", "export=false", "report.top_losses=0"]
 
 
 def test_kill_9_then_resume_finishes_the_planned_epochs(tmp_path):

@@ -272,7 +272,7 @@ def test_scenario_auto_feature_cache_and_report_run_from_shards(tmp_path, synthe
     from tl.train import train
 
     overrides = [*TINY, "scenario=auto", "data=shards", f"data.root={synthetic_shards}", "data.image_size=32",
-                 "data.crop_pct=1.0", "trainer.max_epochs=1"]
+                 "data.crop_pct=1.0", "trainer.max_epochs=1", "report.top_losses=16"]
     cfg = resolve(make_cfg(tmp_path, overrides), overrides)
     results, _ = train(cfg)
     assert results["n_train"] == 144 and results["n_test"] == 48

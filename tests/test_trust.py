@@ -154,7 +154,8 @@ def skewed_folder(tmp_path_factory):
 def skewed_run(skewed_folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("skewed_run")
     cfg = make_cfg(run_dir, [*TINY, "data=imagefolder", f"data.root={skewed_folder}", "data.num_workers=0",
-                             "scenario=large_similar", "augment=none", "optimizer.lr=3e-3", "trainer.max_epochs=3",
+                             "data.image_size=32", "data.crop_pct=1.0", "scenario=large_similar", "augment=none",
+                             "optimizer.lr=3e-3", "trainer.max_epochs=3",
                              "report.top_losses=5"])
     results, objects = train(cfg)
     return run_dir, results, objects
@@ -179,7 +180,7 @@ def test_auto_balance_measures_the_imbalance_and_weights_the_small_classes(skewe
 
 def test_balance_works_with_the_feature_cache_and_with_mixup(skewed_folder, tmp_path):
     common = [*TINY, "data=imagefolder", f"data.root={skewed_folder}", "data.num_workers=0", "report.top_losses=0",
-              "logger=none", "trainer.max_epochs=1"]
+              "data.image_size=32", "data.crop_pct=1.0", "logger=none", "trainer.max_epochs=1"]
     cached, objects = train(make_cfg(tmp_path / "probe", [*common, "scenario=small_similar", "data.balance=sampler"]))
     assert cached["feature_cache"] and cached["balance"]["mode"] == "sampler"
     fit_data = objects["trainer"].datamodule  # the cached-feature data module the run trained on
@@ -248,7 +249,9 @@ def test_predict_abstains_below_min_prob(skewed_run, skewed_folder, tmp_path):
     _, results, _ = skewed_run
     common = [f"ckpt={results['best_ckpt']}", f"inputs={skewed_folder}", "num_workers=0"]
     rows, _ = predict(make_cfg(tmp_path, common, config_name="predict"))
-    cut = float(np.median([float(r["prob"]) for r in rows]))
+    probs = np.unique([float(r["prob"]) for r in rows])  # the printed (rounded) probabilities, distinct, sorted
+    middle = len(probs) // 2
+    cut = float((probs[middle - 1] + probs[middle]) / 2)  # between two printed values: no row sits on the cut
     abstained, summary = predict(make_cfg(tmp_path, [*common, f"min_prob={cut}", f"output={tmp_path / 'a.csv'}"],
                                           config_name="predict"))
     for plain, row in zip(rows, abstained, strict=True):
