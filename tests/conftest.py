@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of N test processes on N cores (pytest -n N): one thread each,
+    import torch  # and the runs it starts too; N processes x all cores each made every one of them crawl
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # A tiny run: 4 synthetic classes of 32x32 gratings, 2 epochs, no progress bar.
 TINY = [

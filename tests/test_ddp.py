@@ -1,7 +1,7 @@
 """DDP on CPU (gloo), started as users start it: end to end, parameters unfrozen later, exact evaluation.
 
-Slow ones (-m slow): the linear-probe variant end to end, staged unfreezing under DDP, the tl data module's
-unpadded evaluation.
+Slow ones (-m slow): the linear-probe variant end to end, staged unfreezing under DDP, the unpadded evaluation
+through a test-side data module (tl's own is tested by default).
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def _test_acc(tmp_path: Path, name: str, args: list[str]) -> float:
     return results["test/acc"]
 
 
+@pytest.mark.slow  # tl's data module has this sampler now: the test below, on tl's own code, is the default one
 def test_ddp_test_accuracy_equals_single_process_with_unpadded_eval_sampler(tmp_path):
     """No training (limit_train_batches=0): the seeded initial weights are tested on 1 process and on 2; with the
     unpadded sampler every test image counts once, so the accuracies are equal (25 images: steps of 1/25)."""
@@ -111,8 +112,8 @@ def test_ddp_test_accuracy_equals_single_process_with_unpadded_eval_sampler(tmp_
     assert round(single * 25, 4) == round(single * 25)  # a count over 25 images, not 26
 
 
-@pytest.mark.slow
 def test_ddp_test_accuracy_equals_single_process_with_tl_datamodule(tmp_path):
+    """The same with tl's data module as users run it: its unpadded evaluation sampler counts each image once."""
     single = _test_acc(tmp_path, "single", ["trainer=cpu"])
     ddp = _test_acc(tmp_path, "ddp", DDP_CPU)
     assert ddp == pytest.approx(single, abs=1e-6)

@@ -122,15 +122,10 @@ def test_kill_9_then_resume_finishes_the_planned_epochs(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     result = json.loads((run / "results.json").read_text())
     assert result["epochs"] == 6
-
-    straight = subprocess.run([*TRAIN, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
-    assert straight.returncode == 0
-    reference = json.loads((tmp_path / "straight" / "results.json").read_text())
-    assert result["global_step"] == reference["global_step"]
-    # A resume mid-epoch reshuffles the rest of that epoch, so the two runs differ by noise: on a 48-image test split
-    # one image is 0.021, and 5 images (0.104) were seen on this CPU. Both must have learnt (chance: 0.25).
-    assert result["test/acc"] > 0.6 and abs(result["test/acc"] - reference["test/acc"]) <= 0.15
+    # the steps of 6 whole epochs, no more, no fewer (16 per batch; a last batch of one is dropped in training)
+    steps_per_epoch = result["n_train"] // 16 + (result["n_train"] % 16 > 1)
+    assert result["n_train"] == 144 and result["global_step"] == 6 * steps_per_epoch
+    assert result["test/acc"] > 0.6  # it learnt (chance: 0.25)
 
 
 def test_sigterm_saves_the_state_exits_143_and_resumes(tmp_path):

@@ -332,7 +332,8 @@ def test_a_copied_run_exports_into_the_copy_and_never_touches_the_original(run, 
     assert resolve_members(str(copy), None) == [copy / "checkpoints" / "last.ckpt"]
 
 
-@pytest.mark.parametrize("sig, code, word", [("TERM", 143, "SIGTERM"), ("INT", 130, "Ctrl-C")])
+@pytest.mark.parametrize("sig, code, word", [("TERM", 143, "SIGTERM"),  # Ctrl-C (the same clean-up) is slow-marked:
+                                              pytest.param("INT", 130, "Ctrl-C", marks=pytest.mark.slow)])
 def test_a_signal_during_export_exits_in_one_line_and_leaves_no_scratch(run, tmp_path, sig, code, word):
     import os
     import shutil
