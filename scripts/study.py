@@ -61,7 +61,7 @@ def per_class_arg(size: str, extra: list[str], seed: int) -> str:
     from tl.data.datamodule import build_datamodule
     from tl.data.transforms import backbone_preprocess
 
-    cfg = compose_config([*extra, "scenario=small_similar", f"seed={seed}"])
+    cfg = compose_config([*extra, "scenario=small_similar", f"seed={seed}"])  # validated in main()
     datamodule = build_datamodule(cfg.data, backbone_preprocess(cfg.model.name), None, seed)
     datamodule.setup("fit")
     counts = np.bincount(datamodule.images.targets[datamodule.split_indices["train"]])
@@ -271,14 +271,49 @@ def main() -> None:
     for size in args.sizes:
         if size != "full" and not (size.isdigit() and int(size) > 0):
             parser.error(f"--sizes {size}: a positive number of examples per class, or full")
+    names = [d.name for d in args.datasets]
+    for d in args.datasets:  # before hours of runs, not at the third dataset
+        if not args.collect_only and not d.is_dir():
+            parser.error(f"--datasets {d}: not a folder (an image folder: DIR/<class>/*.png or DIR/train|val|test/)")
+        if names.count(d.name) > 1:
+            parser.error(f"--datasets: two folders named {d.name!r} would share {args.out / d.name}: rename one")
     sys.path.insert(0, str(HERE.parent))
+    if overrides:  # a typo in a key or a group option: tl.train's one line, before any run
+        from tl.cli import check_group_choices, check_override_keys
+
+        check_group_choices(overrides)
+        check_override_keys(overrides, "train")
     studies = {d.name: (args.out / d.name, [*overrides, "data=imagefolder", f"data.root={d}"])
                for d in args.datasets} or {"": (args.out, overrides)}
+    if not args.collect_only:  # the overrides' values too, as tl.train checks them, before any folder or run
+        from tl.checks import validate
+        from tl.config import compose_config
+        from tl.errors import TLError
+
+        try:
+            for _, extra in studies.values():
+                validate(compose_config([*extra, "scenario=small_similar"]))
+        except TLError as e:
+            sys.exit(f"study.py: {e}")
+    try:
+        run_studies(args, studies)
+    except subprocess.CalledProcessError as e:  # the run printed its own one-line error above
+        sys.exit(f"study.py: a run failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}")
+    except OSError as e:
+        sys.exit(f"study.py: {e.strerror or e}: {e.filename or ''} (choose a writable --out)")
+
+
+def run_studies(args: argparse.Namespace, studies: dict) -> None:
+    from tl.errors import TLError
+
     per_dataset = {}
     for name, (out, extra) in studies.items():
         out.mkdir(parents=True, exist_ok=True)
         if not args.collect_only:
-            run_sweeps(out, args.sizes, args.seeds, extra, args.sweeps, args.policies)
+            try:
+                run_sweeps(out, args.sizes, args.seeds, extra, args.sweeps, args.policies)
+            except TLError as e:  # raised in this process (the probe sweep, in-process)
+                sys.exit(f"study.py: {e}")
         rows = collect(out)
         if not rows:
             sys.exit(f"no results under {out}/*/*/results.json or {out}/*-probe.json")

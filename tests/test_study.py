@@ -58,3 +58,22 @@ def test_probe_sweep_on_tl_splits(tmp_path):
     assert 0.0 <= rows["100"]["test_acc"] <= 1.0
     summary = (out / "summary.md").read_text()
     assert "| textures | 2 | 6 |" in summary and "| textures | 100 | 9 |" in summary
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--datasets", "{tmp}/none"], 2, "--datasets {tmp}/none: not a folder"),
+    (["--datasets", "{tmp}/a/ds", "{tmp}/b/ds"], 2, "two folders named 'ds'"),
+    (["--datasets", "{tmp}/a/ds", "--", "data.batchsize=4"], 2, "did you mean data.batch_size"),
+    (["--datasets", "{tmp}/a/ds", "--", "data.batch_size=abc"], 1, "data.batch_size='abc' is invalid"),
+    (["--datasets", "{tmp}/a/ds", "--out", "{tmp}/file/x", "--collect-only"], 1, "choose a writable --out"),
+])
+def test_bad_study_arguments_fail_in_one_line_before_any_run(tmp_path, args, code, says):
+    for d in ("a/ds", "b/ds"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "file").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), "--sizes", "10", "--seeds", "0",
+                           "--sweeps", "transfer", *out, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code and says.format(tmp=tmp_path) in proc.stderr, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
