@@ -300,7 +300,9 @@ def main() -> None:
     except subprocess.CalledProcessError as e:  # the run printed its own one-line error above
         sys.exit(f"study.py: a run failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}")
     except OSError as e:
-        sys.exit(f"study.py: {e.strerror or e}: {e.filename or ''} (choose a writable --out)")
+        where = str(e.filename or "")
+        fix = " (choose a writable --out)" if where.startswith(str(args.out)) else ""
+        sys.exit(f"study.py: {e.strerror or e}: {where}{fix}")
 
 
 def run_studies(args: argparse.Namespace, studies: dict) -> None:
