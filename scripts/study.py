@@ -52,6 +52,12 @@ def _probe_module():
     return module
 
 
+def base_scenario(extra: list[str]) -> str:
+    """The scenario the study composes its overrides with to read the data: auto where they set auto's own keys
+    (`scenario.small_budget_minutes=...`, only with `--policies auto`), else a fixed preset."""
+    return "auto" if any(o.lstrip("+~").startswith("scenario.") for o in extra) else "small_similar"
+
+
 def per_class_arg(size: str, extra: list[str], seed: int) -> str:
     """`data.samples_per_class` for a study size: the number, or null where it is "full" or more than the smallest
     class has in train (the whole train split then runs, as the size's best stand-in)."""
@@ -61,7 +67,7 @@ def per_class_arg(size: str, extra: list[str], seed: int) -> str:
     from tl.data.datamodule import build_datamodule
     from tl.data.transforms import backbone_preprocess
 
-    cfg = compose_config([*extra, "scenario=small_similar", f"seed={seed}"])  # validated in main()
+    cfg = compose_config([*extra, f"scenario={base_scenario(extra)}", f"seed={seed}"])  # validated in main()
     datamodule = build_datamodule(cfg.data, backbone_preprocess(cfg.model.name), None, seed)
     datamodule.setup("fit")
     counts = np.bincount(datamodule.images.targets[datamodule.split_indices["train"]])
@@ -278,6 +284,10 @@ def main() -> None:
         if names.count(d.name) > 1:
             parser.error(f"--datasets: two folders named {d.name!r} would share {args.out / d.name}: rename one")
     sys.path.insert(0, str(HERE.parent))
+    auto_keys = [o for o in overrides if o.lstrip("+~").startswith("scenario")]
+    if auto_keys and (set(args.policies) != {"auto"} or set(args.sweeps) - {"transfer"}):
+        parser.error(f"{auto_keys[0]}: the scenario is the study's to set per run; auto's own keys "
+                     "(scenario.budget_minutes, ...) apply with --policies auto --sweeps transfer only")
     if overrides:  # a typo in a key or a group option: tl.train's one line, before any run
         from tl.cli import check_group_choices, check_override_keys
 
@@ -292,7 +302,7 @@ def main() -> None:
 
         try:
             for _, extra in studies.values():
-                validate(compose_config([*extra, "scenario=small_similar"]))
+                validate(compose_config([*extra, f"scenario={base_scenario(extra)}"]), final=False)
         except TLError as e:
             sys.exit(f"study.py: {e}")
     try:

@@ -66,6 +66,10 @@ def test_probe_sweep_on_tl_splits(tmp_path):
     (["--datasets", "{tmp}/a/ds", "--", "data.batchsize=4"], 2, "did you mean data.batch_size"),
     (["--datasets", "{tmp}/a/ds", "--", "data.batch_size=abc"], 1, "data.batch_size='abc' is invalid"),
     (["--datasets", "{tmp}/a/ds", "--out", "{tmp}/file/x", "--collect-only"], 1, "choose a writable --out"),
+    # auto's own keys only make sense where every run is auto (the presets have no such keys)
+    (["--datasets", "{tmp}/a/ds", "--", "scenario.small_budget_minutes=null"], 2, "apply with --policies auto"),
+    (["--datasets", "{tmp}/a/ds", "--policies", "auto", "--", "scenario.small_budgt=1"], 2,
+     "did you mean scenario.small_budget_minutes"),
 ])
 def test_bad_study_arguments_fail_in_one_line_before_any_run(tmp_path, args, code, says):
     for d in ("a/ds", "b/ds"):
