@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tl.data.images import to_rgb
@@ -90,3 +91,85 @@ def test_the_training_and_prediction_datasets_decode_16_bit_files(tmp_path):
     assert decoded.min() == 0 and decoded.max() == 255
     x, error = FileDataset([path], lambda im: np.asarray(im), [3, 32, 32])[0]
     assert error == "" and x.min() == 0 and x.max() == 255
+
+
+# -- large files: decoded no larger than the transform needs (tl.data.images.decode) -------------------------------
+def _photo(width: int, height: int) -> Image.Image:
+    """A real photograph (scikit-image's astronaut, 512 px) enlarged to a camera-sized file."""
+    skimage_data = pytest.importorskip("skimage.data")
+    return Image.fromarray(skimage_data.astronaut()).resize((width, height), Image.BICUBIC)
+
+
+def test_decode_side_is_what_the_transforms_need():
+    from tl.data.transforms import backbone_preprocess, decode_side
+
+    pre = backbone_preprocess("efficientnet_lite0")  # 224 px, crop_pct 0.875: timm resizes to 256 first
+    assert decode_side(pre) == 256
+    strong = {"name": "strong", "scale": [0.6, 1.0], "ratio": [0.75, 1.3333]}
+    assert decode_side(pre, strong) == 334  # the smallest crop (60% of the area at 3:4) upsampled to 224
+    assert decode_side(pre, {"name": "none"}) == 256 and decode_side(pre, {"name": "x"}) == 915  # timm's 8% crops
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_large_files_are_reduced_to_what_the_transform_needs_and_look_the_same(tmp_path, suffix):
+    from tl.data.images import decode
+    from tl.data.transforms import backbone_preprocess, decode_side, eval_transform
+
+    pre = backbone_preprocess("efficientnet_lite0")
+    path = _save(_photo(2400, 1600), tmp_path / f"big{suffix}", **({"quality": 95} if suffix == ".jpg" else {}))
+    side = decode_side(pre)
+    img, reduced = decode(path, side)
+    assert reduced and img.size == (384, 256) and img.mode == "RGB"  # timm's first step: shorter side to 256
+    with Image.open(path) as f:
+        full = to_rgb(f)
+    tf = eval_transform(pre)
+    if suffix == ".png":  # the transform's own resize, done at decoding: the very same pixels
+        assert torch.equal(tf(img), tf(full))
+    else:  # libjpeg's DCT scaling first: the same picture to within a grey level or two
+        assert (tf(img) - tf(full)).abs().mean() < 0.03  # normalised units (1 / std ~ 4.4 per unit of [0, 1])
+    small = _save(_photo(200, 150), tmp_path / f"small{suffix}")
+    img, reduced = decode(small, side)
+    with Image.open(small) as f:
+        assert not reduced and np.array_equal(np.asarray(img), np.asarray(to_rgb(f)))  # small files untouched
+
+
+def test_the_training_dataset_decodes_a_large_file_once(tmp_path):
+    """A large PNG has no cheap reduced decoding: the reduced picture is kept, so later epochs read no file."""
+    from tl.data.datamodule import ImageDataset
+    from tl.data.sources import ImageSet
+
+    path = _save(_photo(1800, 1200), tmp_path / "big.png")
+    small = _save(_photo(64, 48), tmp_path / "small.png")
+    images = ImageSet(classes=["a"], targets=np.zeros(2, np.int64), paths=[str(path), str(small)])
+    ds = ImageDataset(images, np.array([0, 1]), None, min_side=256)
+    first = ds.load_image(0)
+    assert first.size == (384, 256)
+    ds.load_image(1)
+    path.unlink()
+    small.unlink()
+    assert ds.load_image(0) is first  # no file read for the large one
+    with pytest.raises(FileNotFoundError):
+        ds.load_image(1)  # small files are read each time (cheap; memory stays bounded by the large ones)
+    assert ds.__getstate__()["_decoded"] == {}  # a loader process started by pickling starts empty
+
+
+def test_truncated_large_files_are_still_found_at_the_scan(tmp_path):
+    """The scan decodes JPEGs at 1/8 scale (5x faster; that still reads the whole stream) and checks large PNGs by
+    their chunks' CRCs (20x faster than inflating them)."""
+    from tl.data.sources import ImageFolderSource
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            _save(_photo(64 + i, 64), tmp_path / c / f"{i}.jpg")
+    whole = _save(_photo(1600, 1200), tmp_path / "a" / "big.jpg", quality=90).read_bytes()
+    (tmp_path / "b" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    png = _save(_photo(2500, 1700), tmp_path / "a" / "big.png").read_bytes()  # 4.25 megapixels
+    (tmp_path / "b" / "cut.png").write_bytes(png[: len(png) * 2 // 3])
+    flipped = bytearray(png)
+    flipped[len(png) // 2] ^= 0xFF  # one damaged byte inside the image data
+    (tmp_path / "b" / "flipped.png").write_bytes(bytes(flipped))
+    images = ImageFolderSource(tmp_path).load()
+    assert len(images.paths) == 12
+    bad = ("cut.jpg", "cut.png", "flipped.png")
+    assert sorted(images.skipped_files) == sorted(str(tmp_path / "b" / f) for f in bad)

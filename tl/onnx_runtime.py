@@ -104,6 +104,17 @@ class OnnxClassifier:
     def temperature(self) -> float:
         return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
 
+    @property
+    def decode_side(self) -> tuple[int | None, str]:
+        """(shorter side, interpolation) that `tl.data.images.open_image` resizes larger files to before the steps:
+        the first resize's size, as the PyTorch path has it (`tl.data.transforms.decode_side`), so both see the same
+        pixels."""
+        for step in self.meta["onnx"]["preprocess_steps"]:
+            if step["op"] in ("resize", "resize_keep_ratio"):
+                size = step["size"]
+                return int(max(size) if isinstance(size, (list, tuple)) else size), str(step["interpolation"])
+        return None, "bicubic"
+
     def prepare(self, img: Image.Image) -> np.ndarray:
         return apply_steps(img, self.meta["onnx"]["preprocess_steps"])
 
@@ -241,12 +252,11 @@ def read_error(e: Exception) -> str:
 
 def read_image(path: Path, clf: OnnxClassifier) -> tuple[np.ndarray | None, str]:
     """A file decoded (any mode, EXIF orientation applied) and prepared for the graph, or the error that stopped it."""
-    from tl.data.images import to_rgb
+    from tl.data.images import open_image
 
     try:
         check_regular(path)
-        with Image.open(path) as f:
-            return clf.prepare(to_rgb(f)), ""
+        return clf.prepare(open_image(path, *clf.decode_side)), ""
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         return None, read_error(e)
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tl.data.images import to_rgb
-from tl.data.transforms import eval_transform
+from tl.data.images import open_image
+from tl.data.transforms import decode_side, eval_transform
 from tl.inference import load_classifier, optimize_for_inference, resolve_device
 from tl.onnx_runtime import check_regular, read_error
 
@@ -22,8 +21,10 @@ from tl.onnx_runtime import check_regular, read_error
 class FileDataset(Dataset):
     """Decodes and transforms image files; a file that fails gives a zero image and its error message."""
 
-    def __init__(self, paths: list[Path], transform, input_size: list[int]):
+    def __init__(self, paths: list[Path], transform, input_size: list[int], min_side: int | None = None,
+                 interpolation: str = "bicubic"):
         self.paths, self.transform, self.input_size = paths, transform, input_size
+        self.min_side, self.interpolation = min_side, interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -31,8 +32,8 @@ class FileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         try:
             check_regular(self.paths[i])
-            with Image.open(self.paths[i]) as f:
-                return self.transform(to_rgb(f)), ""  # any mode, EXIF orientation applied (tl.data.images)
+            # any mode, EXIF orientation applied, large files reduced to what the transform needs (tl.data.images)
+            return self.transform(open_image(self.paths[i], self.min_side, self.interpolation)), ""
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
             return torch.zeros(self.input_size), read_error(e)
 
@@ -84,7 +85,8 @@ class TorchPredictor:
     def run(self, paths: list[Path], batch_size: int, workers: int, threads: int) -> Iterator:
         clf = self.clf
         model = optimize_for_inference(clf.model, clf.preprocess["input_size"]) if self.optimize else clf.model
-        dataset = FileDataset(paths, eval_transform(clf.preprocess), clf.preprocess["input_size"])
+        dataset = FileDataset(paths, eval_transform(clf.preprocess), clf.preprocess["input_size"],
+                              decode_side(clf.preprocess), str(clf.preprocess.get("interpolation") or "bicubic"))
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                             pin_memory=self.device.type == "cuda")
         previous = torch.get_num_threads()

@@ -87,14 +87,16 @@ def measure(cfg: DictConfig, datamodule) -> dict:
         cache = FeatureCache(cfg.paths.cache_dir)
         feats, y = cache.get(model, classifier_names(model), datamodule, ("train",))["train"]
     else:
-        loader = DataLoader(ImageDataset(datamodule.images, idx, datamodule.dataset("train", False).transform),
+        plain = datamodule.dataset("train", False)
+        loader = DataLoader(ImageDataset(datamodule.images, idx, plain.transform, min_side=plain.min_side,
+                                         interpolation=plain.interpolation),
                             batch_size=datamodule.eval_batch_size, num_workers=datamodule._workers(),
                             collate_fn=collate_readable)
         feats, y = extract_features(model, loader)
     side = int(s.pixel_size)
     to_pixels = v2.Compose([v2.PILToTensor(), v2.Resize((side, side), antialias=True),
                             v2.ToDtype(torch.float32, scale=True)])
-    pixels = torch.stack([to_pixels(ImageDataset(datamodule.images, idx, None).load_image(i))
+    pixels = torch.stack([to_pixels(ImageDataset(datamodule.images, idx, None, min_side=side).load_image(i))
                           for i in range(len(idx))]).flatten(1)
     y = y.numpy()
     backbone_side = int(datamodule.preprocess["input_size"][-1])

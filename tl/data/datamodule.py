@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tl.data.audit import audit_splits
 from tl.data.balance import balanced_sampler, class_weights, imbalance_ratio, resolve_balance
-from tl.data.images import to_rgb
+from tl.data.images import decode, to_rgb
 from tl.data.sources import ImageSet
 from tl.data.splits import make_splits, subset_per_class
-from tl.data.transforms import eval_transform, train_transform
+from tl.data.transforms import decode_side, eval_transform, train_transform
 from tl.errors import TLError
 from tl.utils import build, to_plain
 
@@ -39,6 +39,9 @@ def eval_sampler(trainer, ds: Dataset, shuffle: bool):
     return UnrepeatedDistributedSampler(ds, shuffle=False, **dist)
 
 
+DECODE_CACHE_MB = 256  # per process: reduced large files kept decoded (about 500 photos at 224 px, 4x more at 112)
+
+
 class ImageDataset(Dataset):
     """Indexes into an `ImageSet`; images come from memory (uint8 tensors) or are decoded from disk on access.
 
@@ -48,10 +51,17 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, images: ImageSet, indices: np.ndarray, transform, on_bad_file: str = "skip",
-                 unreadable=None):
+                 unreadable=None, min_side: int | None = None, interpolation: str = "bicubic"):
         self.set, self.indices, self.transform = images, np.asarray(indices), transform
+        # files are decoded no larger than the transform needs (tl.data.images.decode)
+        self.min_side, self.interpolation = min_side, interpolation
+        self._decoded: dict[int, Image.Image] = {}  # reduced large files, decoded once per process
+        self._decoded_bytes = 0
         self.on_bad_file = on_bad_file
         self.unreadable = unreadable if unreadable is not None else mp.Value("i", 0)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_decoded": {}, "_decoded_bytes": 0}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -63,9 +73,15 @@ class ImageDataset(Dataset):
         if self.set.images is not None:
             arr = self.set.images[j].permute(1, 2, 0).numpy()
             img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        else:
-            with Image.open(self.set.paths[j]) as f:
-                return to_rgb(f)  # any mode, EXIF orientation applied (tl.data.images)
+        else:  # any mode, EXIF orientation applied, large files reduced to what the transform needs (tl.data.images)
+            if j in self._decoded:
+                return self._decoded[j]
+            img, reduced = decode(self.set.paths[j], self.min_side, self.interpolation)
+            size = img.width * img.height * 3
+            if reduced and self._decoded_bytes + size <= DECODE_CACHE_MB * 2**20:
+                self._decoded[j] = img  # transforms return new images: the cached one is never changed
+                self._decoded_bytes += size
+            return img
         return img.convert("RGB")  # in-memory sources are uint8 grayscale or RGB
 
     def __getitem__(self, i: int):
@@ -230,7 +246,9 @@ class TransferDataModule(pl.LightningDataModule):
         augmented = (split == "train") if augmented is None else augmented
         tf = (train_transform(self.preprocess, self.augment, self.mirror_invariant) if augmented
               else eval_transform(self.preprocess))
-        return ImageDataset(self.images, self.split_indices[split], tf, self.on_bad_file, self.unreadable)
+        side = decode_side(self.preprocess, self.augment if augmented else None)
+        return ImageDataset(self.images, self.split_indices[split], tf, self.on_bad_file, self.unreadable, side,
+                            str(self.preprocess.get("interpolation") or "bicubic"))
 
     # -- loaders ----------------------------------------------------------------------------------------------
     def _workers(self) -> int:

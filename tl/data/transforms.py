@@ -6,6 +6,7 @@ same normalisation. Augmentation policies (conf/augment/) are arguments to timm'
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import timm
@@ -39,6 +40,21 @@ def _unknown_model_message(name: str) -> str:
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return f"model.name={name!r} is not a timm model: {hint}list them with timm.list_models('*pattern*')"
+
+
+def decode_side(preprocess: dict, augment: dict[str, Any] | None = None) -> int:
+    """The shorter side an image needs for the transform to lose no detail (`tl.data.images.open_image` reduces larger
+    ones to it): the evaluation resize (input size / crop_pct), or, augmented, the smallest random crop (the least
+    scale at the most extreme aspect ratio) upsampled to the input size."""
+    side = max(int(s) for s in preprocess["input_size"][-2:])
+    need = math.floor(side / min(1.0, float(preprocess.get("crop_pct") or 1.0)))  # timm's eval resize
+    if augment and augment.get("name", "none") != "none":
+        scale = min(float((augment.get("scale") or (0.08, 1.0))[0]), 1.0)
+        ratio = augment.get("ratio") or (3 / 4, 4 / 3)
+        extreme = min(float(ratio[0]), 1.0 / float(ratio[1]), 1.0)
+        if scale > 0 and extreme > 0:
+            need = max(need, side / math.sqrt(scale * extreme))
+    return int(math.ceil(need))
 
 
 def eval_transform(preprocess: dict):
