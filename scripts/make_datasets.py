@@ -415,6 +415,27 @@ DATASETS = {"fonts": (build_fonts, 100), "photo_patches": (build_photo_patches, 
 MANIFEST = "manifest.csv"
 
 
+def check_replaceable(folder: Path) -> None:
+    """An earlier build of this script may be replaced, nothing else: `folder` must hold exactly the files its
+    manifest lists (a user's own files, or a folder the script did not write, stop the build)."""
+    def refuse(why: str) -> None:
+        raise FileExistsError(f"{folder} exists and {why}: nothing was changed; move it away or choose another --out")
+
+    if not folder.is_dir() or folder.is_symlink():
+        refuse("is not a folder this script wrote")
+    try:
+        with open(folder / MANIFEST, newline="") as fh:
+            listed = {row["file"] for row in csv.DictReader(fh)}
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+        refuse(f"was not written by this script (no readable {MANIFEST} listing its files)")
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    extra = sorted(present - listed - {MANIFEST})
+    if extra:
+        refuse(f"holds files this script did not write (e.g. {extra[0]!r})")
+    if not listed or not listed <= present:
+        refuse(f"does not hold the files its {MANIFEST} lists (not this script's output, or damaged)")
+
+
 def build(name: str, out: str | Path, per_class: int | None = None, seed: int = 0,
           font_dirs: tuple[str, ...] = ()) -> Built:
     """Build dataset `name` into `out/name` (replacing an earlier build of this script there) and return its record."""
@@ -424,10 +445,13 @@ def build(name: str, out: str | Path, per_class: int | None = None, seed: int = 
     per_class = default if per_class is None else int(per_class)
     split_counts(per_class)  # fail before writing anything
     final = Path(out).expanduser() / name
-    if final.exists() and not (final / MANIFEST).is_file():
-        raise FileExistsError(f"{final} exists and was not written by this script ({MANIFEST} missing): remove it or "
-                              "choose another --out")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() or final.is_symlink():
+        check_replaceable(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileExistsError(f"--out {out}: cannot create {final.parent} ({e.strerror}): choose a writable --out") \
+            from None
     partial = final.parent / f".{name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     start = time.perf_counter()
@@ -472,11 +496,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.out is None:
         parser.error("--out is required")
+    for d in args.font_dir:
+        if not Path(d).expanduser().is_dir():
+            parser.error(f"--font-dir {d}: not a folder (a folder of .ttf/.otf fonts)")
     for name in args.datasets:
         try:
             built = build(name, args.out, args.per_class, args.seed, font_dirs=tuple(args.font_dir))
         except (ValueError, RuntimeError, FileExistsError) as e:
             sys.exit(f"{name}: {e}")
+        except OSError as e:
+            sys.exit(f"{name}: {e.strerror or e}: {e.filename or args.out}: choose a writable --out with free space")
         print(built.summary(), flush=True)
 
 

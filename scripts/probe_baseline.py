@@ -86,6 +86,44 @@ def main() -> None:
     parser.add_argument("--image-sizes", nargs="+", default=["native"], help="native (the backbone's) or a side")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    for size in args.sizes:
+        if size != "full" and not (size.isdigit() and int(size) > 0):
+            parser.error(f"--sizes {size}: a positive number of images per class, or full")
+    for side in args.image_sizes:
+        if side != "native" and not (side.isdigit() and 16 <= int(side) <= 4096):
+            parser.error(f"--image-sizes {side}: native (the backbone's) or a side from 16 to 4096 px")
+    for seed in args.seeds:
+        if not 0 <= seed < 2**32:
+            parser.error(f"--seeds {seed}: seeds are integers from 0 to 2**32 - 1")
+    # before any work: the overrides as tl.train checks them, and a writable --out
+    from tl.cli import check_group_choices, check_override_keys, check_syntax
+    from tl.errors import TLError
+
+    check_syntax(overrides)
+    check_group_choices(overrides)
+    check_override_keys(overrides, "train")
+    try:
+        from tl.checks import validate
+
+        validate(compose_config([*overrides, "scenario=small_similar"]))
+        if args.out:
+            from tl.utils import ensure_writable
+
+            ensure_writable(args.out.expanduser().absolute().parent, min_free_mb=1, setting="--out FILE.json")
+            if args.out.is_dir():
+                raise TLError(f"--out {args.out} is a folder: give a .json file path")
+    except TLError as e:
+        sys.exit(f"probe_baseline.py: {e}")
+    try:
+        rows = probe_all(args, overrides)
+    except TLError as e:
+        sys.exit(f"probe_baseline.py: {e}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"overrides": overrides, "rows": rows}, indent=2) + "\n")
+
+
+def probe_all(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for size in args.sizes:
@@ -97,9 +135,7 @@ def main() -> None:
             accs = [r["test_acc"] for r in rows if r["size"] == size and r["image_size"] == image_size]
             print(f"probe size={size} image_size={image_size}: test acc {np.mean(accs):.4f} +- {np.std(accs):.4f} "
                   f"(n={len(accs)})", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"overrides": overrides, "rows": rows}, indent=2) + "\n")
+    return rows
 
 
 if __name__ == "__main__":

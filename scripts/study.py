@@ -277,6 +277,9 @@ def main() -> None:
     for size in args.sizes:
         if size != "full" and not (size.isdigit() and int(size) > 0):
             parser.error(f"--sizes {size}: a positive number of examples per class, or full")
+    for seed in args.seeds:
+        if not 0 <= seed < 2**32:
+            parser.error(f"--seeds {seed}: seeds are integers from 0 to 2**32 - 1")
     names = [d.name for d in args.datasets]
     for d in args.datasets:  # before hours of runs, not at the third dataset
         if not args.collect_only and not d.is_dir():

@@ -105,7 +105,8 @@ AUTO_RULES: list[Rule] = [
 ]
 
 RULES: list[Rule] = [
-    ("optimizer.lr", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-3"),
+    # above 10 no optimizer trains (and float32 overflows past 3e38): a typo's exponent, not a learning rate
+    ("optimizer.lr", lambda v: _number(v) and 0 < v <= 10, "a positive number up to 10, e.g. 1e-3"),
     ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 (null or 0: none)"),
     ("model.drop_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
     ("model.drop_path_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
@@ -164,6 +165,9 @@ EXPORT_RULES: list[Rule] = [
     ("output", lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "null (RUN/export) or a folder"),
     ("format", lambda v: v in ("onnx", "safetensors", "all"), "onnx, safetensors or all"),
     ("ensemble.last", lambda v: v is None or (_integer(v) and v >= 1), "null (all snapshots) or an integer >= 1"),
+    ("seed", _optional(lambda v: _integer(v) and 0 <= v < 2**32), "null (the training run's) or an integer >= 0"),
+    ("batch_size", _optional(_count1), "null or an integer >= 1"),
+    ("num_workers", _optional(_count0), "null or an integer >= 0"),
     *ONNX_RULES,
 ]
 PREDICT_RULES: list[Rule] = [
@@ -221,7 +225,16 @@ def check_hardware(trainer: DictConfig) -> None:
         if wanted > gpus:
             raise TLError(f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {gpus}: use "
                           f"trainer.devices={gpus} or fewer")
-    elif accelerator in ("cpu", "auto") and str(trainer.get("precision")) in ("16-mixed", "16"):
+    else:
+        import os
+
+        wanted = devices if _integer(devices) and devices > 0 else (
+            len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else 0)
+        cores = os.cpu_count() or 1
+        if wanted > max(2, cores):  # one process per device, each with its model and loaders: past the cores it hangs
+            raise TLError(f"trainer.devices={devices} starts {wanted} processes on the CPU but this machine has "
+                          f"{cores} cores: use trainer.devices={max(2, cores)} or fewer")
+    if not on_gpu and accelerator in ("cpu", "auto") and str(trainer.get("precision")) in ("16-mixed", "16"):
         raise TLError(f"trainer.precision={trainer.get('precision')} needs a GPU: on the CPU use bf16-mixed or 32-true")
 
 
@@ -329,7 +342,25 @@ def check_resume(ckpt_path: str, module, max_epochs: int | None = None) -> None:
             raise TLError(f"ckpt_path={ckpt_path!r} was trained with {key}={hp[key]!r} but this run has "
                           f"{key}={ours.get(key)!r}: resume with the run's own settings, or start a new run in "
                           "another hydra.run.dir")
+    # The optimizer's state (its class, and one parameter group per frozen/trainable split and LR) only loads into
+    # an optimizer of the same kind over the same groups: another scenario or optimizer would fail in Lightning,
+    # after the run's files were rewritten.
+    saved_opt = (hp.get("optimizer") or {}).get("_target_") if isinstance(hp.get("optimizer"), dict) else None
+    our_opt = (ours.get("optimizer") or {}).get("_target_")
+    if saved_opt and our_opt and saved_opt != our_opt:
+        raise TLError(f"ckpt_path={ckpt_path!r} was trained with the optimizer {saved_opt} but this run has {our_opt}: "
+                      "resume with the run's own settings (its config.yaml), or start a new run in another "
+                      "hydra.run.dir")
+    for key, setting in (("strategy", "finetune.strategy"), ("trainable_stages", "finetune.trainable_stages"),
+                         ("layer_decay", "finetune.layer_decay"), ("lp_epochs", "finetune.lp_epochs"),
+                         ("unfreeze_every", "finetune.unfreeze_every")):
+        if key in hp and hp[key] != ours.get(key):
+            raise TLError(f"ckpt_path={ckpt_path!r} was trained with {setting}={hp[key]!r} but this run has "
+                          f"{ours.get(key)!r} (another scenario?): resume with the run's own settings (its "
+                          "config.yaml), or start a new run in another hydra.run.dir")
     epoch = ckpt.get("epoch")
+    if max_epochs is not None and isinstance(epoch, int) and epoch == max_epochs:
+        return  # saved after the last epoch (a signal during test or the report): the resumed run tests and reports
     if max_epochs is not None and isinstance(epoch, int) and max_epochs < epoch + 1:
         raise TLError(f"ckpt_path={ckpt_path!r} was saved in epoch {epoch + 1} but trainer.max_epochs={max_epochs}: "
                       f"to continue training, set trainer.max_epochs to more than {epoch + 1}")

@@ -188,18 +188,65 @@ def _rank() -> int:
     return _get_rank() or 0
 
 
+def _check_creatable(setting: str, target: Path) -> None:
+    """`target` exists as a folder or can be made: its nearest existing parent takes a new folder (a read-only or
+    pseudo filesystem such as /proc does not), and no part of the new path is longer than a name may be."""
+    import tempfile
+
+    try:
+        parent = target
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent == target and target.is_dir():
+            return
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            _fail(f"{setting}={target} cannot be created ({parent} is not a writable folder): choose a writable place")
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+        for part in target.relative_to(parent).parts:
+            if len(os.fsencode(part)) > name_max:
+                _fail(f"{setting}=...: the folder name {part[:24]!r}... is {len(os.fsencode(part))} bytes, longer "
+                      f"than the {name_max} this filesystem allows: choose a shorter name")
+        os.rmdir(tempfile.mkdtemp(prefix=".tl-probe-", dir=parent))  # what mkdir will meet there
+    except OSError as e:
+        _fail(f"{setting}={target} cannot be created ({e.strerror or e}): choose a writable place")
+
+
+def check_sweeper(argv: list[str]) -> None:
+    """The sweeper's own settings that Hydra passes through unchecked (a sweep of no trials ends in a traceback)."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.sweeper.n_trials", "hydra.sweeper.n_jobs"):
+            if not (value.strip().isdigit() and int(value) >= 1):
+                _fail(f"{key}={value}: use a whole number >= 1, e.g. {key}=20")
+
+
+def check_syntax(argv: list[str]) -> None:
+    """An override Hydra cannot parse (an unquoted space or non-ASCII character, an unbalanced bracket or quote):
+    one line naming it, instead of Hydra's parser trace."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except Exception as e:  # noqa: BLE001 - OverrideParseException, and whatever a grammar error raises
+            key, _, value = arg.partition("=")
+            why = (str(e).splitlines() or [""])[0][:100]
+            _fail(f"{arg!r} cannot be parsed as an override ({why}): quote the value, e.g. {key}='{value}' (in the "
+                  "shell: \"" + key + "='" + value + "'\")")
+
+
 def check_run_dir(argv: list[str], config_name: str = "") -> None:
     """Exit with one line if `hydra.run.dir=DIR` cannot be created (Hydra would fail with a traceback), or, for a
     training run, if DIR holds another run (tl.rundir), before Hydra rewrites RUN/.hydra in it."""
     for arg in argv:
+        if arg.startswith(("hydra.sweep.dir=", "hydra.run.dir=")):
+            setting, target = arg.split("=", 1)
+            _check_creatable(setting, Path(target).expanduser())
         if arg.startswith("hydra.run.dir="):
             target = Path(arg.split("=", 1)[1]).expanduser()
-            parent = target
-            while not parent.exists() and parent != parent.parent:
-                parent = parent.parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                _fail(f"hydra.run.dir={target} cannot be created ({parent} is not a writable folder): "
-                      "choose a writable place")
             if config_name == "train" and target.is_dir() and not {"-m", "--multirun"} & set(argv) \
                     and not _rank():  # the other processes of a DDP or SLURM job share rank 0's directory
                 from tl.rundir import check_free
@@ -218,6 +265,8 @@ def launch(hydra_main, config_name: str) -> None:
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     argv = sys.argv[1:]
+    check_syntax(argv)
+    check_sweeper(argv)
     check_group_choices(argv)
     check_run_dir(argv, config_name)
     if not {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"} & set(argv):

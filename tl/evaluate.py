@@ -33,7 +33,15 @@ from tl.inference import (
     run_dir_of,
     snapshot_paths,
 )
-from tl.utils import check_required, print_results, terminate_as_exception, user_errors, write_json
+from tl.utils import (
+    check_output_file,
+    check_required,
+    ensure_writable,
+    print_results,
+    terminate_as_exception,
+    user_errors,
+    write_json,
+)
 
 log = logging.getLogger("tl.evaluate")
 
@@ -106,14 +114,20 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     device = resolve_device(cfg.get("device", "auto"))
     paths = resolve_members(cfg.ckpt, cfg.get("ensemble", {}).get("last"))
     members = [load_classifier(p, device) for p in paths]
+    run_dir = run_dir_of(paths[0])
+    output = Path(cfg.output) if cfg.get("output") else (run_dir or Path(cfg.paths.output_dir)) / "evaluation.json"
+    if output.is_dir():
+        raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'evaluation.json'}")
+    keep = [run_dir / name for name in ("results.json", "config.yaml")] if run_dir is not None else []
+    check_output_file(output, "output", ".json", reads=[*paths, *keep],
+                      inside=[run_dir / d for d in ("checkpoints", "export", ".hydra")] if run_dir is not None else [])
+    ensure_writable(output.parent, min_free_mb=1, setting="output=FILE.json")  # now, not after the evaluation
     data, seed = data_config(cfg, paths[0])
     datamodule = build_datamodule(data, members[0].preprocess, augment=None, seed=seed)  # the model's own inputs
     datamodule.setup("test")
     metrics, objects = evaluate_members(members, datamodule, tta, device)
 
     results = {"ckpt": str(cfg.ckpt), **metrics}
-    run_dir = run_dir_of(paths[0])
-    output = Path(cfg.output) if cfg.get("output") else (run_dir or Path(cfg.paths.output_dir)) / "evaluation.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(output, results)
     title = f"{len(members)} model(s), tta={results['tta']}"

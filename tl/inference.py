@@ -220,6 +220,16 @@ def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
     if datamodule.num_classes != first.num_classes:
         raise TLError(f"ckpt={first.source!r} predicts {first.num_classes} classes but the data has "
                       f"{datamodule.num_classes}: evaluate on the data it was trained on (data=...)")
+    data_names = [str(c) for c in datamodule.classes]
+    if data_names != [str(c) for c in first.class_names]:
+        if sorted(data_names) == sorted(str(c) for c in first.class_names):
+            why = "in another order"
+        else:
+            more = ", ..." if first.num_classes > 5 else ""
+            why = f"not the model's ({', '.join(map(str, first.class_names[:5]))}{more})"
+        raise TLError(f"the data's classes ({', '.join(data_names[:5])}{', ...' if len(data_names) > 5 else ''}) are "
+                      f"{why}: label i of the data would be scored as the model's class i; evaluate on data with the "
+                      "model's class folders")
     datamodule.preprocess = first.preprocess  # the model's own input pipeline, whatever the data config says
     if tta == "flip" and not datamodule.mirror_invariant:
         log.warning("tta=flip skipped: the data is not mirror invariant (data.mirror_invariant=false)")

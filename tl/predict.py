@@ -26,7 +26,14 @@ from tl.checks import PREDICT_RULES, check_rules
 from tl.cli import launch
 from tl.data.images import IMAGE_EXTENSIONS
 from tl.errors import TLError
-from tl.utils import atomic_path, check_required, ensure_writable, terminate_as_exception, user_errors
+from tl.utils import (
+    atomic_path,
+    check_output_file,
+    check_required,
+    ensure_writable,
+    terminate_as_exception,
+    user_errors,
+)
 
 log = logging.getLogger("tl.predict")
 
@@ -38,7 +45,8 @@ def list_inputs(inputs: str | Path) -> list[Path]:
     """
     root = Path(inputs).expanduser()
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        # every entry with an image's name gets a row: a dangling link or a pipe gets one with its error
+        files = sorted(p for p in root.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS
                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if not files:
             raise TLError(f"inputs={str(inputs)!r} has no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...): "
@@ -116,6 +124,10 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
                       "file path")
     predictor = load_predictor(cfg.ckpt, cfg.get("device", "auto"), cfg.get("optimize", True))
     paths = list_inputs(cfg.inputs)
+    ckpt = Path(str(cfg.ckpt)).expanduser()
+    export_dir = ckpt if ckpt.is_dir() else ckpt.parent if (ckpt.parent / "model.json").is_file() else None
+    check_output_file(output, "output", ".csv", reads=[ckpt, Path(str(cfg.inputs)), *paths],
+                      inside=[export_dir] if export_dir is not None else [])
     ensure_writable(output.parent, setting="output=FILE.csv")
     class_names = predictor.class_names
     topk = min(cfg.topk, len(class_names))

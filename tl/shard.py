@@ -123,9 +123,20 @@ def inspect_output(out: Path) -> tuple[str, dict | None]:
         return "foreign", None
     try:
         manifest = json.loads((out / MANIFEST).read_text())
-        return ("complete", manifest) if manifest.get("format") == FORMAT else ("incomplete", None)
+        if manifest.get("format") != FORMAT:
+            return "incomplete", None
     except (OSError, ValueError, AttributeError):
         return "incomplete", None
+    from tl.data.shards import check_chunks, read_meta
+
+    try:  # complete only if whole: a truncated or missing chunk, index or meta file is rewritten, not "up to date"
+        for split in SPLITS:
+            check_chunks(str(out), split)
+            read_meta(str(out), split)
+    except TLError as e:
+        log.warning("%s is damaged (%s): writing it again", out, e)
+        return "incomplete", None
+    return "complete", manifest
 
 
 @contextmanager

@@ -225,6 +225,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     if trainer.is_global_zero:
         write_json(run_dir / "results.json", results)
         print_results(results)
+        # the run is complete: a state saved by an earlier interruption must not be what ckpt_path=auto finds next
+        (run_dir / "checkpoints" / "interrupted.ckpt").unlink(missing_ok=True)
     if export_error:
         ckpt = results.get("best_ckpt") or "RUN/checkpoints/last.ckpt"
         raise TLError(f"training finished and results.json is written, but the export failed: {export_error} "

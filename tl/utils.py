@@ -148,6 +148,29 @@ def ensure_writable(path: Path, min_free_mb: int = 200, setting: str = "hydra.ru
     return path
 
 
+def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path] = (),
+                      inside: list[Path] = ()) -> None:
+    """`output` (what the command writes, `setting=...`) must not replace what the user has: a file the command
+    reads (`reads`: the model, the inputs), anything in `inside` (a run's checkpoints and export), or an existing file
+    other than an earlier output of its kind (`suffix`, e.g. ".csv"). Checked before the work."""
+    try:
+        target = output.expanduser().resolve(strict=False)
+    except (RuntimeError, OSError) as e:  # a link loop
+        raise TLError(f"{setting}={str(output)!r} does not resolve ({e}): give a new {suffix} file path") from None
+    for path in reads:
+        if path is not None and Path(path).expanduser().resolve(strict=False) == target:
+            raise TLError(f"{setting}={str(output)!r} is {str(path)!r}, which this command reads or the run keeps: "
+                          f"give another {suffix} file path")
+    for folder in inside:
+        folder = Path(folder).expanduser().resolve(strict=False)
+        if target.is_relative_to(folder):
+            raise TLError(f"{setting}={str(output)!r} is inside {str(folder)!r}, which holds the model: give a "
+                          f"{suffix} file path elsewhere")
+    if target.is_file() and target.suffix.lower() != suffix:
+        raise TLError(f"{setting}={str(output)!r} exists and is not a {suffix} file: it would be overwritten; give a "
+                      f"new {suffix} file path")
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """A temporary path beside `path` to write to; on success it is flushed to disk and renamed over `path`.
