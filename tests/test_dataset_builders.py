@@ -130,3 +130,22 @@ def test_rebuild_replaces_own_output_and_refuses_foreign_folder(md, tmp_path, ca
         md.build("textures", tmp_path / "foreign", 3, seed=1)
     with pytest.raises(ValueError):
         md.build("textures", tmp_path, 2, seed=1)
+
+
+def test_a_rebuild_replaces_only_an_untouched_earlier_build(md, tmp_path):
+    """A folder the script did not write (or one a user added files to) is never deleted: found by a hostile tester,
+    whose folder with a stray manifest.csv lost its images."""
+    _needs("textures")
+    foreign = tmp_path / "a" / "textures" / "precious"
+    foreign.mkdir(parents=True)
+    (foreign / "x.png").write_bytes(b"mine")
+    (foreign.parent / "manifest.csv").write_text("id,label\n")
+    with pytest.raises(FileExistsError, match="holds files this script did not write"):
+        md.build("textures", tmp_path / "a", 5, 0)
+    assert (foreign / "x.png").read_bytes() == b"mine"
+    built = md.build("textures", tmp_path / "b", 5, 0)
+    (built.root / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="'notes.txt'"):
+        md.build("textures", tmp_path / "b", 5, 1)
+    (built.root / "notes.txt").unlink()
+    assert md.build("textures", tmp_path / "b", 5, 1).root == built.root  # an untouched build of its own: replaced

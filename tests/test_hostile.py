@@ -487,6 +487,50 @@ def test_resuming_into_fewer_epochs_than_were_trained_is_refused(tmp_path):
         check_resume(str(ckpt), SimpleNamespace(hparams={}), max_epochs=3)
     assert "\n" not in str(e.value)
     check_resume(str(ckpt), SimpleNamespace(hparams={}), max_epochs=8)  # more epochs: fine
+    check_resume(str(ckpt), SimpleNamespace(hparams={}), max_epochs=5)  # saved after its last epoch: test, report
+
+
+@pytest.mark.parametrize("args, says", [
+    (["hydra.run.dir=/proc/tl-run"], "hydra.run.dir=/proc/tl-run cannot be created"),
+    (["hydra.run.dir={tmp}/" + "x" * 300], "longer than this filesystem allows"),
+    (["hydra.run.dir={tmp}/new/" + "x" * 300], "longer than this filesystem allows"),
+    (["data.root=[a"], "cannot be parsed as an override"),
+    (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: use a whole number >= 1"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=512"], "starts 512 processes on the CPU"),
+    (["optimizer.lr=1e30"], "optimizer.lr=1e+30 is invalid: use a positive number up to 10"),
+])
+def test_more_bad_command_lines_fail_in_one_line(tmp_path, args, says):
+    """Found by a hostile tester (third round): each was a traceback, a hang (512 CPU processes) or, for lr=1e30,
+    a run that ended with a NaN test loss and exit 0."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    run = [] if any(a.startswith("hydra.run.dir") for a in args) else [f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "tl.train", *args, *run], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_outputs_never_replace_the_model_its_records_or_the_inputs(tmp_path):
+    from tl.utils import check_output_file
+
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    for name in ("model.onnx", "model.json"):
+        (export / name).write_text("model")
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(b"png")
+    cases = [(export / "model.onnx", "which this command reads"), (export / "other.csv", "which holds the model"),
+             (image, "which this command reads"), (tmp_path / "run" / "notes.txt", "exists and is not a .csv file")]
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    for output, says in cases:
+        with pytest.raises(TLError, match=says):
+            check_output_file(output, "output", ".csv", reads=[export / "model.onnx", image], inside=[export])
+    check_output_file(tmp_path / "predictions.csv", "output", ".csv", reads=[image], inside=[export])  # new: fine
+    (tmp_path / "predictions.csv").write_text("path,label\n")
+    check_output_file(tmp_path / "predictions.csv", "output", ".csv", reads=[image], inside=[export])  # its own kind
+    assert (export / "model.onnx").read_text() == "model" and image.read_bytes() == b"png"
 
 
 def test_a_class_folder_linking_back_to_the_root_is_refused(tmp_path):

@@ -61,6 +61,20 @@ def test_a_resume_that_does_not_fit_is_refused_before_the_config_is_rewritten(ti
     assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
 
 
+def test_a_resume_with_another_policy_or_optimizer_is_refused_before_the_config_is_rewritten(tiny_cfg, tmp_path):
+    """Another scenario (here: another fine-tuning strategy) or optimizer has other parameter groups or optimizer
+    state: Lightning would fail loading it, after the run's config was rewritten."""
+    train(tiny_cfg("trainer.max_epochs=1", "export=false"))
+    config = digest(tmp_path / "config.yaml")
+    for change, says in (("finetune.strategy=linear_probe", "was trained with finetune.strategy="),
+                         ("optimizer=sgd", "was trained with the optimizer torch.optim.AdamW but this run has "
+                                           "torch.optim.SGD")):
+        with pytest.raises(TLError, match=says) as e:
+            train(tiny_cfg("trainer.max_epochs=2", "ckpt_path=last", change, "export=false"))
+        assert "\n" not in str(e.value)
+        assert digest(tmp_path / "config.yaml") == config
+
+
 def test_a_lock_of_the_same_slurm_job_is_taken_over_and_one_from_another_machine_is_not(tmp_path, monkeypatch):
     from tl.rundir import claim_run_dir
 

@@ -13,6 +13,7 @@ the user gets one line naming the culprit and the closest valid names, and exit 
 from __future__ import annotations
 
 import difflib
+import errno
 import inspect
 import os
 import sys
@@ -204,10 +205,13 @@ def _check_creatable(setting: str, target: Path) -> None:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
         for part in target.relative_to(parent).parts:
             if len(os.fsencode(part)) > name_max:
-                _fail(f"{setting}=...: the folder name {part[:24]!r}... is {len(os.fsencode(part))} bytes, longer "
-                      f"than the {name_max} this filesystem allows: choose a shorter name")
+                _fail(f"{setting}=...: a folder name in it ({part[:24]!r}...) is longer than this filesystem allows "
+                      f"({len(os.fsencode(part))} bytes, at most {name_max}): choose a shorter name")
         os.rmdir(tempfile.mkdtemp(prefix=".tl-probe-", dir=parent))  # what mkdir will meet there
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            _fail(f"{setting}=...: a folder name in it is longer than this filesystem allows (File name too long): "
+                  "choose a shorter name")
         _fail(f"{setting}={target} cannot be created ({e.strerror or e}): choose a writable place")
 
 
@@ -236,6 +240,23 @@ def check_syntax(argv: list[str]) -> None:
             why = (str(e).splitlines() or [""])[0][:100]
             _fail(f"{arg!r} cannot be parsed as an override ({why}): quote the value, e.g. {key}='{value}' (in the "
                   "shell: \"" + key + "='" + value + "'\")")
+
+
+def check_values(argv: list[str]) -> None:
+    """The training config's values (tl.checks.validate), before Hydra makes the run directory: a refused run leaves
+    no folder behind. (train() validates the final config again: auto's choice, edits from Python.)"""
+    from tl.checks import validate
+    from tl.config import compose_config
+
+    overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.lstrip("+~").startswith("hydra")]
+    try:
+        cfg = compose_config(overrides, "train")
+    except Exception:  # noqa: BLE001 - composition fails for another reason: Hydra reports it
+        return
+    try:
+        validate(cfg, final=False)
+    except TLError as e:
+        _fail(str(e))
 
 
 def check_run_dir(argv: list[str], config_name: str = "") -> None:
@@ -271,4 +292,6 @@ def launch(hydra_main, config_name: str) -> None:
     check_run_dir(argv, config_name)
     if not {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"} & set(argv):
         check_override_keys(argv, config_name)
+        if config_name == "train" and not {"-m", "--multirun"} & set(argv):
+            check_values(argv)
     hydra_main()
