@@ -96,7 +96,8 @@ def measure(cfg: DictConfig, datamodule) -> dict:
     side = int(s.pixel_size)
     to_pixels = v2.Compose([v2.PILToTensor(), v2.Resize((side, side), antialias=True),
                             v2.ToDtype(torch.float32, scale=True)])
-    pixels = torch.stack([to_pixels(ImageDataset(datamodule.images, idx, None, min_side=side).load_image(i))
+    pixels = torch.stack([to_pixels(ImageDataset(datamodule.images, idx, None, min_side=side,
+                                                 interpolation="bilinear").load_image(i))
                           for i in range(len(idx))]).flatten(1)
     y = y.numpy()
     backbone_side = int(datamodule.preprocess["input_size"][-1])

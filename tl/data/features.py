@@ -32,7 +32,7 @@ from tl.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: large files are decoded at the size the transform needs (tl.data.images.decode)
 
 
 def _digest(h: hashlib._Hash, t: torch.Tensor) -> None:
