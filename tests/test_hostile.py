@@ -599,3 +599,19 @@ def test_ctrl_c_saves_the_state_exits_130_in_one_line_and_resumes(tmp_path):
     resumed = subprocess.run([*args, "ckpt_path=auto"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run / "results.json").read_text())["epochs"] == 2
+
+
+def test_ctrl_c_while_an_entry_point_starts_is_one_line(tmp_path):
+    """Ctrl-C in the first second (torch and Lightning still importing) was a 45-line traceback through the imports."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tl.export", f"ckpt={tmp_path}", f"output={tmp_path / 'x'}"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err
+    assert not (tmp_path / "x").exists()
