@@ -615,3 +615,18 @@ def test_ctrl_c_while_an_entry_point_starts_is_one_line(tmp_path):
     assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err[-2000:]
     assert len(err.strip().splitlines()) == 1 and "interrupted" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_predict_takes_a_run_folder_and_never_writes_into_its_model(tmp_path):
+    """`ckpt=RUN` was refused although evaluate and export take it: it now reads RUN/export."""
+    from tl.inference import load_classifier
+    from tl.utils import check_output_file
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "model.json").write_text("{not json")
+    with pytest.raises(TLError, match=str(run / "export")):  # it looked in the run's export
+        load_classifier(run)
+    with pytest.raises(TLError, match="which holds the model"):
+        check_output_file(run / "export" / "p.csv", "output", ".csv", inside=[run / "export", run / "checkpoints"])
+    check_output_file(run / "p.csv", "output", ".csv", inside=[run / "export", run / "checkpoints"])

@@ -76,6 +76,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """Load a tl checkpoint (.ckpt) or an exported model directory, on `device`, in eval mode."""
     path = Path(path).expanduser()
+    if path.is_dir() and not (path / EXPORT_CONFIG).is_file() and (path / "export" / EXPORT_CONFIG).is_file():
+        path = path / "export"  # a training run's folder: the model it exported
     if path.is_dir():
         clf = load_export(path)
     elif path.is_file():

@@ -125,9 +125,12 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     predictor = load_predictor(cfg.ckpt, cfg.get("device", "auto"), cfg.get("optimize", True))
     paths = list_inputs(cfg.inputs)
     ckpt = Path(str(cfg.ckpt)).expanduser()
-    export_dir = ckpt if ckpt.is_dir() else ckpt.parent if (ckpt.parent / "model.json").is_file() else None
-    check_output_file(output, "output", ".csv", reads=[ckpt, Path(str(cfg.inputs)), *paths],
-                      inside=[export_dir] if export_dir is not None else [])
+    if ckpt.is_dir():  # an export folder, or a run's (its export/ and checkpoints/ are the model)
+        model_dirs = [ckpt / "export", ckpt / "checkpoints"] if (ckpt / "export").is_dir() else [ckpt]
+    else:
+        model_dirs = [ckpt.parent] if ckpt.parent.name in ("export", "checkpoints") or (
+            ckpt.parent / "model.json").is_file() else []
+    check_output_file(output, "output", ".csv", reads=[ckpt, Path(str(cfg.inputs)), *paths], inside=model_dirs)
     ensure_writable(output.parent, setting="output=FILE.csv")
     class_names = predictor.class_names
     topk = min(cfg.topk, len(class_names))
