@@ -9,6 +9,7 @@ Unknown group options (optimizer=foo, scenario=bar) are caught earlier, on the c
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -226,8 +227,6 @@ def check_hardware(trainer: DictConfig) -> None:
             raise TLError(f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {gpus}: use "
                           f"trainer.devices={gpus} or fewer")
     else:
-        import os
-
         wanted = devices if _integer(devices) and devices > 0 else (
             len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else 0)
         cores = os.cpu_count() or 1

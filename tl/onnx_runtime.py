@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tl.data.images import RESAMPLE, open_image
 from tl.errors import TLError
 
 META_KEY = "tl"  # the ONNX metadata_props entry holding the export's JSON (the same as model.json's "onnx" view)
-PIL_INTERPOLATION = {"nearest": Image.NEAREST, "nearest-exact": Image.NEAREST, "bilinear": Image.BILINEAR,
-                     "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 EXPORT_HINT = "export it again with python -m tl.export ckpt=RUN format=onnx"
 
 
@@ -69,7 +68,7 @@ def apply_steps(img: Image.Image, steps: list[dict]) -> np.ndarray:
             size = (resized_size(height, width, step["size"], step.get("max_size")) if op == "resize"
                     else keep_ratio_size(height, width, step["size"], float(step.get("longest", 0.0))))
             if size != (height, width):  # torchvision returns the image itself when the size is unchanged
-                img = img.resize((size[1], size[0]), PIL_INTERPOLATION[step["interpolation"]])
+                img = img.resize((size[1], size[0]), RESAMPLE[step["interpolation"]])
         elif op == "center_crop":
             img = center_crop(img, step["size"])
         else:
@@ -223,7 +222,7 @@ def check_meta(meta: dict, session) -> str | None:
                                                                and _side(size[0]))))):
             return f"step {op} has size {size!r}"
         if op != "center_crop" and not (isinstance(step.get("interpolation"), str)
-                                        and step["interpolation"] in PIL_INTERPOLATION):
+                                        and step["interpolation"] in RESAMPLE):
             return f"step {op} has interpolation {step.get('interpolation')!r}"
         if op == "resize_keep_ratio" and not (isinstance(step.get("longest", 0.0), (int, float))
                                               and 0 <= step.get("longest", 0.0) <= 1):
@@ -252,8 +251,6 @@ def read_error(e: Exception) -> str:
 
 def read_image(path: Path, clf: OnnxClassifier) -> tuple[np.ndarray | None, str]:
     """A file decoded (any mode, EXIF orientation applied) and prepared for the graph, or the error that stopped it."""
-    from tl.data.images import open_image
-
     try:
         check_regular(path)
         return clf.prepare(open_image(path, *clf.decode_side)), ""

@@ -53,8 +53,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
-            "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+# torchvision's interpolation names (a model's preprocess, an export's steps) -> PIL's filters
+RESAMPLE = {"nearest": Image.NEAREST, "nearest-exact": Image.NEAREST, "bilinear": Image.BILINEAR,
+            "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
 def shrink(img: Image.Image, min_side: int | None, interpolation: str = "bicubic") -> Image.Image:
