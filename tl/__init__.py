@@ -1,18 +1,36 @@
 """tl: transfer learning for image classification on timm backbones, trained by Lightning, configured by Hydra."""
 
+import signal
 import sys
 
 __version__ = "0.1.0"
+
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C while an entry point starts: remembered, then Python's own KeyboardInterrupt. A library caught mid-import
+    by it may fail with another error (numpy half-initialised: scipy's import recursing), which is still Ctrl-C."""
+    global _interrupted
+    if _interrupted:  # already on the way out
+        return
+    _interrupted = True
+    signal.default_int_handler(signum, frame)
 
 
 def _interrupted_while_starting(kind, value, tb) -> None:
     """Ctrl-C before an entry point's own handler is in place (while torch, timm and Lightning import): one line, not
     a traceback through the imports. Nothing has been written yet. Python still exits as interrupted (130)."""
-    if issubclass(kind, KeyboardInterrupt):
+    if issubclass(kind, KeyboardInterrupt) or _interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C must not interrupt the message
         print("tl: interrupted by Ctrl-C while starting: nothing was written", file=sys.stderr)
+        if not issubclass(kind, KeyboardInterrupt):
+            sys.exit(130)
         return
     sys.__excepthook__(kind, value, tb)
 
 
 if sys.argv[:1] == ["-m"] and sys.excepthook is sys.__excepthook__:  # python -m tl.<entry point>, not an import
     sys.excepthook = _interrupted_while_starting
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _on_sigint)
