@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,11 @@ def test_samples_per_class_draws_from_train_only_and_is_seeded():
     assert np.array_equal(sub, subset_per_class(s["train"], targets, 5, seed=0))
     with pytest.raises(TLError, match="samples_per_class=40 is more than class"):
         subset_per_class(s["train"], targets, 40, seed=0)
+    # the class that limits it is named, with the largest value that works
+    uneven = np.concatenate([np.full(30, 0), np.full(12, 1), np.full(20, 2)])
+    with pytest.raises(TLError, match=r"samples_per_class=25 is more than class 'owl' has in train \(12; 2 classes "
+                                      r"have fewer\): use at most 12"):
+        subset_per_class(np.arange(len(uneven)), uneven, 25, seed=0, classes=["cat", "owl", "dog"])
 
 
 def test_digits_source_is_bundled_uint8_grayscale():
@@ -131,10 +137,40 @@ def test_imagefolder_skips_or_refuses_bad_files(tmp_path):
     (tmp_path / "b" / "notes.txt").write_text("not an image")
     (tmp_path / "b" / "gone.png").symlink_to(tmp_path / "no_such_file.png")  # a broken symlink is counted too
     images = ImageFolderSource(tmp_path).load()
-    assert len(images) == 8 and len(images.skipped_files) == 4
+    assert len(images) == 8 and len(images.skipped_files) == 3
     assert str(tmp_path / "b" / "gone.png") in images.skipped_files
-    with pytest.raises(TLError, match="unreadable or non-image"):
+    assert images.ignored_files == [str(tmp_path / "b" / "notes.txt")]  # not an image's name: ignored, reported
+    with pytest.raises(TLError, match="unreadable image"):
         ImageFolderSource(tmp_path, on_bad_file="error").load()
+
+
+def test_imagefolder_leaves_os_junk_out_and_reads_every_image_extension(tmp_path):
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "b", 3)
+    (tmp_path / "a" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not an image")
+    (tmp_path / "a" / "desktop.ini").write_text("[.ShellClassInfo]")
+    (tmp_path / "a" / ".ipynb_checkpoints").mkdir()  # a notebook's copy would be a duplicate training image
+    shutil.copy(tmp_path / "a" / "img0.png", tmp_path / "a" / ".ipynb_checkpoints" / "img0-checkpoint.png")
+    (tmp_path / "__MACOSX" / "a").mkdir(parents=True)  # a zip made on a Mac: not a class
+    (tmp_path / "__MACOSX" / "a" / "._img0.png").write_bytes(b"\x00\x05\x16\x07")
+    Image.open(tmp_path / "b" / "img0.png").convert("RGB").save(tmp_path / "b" / "photo.jfif", "JPEG")
+    images = ImageFolderSource(tmp_path, on_bad_file="error").load()
+    assert images.classes == ["a", "b"] and len(images) == 7
+    assert images.skipped_files == [] and images.ignored_files == []
+    assert str(tmp_path / "b" / "photo.jfif") in images.paths
+
+
+def test_a_class_folder_beside_train_is_refused(tmp_path):
+    write_images(tmp_path / "train" / "a", 3)
+    write_images(tmp_path / "train" / "b", 3)
+    write_images(tmp_path / "c", 3)  # meant as a third class
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(TLError, match=r"holds images beside .*train.*move it under train/") as e:
+        ImageFolderSource(tmp_path).load()
+    assert "\n" not in str(e.value) and str(tmp_path / "c") in str(e.value)
+    shutil.rmtree(tmp_path / "c")
+    assert ImageFolderSource(tmp_path).load().classes == ["a", "b"]  # a folder without images beside it is fine
 
 
 def test_a_class_too_small_to_split_is_named():

@@ -71,8 +71,9 @@ def test_image_folder_round_trip_labels_counts_pixels_and_skipped_files(tmp_path
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["classes"] == ["class_0", "class_1", "class_2", "class_3"]
     assert sum(manifest["sizes"].values()) == 24
-    assert manifest["skipped_files"]["count"] == 2
-    assert sorted(Path(p).name for p in manifest["skipped_files"]["first"]) == ["broken.png", "notes.txt"]
+    assert manifest["skipped_files"]["count"] == 1 and manifest["ignored_files"]["count"] == 1
+    assert [Path(p).name for p in manifest["skipped_files"]["first"]] == ["broken.png"]
+    assert [Path(p).name for p in manifest["ignored_files"]["first"]] == ["notes.txt"]
     for split in ("train", "val", "test"):
         assert sum(manifest["counts"][split].values()) == manifest["sizes"][split]
 
@@ -80,7 +81,7 @@ def test_image_folder_round_trip_labels_counts_pixels_and_skipped_files(tmp_path
     shards = ShardSource(str(out)).load()
     direct = TransferDataModule(ImageFolderSource(folder), preprocess={}, seed=42)
     direct.setup("fit")
-    assert shards.skipped_files and len(shards.skipped_files) == 2
+    assert len(shards.skipped_files) == 1
     for split in ("train", "val", "test"):
         idx = np.asarray(shards.given_splits[split])
         names = sorted(shards.store.name(int(j)) for j in idx)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from tl.checks import PREDICT_RULES, check_rules
 from tl.cli import launch
-from tl.data.images import IMAGE_EXTENSIONS
+from tl.data.images import IMAGE_EXTENSIONS, JUNK_NAMES
 from tl.errors import TLError
 from tl.utils import (
     atomic_path,
@@ -47,7 +47,8 @@ def list_inputs(inputs: str | Path) -> list[Path]:
     if root.is_dir():
         # every entry with an image's name gets a row: a dangling link or a pipe gets one with its error
         files = sorted(p for p in root.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                       and not any(part.startswith(".") or part.lower() in JUNK_NAMES
+                                   for part in p.relative_to(root).parts))
         if not files:
             raise TLError(f"inputs={str(inputs)!r} has no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...): "
                           "point inputs at a folder of images, an image file or a .txt list of files")

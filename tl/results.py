@@ -76,4 +76,6 @@ def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningMo
         results["unreadable_during_run"] = unreadable.value  # files that failed after the scan, skipped
     if datamodule.skipped_files:
         results["skipped_files"] = {"count": len(datamodule.skipped_files), "first": datamodule.skipped_files[:10]}
+    if getattr(datamodule, "ignored_files", None):
+        results["ignored_files"] = {"count": len(datamodule.ignored_files), "first": datamodule.ignored_files[:10]}
     return results

@@ -442,6 +442,8 @@ def shard(cfg: DictConfig) -> Path:
                 "classes": classes, "sizes": {s: int(len(metas[s]["labels"])) for s in SPLITS}, "counts": counts,
                 "skipped_files": {"count": len(images.skipped_files),
                                   "first": list(images.skipped_files[:SKIPPED_LISTED])},
+                "ignored_files": {"count": len(images.ignored_files),
+                                  "first": list(images.ignored_files[:SKIPPED_LISTED])},
                 "audit": datamodule.audit, "chunk_bytes": str(cfg.chunk_bytes), "bytes": int(total),
                 "seconds": round(time.time() - started, 1),
             }
@@ -457,7 +459,8 @@ def shard(cfg: DictConfig) -> Path:
     sizes = manifest["sizes"]
     print(f"tl.shard: {out}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']} images, "
           f"{len(manifest['classes'])} classes, {manifest['bytes'] / 2**20:.1f} MiB, "
-          f"{len(images.skipped_files)} file(s) skipped, {manifest['seconds']:.1f}s")
+          f"{len(images.skipped_files)} unreadable file(s) skipped, "
+          f"{len(images.ignored_files)} non-image file(s) ignored, {manifest['seconds']:.1f}s")
     return out
 
 

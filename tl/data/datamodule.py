@@ -241,6 +241,10 @@ class TransferDataModule(pl.LightningDataModule):
     def skipped_files(self) -> list[str]:
         return list(self.images.skipped_files) if self.images else []
 
+    @property
+    def ignored_files(self) -> list[str]:
+        return list(self.images.ignored_files) if self.images else []
+
     def dataset(self, split: str, augmented: bool | None = None) -> ImageDataset:
         """The dataset for `split`; training data is augmented by the policy unless `augmented=False`."""
         augmented = (split == "train") if augmented is None else augmented

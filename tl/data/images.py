@@ -29,7 +29,13 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Raster formats a dataset is kept in, where this PIL reads them (AVIF and JPEG 2000 need optional codecs). A file
+# with another extension is not an image to tl (a README, labels.csv, Thumbs.db): it is ignored and reported.
+_COMMON = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".apng", ".tif", ".tiff", ".webp",
+           ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".avif", ".jp2", ".j2k")
+IMAGE_EXTENSIONS = tuple(e for e in _COMMON if e in Image.registered_extensions() or e in (".jpe", ".jfif"))
+# Files and folders that operating systems and tools leave in image folders: never data, never reported.
+JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx"})
 HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tl.data.images import IMAGE_EXTENSIONS, to_rgb
+from tl.data.images import IMAGE_EXTENSIONS, JUNK_NAMES, to_rgb
 from tl.errors import TLError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class ImageSet:
     images: torch.Tensor | None = None
     paths: list[str] | None = None
     given_splits: dict[str, np.ndarray] = field(default_factory=dict)  # split name -> indices
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # image files that do not decode
+    ignored_files: list[str] = field(default_factory=list)  # files whose names are not images' (notes.txt)
     store: Any = None
 
     def __len__(self) -> int:
@@ -130,6 +131,11 @@ def _readable_all(files: list[Path]) -> list[bool]:
     return [verdicts.get(f, False) for f in files]
 
 
+def _ignored_name(name: str) -> bool:
+    """Hidden files and folders, and what operating systems leave in image folders (JUNK_NAMES)."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
 class ImageFolderSource:
     """Images on disk: `root/<class>/*.png|jpg...`, or `root/train/<class>/...` with optional `root/val`, `root/test`.
 
@@ -146,7 +152,7 @@ class ImageFolderSource:
         self.on_bad_file = on_bad_file
 
     def _class_dirs(self, folder: Path) -> list[Path]:
-        dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored_name(p.name))
         root = self.root.resolve()
         for d in dirs:  # a link to data.root or above would make a class of every image (and loop)
             target = d.resolve()
@@ -165,20 +171,32 @@ class ImageFolderSource:
             raise TLError(f"data.root={str(root)!r} has {'/'.join(split_dirs)}/ but no train/ folder: add "
                           f"{root / 'train'}/<class>/... or put class folders directly under data.root")
         layout = split_dirs if split_dirs else {None: root}
+        if split_dirs:  # a class folder left beside train/ would be silently left out of every split
+            for d in self._class_dirs(root):
+                if d.name not in SPLIT_NAMES and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()):
+                    raise TLError(f"folder {str(d)!r} holds images beside {root / 'train'}/: with train/ val/ test/ "
+                                  f"folders, classes are read from {root / 'train'}/<class>/ only; move it under "
+                                  "train/ (or val/, test/) or out of data.root")
         classes = [p.name for p in self._class_dirs(layout.get("train", root))]
         if not classes:
             raise TLError(f"data.root={str(root)!r} has no class folders: expected {root}/<class>/*.jpg "
                           f"(or {root}/train/<class>/...)")
         index = {c: i for i, c in enumerate(classes)}
 
-        paths, targets, split_of, bad = [], [], [], []
+        paths, targets, split_of, bad, ignored = [], [], [], [], []
         for split, folder in layout.items():
             for class_dir in self._class_dirs(folder):
                 if class_dir.name not in index:
                     raise TLError(f"class folder {str(class_dir)!r} is not among the train classes "
                                   f"({', '.join(classes)}): rename it or add it to train/")
-                files = sorted(f for f in class_dir.rglob("*")  # broken symlinks too: counted as bad below
-                               if (f.is_file() or f.is_symlink()) and not f.name.startswith("."))
+                files = []
+                for f in sorted(class_dir.rglob("*")):  # broken symlinks too: counted as bad below
+                    if any(_ignored_name(part) for part in f.relative_to(class_dir).parts) or f.is_dir():
+                        continue  # hidden (.DS_Store, .ipynb_checkpoints/), OS junk (Thumbs.db, __MACOSX/)
+                    if f.suffix.lower() in IMAGE_EXTENSIONS:
+                        files.append(f)
+                    elif f.is_file() or f.is_symlink():
+                        ignored.append(str(f))
                 good = []
                 for f, ok in zip(files, _readable_all(files), strict=True):
                     if ok:
@@ -192,14 +210,18 @@ class ImageFolderSource:
                 targets += [index[class_dir.name]] * len(good)
                 split_of += [split] * len(good)
         if bad and self.on_bad_file == "error":
-            raise TLError(f"{len(bad)} unreadable or non-image file(s) under data.root, first: {bad[0]!r}: remove "
+            raise TLError(f"{len(bad)} unreadable image file(s) under data.root, first: {bad[0]!r}: remove "
                           "them or set data.on_bad_file=skip")
         if bad:
-            log.warning("Skipped %d unreadable or non-image file(s) under %s, e.g. %s", len(bad), root, bad[:3])
+            log.warning("Skipped %d unreadable image file(s) under %s, e.g. %s", len(bad), root, bad[:3])
+        if ignored:
+            log.warning("Ignored %d file(s) under %s whose names are not images' (%s, ...), e.g. %s: an image saved "
+                        "under another extension is used once renamed", len(ignored), root,
+                        ", ".join(IMAGE_EXTENSIONS[:4]), ignored[:3])
         split_of = np.array(split_of, dtype=object)
         given = {s: np.flatnonzero(split_of == s) for s in split_dirs}
         return ImageSet(classes=classes, targets=np.array(targets, dtype=np.int64), paths=paths,
-                        given_splits=given, skipped_files=bad)
+                        given_splits=given, skipped_files=bad, ignored_files=ignored)
 
 
 class TorchvisionSource:

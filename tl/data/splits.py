@@ -56,13 +56,17 @@ def subset_per_class(train: np.ndarray, targets: np.ndarray, samples_per_class: 
     if int(samples_per_class) < 1:
         raise TLError(f"data.samples_per_class={samples_per_class}: use a positive integer, or null for all")
     k = int(samples_per_class)
+    present = np.unique(targets[train])
+    counts = np.bincount(targets[train])[present]
+    if counts.min() < k:  # name the class that limits it
+        c = int(present[np.argmin(counts)])
+        name = classes[c] if classes and c < len(classes) else str(c)
+        short = int((counts < k).sum())
+        raise TLError(f"data.samples_per_class={k} is more than class {name!r} has in train ({counts.min()}"
+                      f"{f'; {short} classes have fewer' if short > 1 else ''}): use at most {counts.min()} or null")
     rng = np.random.default_rng(seed)
     picked = []
-    for c in np.unique(targets[train]):
+    for c in present:
         members = train[targets[train] == c]
-        if len(members) < k:
-            name = classes[c] if classes else str(c)
-            raise TLError(f"data.samples_per_class={k} is more than class {name!r} has in train ({len(members)}): "
-                          f"use at most {min(np.bincount(targets[train])[np.unique(targets[train])])} or null")
         picked.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(picked))
