@@ -131,6 +131,17 @@ def test_other_entry_points_check_their_inputs(module, argv, culprit, finished, 
                         monkeypatch=monkeypatch, capfd=capfd)
     one_line(code, lines, culprit)
     assert checksums(run_dir) == before
+    assert not (tmp_path / "out").exists()  # a refused command leaves no run folder of Hydra's records behind
+
+
+def test_a_refused_command_keeps_a_folder_that_holds_anything_else(finished, tmp_path, monkeypatch, capfd):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    code, lines = entry("tl.predict", f"ckpt={finished[1]['best_ckpt']}", f"inputs={tmp_path / 'none'}",
+                        f"hydra.run.dir={out}", monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "not found")
+    assert (out / "notes.md").read_text() == "mine" and (out / ".hydra").is_dir()
 
 
 # -- 2. a run directory holds one run: refused before Hydra writes its record into it ---------------------------

@@ -59,6 +59,32 @@ def rank_zero_only(fn: Callable) -> Callable:
     return wrapper
 
 
+HYDRA_RECORDS = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def discard_bare_run_dir() -> None:
+    """After a refused command: remove the run folder Hydra made for it if it holds nothing but Hydra's own records
+    (.hydra/ and the job's log), so refused commands do not pile up empty runs under logs/. A folder with anything
+    else in it (an earlier run's files, a user's) is left as it is."""
+    with suppress(Exception):  # best effort: the error message matters more
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        log_file = f"{hc.job.name}.log"
+        entries = {p.name for p in run_dir.iterdir()}
+        records = run_dir / ".hydra"
+        if not entries <= {".hydra", log_file} or (records.exists() and (
+                not records.is_dir() or not {p.name for p in records.iterdir()} <= HYDRA_RECORDS)):
+            return
+        for handler in logging.getLogger().handlers:  # Hydra's file handler holds the log open
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+                handler.close()
+        shutil.rmtree(run_dir)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn bad input (a TLError) into one line on stderr and exit status 2, and a SIGTERM or Ctrl-C into one line
     and status 143 or 130 (128 + the signal, as a killed process reports it)."""
@@ -71,6 +97,7 @@ def user_errors(fn: Callable) -> Callable:
             message = str(e).strip()
             if "\n" in message:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
                 message = message.splitlines()[-1].split("TLError: ", 1)[-1]
+            discard_bare_run_dir()
             print(f"tl: error: {message}", file=sys.stderr)
             sys.exit(2)
         except SystemExit as e:  # Lightning's SIGTERMException, status 0: a preempted job must not look finished
