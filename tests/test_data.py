@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -177,3 +178,108 @@ def test_a_class_too_small_to_split_is_named():
     targets = np.array([0] * 10 + [1] + [2] * 10)
     with pytest.raises(TLError, match=r"class 'lonely' has only 1 example\(s\) to split: too few to carve a test"):
         make_splits(targets, {}, 0.15, 0.15, 0, ["cat", "lonely", "dog"])
+
+
+# -- layouts and names other tools and systems produce (hostile round 4) ---------------------------------------------
+def test_split_folders_other_tools_name_are_read_and_two_for_one_split_are_refused(tmp_path):
+    for split, n in (("Train", 6), ("valid", 2), ("TEST", 2)):  # Kaggle / Roboflow naming, any case
+        write_images(tmp_path / split / "a", n)
+        write_images(tmp_path / split / "b", n, seed=1)
+    images = ImageFolderSource(tmp_path).load()
+    assert images.classes == ["a", "b"]
+    assert {s: len(i) for s, i in images.given_splits.items()} == {"train": 12, "val": 4, "test": 4}
+    write_images(tmp_path / "val" / "a", 2)
+    with pytest.raises(TLError, match=r"has val/ and valid/: both would be the val split"):
+        ImageFolderSource(tmp_path).load()
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_empty_given_split_is_refused_before_training(split, tmp_path):
+    write_images(tmp_path / "train" / "a", 6)
+    write_images(tmp_path / "train" / "b", 6, seed=1)
+    (tmp_path / split / "a").mkdir(parents=True)  # class folders without images, or none at all
+    (tmp_path / split / "a" / "notes.txt").write_text("later")
+    with pytest.raises(TLError, match=f"'{tmp_path / split}' holds no readable images: .*the {split} split is then "
+                                      "carved from train"):
+        ImageFolderSource(tmp_path).load()
+
+
+def test_pipes_named_like_images_are_counted_not_opened(tmp_path):
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "b", 3)
+    os.mkfifo(tmp_path / "a" / "pipe.png")  # opening it would block the scan for ever
+    (tmp_path / "b" / "pipe_link.png").symlink_to(tmp_path / "a" / "pipe.png")
+    images = ImageFolderSource(tmp_path).load()
+    assert len(images) == 6 and sorted(Path(p).name for p in images.skipped_files) == ["pipe.png", "pipe_link.png"]
+
+
+def test_linked_subfolders_are_followed_once(tmp_path):
+    write_images(tmp_path / "data" / "a", 3)
+    write_images(tmp_path / "data" / "b", 3)
+    write_images(tmp_path / "more", 4, seed=2)
+    (tmp_path / "data" / "a" / "more").symlink_to(tmp_path / "more")
+    (tmp_path / "more" / "loop").symlink_to(tmp_path / "more")  # a link loop ends
+    images = ImageFolderSource(tmp_path / "data").load()
+    assert np.bincount(images.targets).tolist() == [7, 3]
+
+
+def test_class_names_that_are_not_utf8_are_refused_and_file_names_are_kept(tmp_path):
+    from tl.data.features import data_fingerprint
+
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "b", 3)
+    latin1 = os.fsdecode(b"na\xefve.png")
+    shutil.copy(tmp_path / "a" / "img0.png", tmp_path / "b" / latin1)
+    dm = TransferDataModule(ImageFolderSource(tmp_path), preprocess={}, seed=0, val_fraction=0.25,
+                            test_fraction=0.25)
+    dm.setup("fit")
+    assert any(p.endswith(latin1) for p in dm.images.paths) and len(data_fingerprint(dm)) == 64
+    (tmp_path / "b").rename(tmp_path / os.fsdecode(b"caf\xe9"))
+    with pytest.raises(TLError, match="has a name that is not valid UTF-8 .*rename it"):
+        ImageFolderSource(tmp_path).load()
+
+
+def test_the_runs_own_folders_inside_data_root_are_left_out(tmp_path):
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "b", 3)
+    run_dir = tmp_path / "logs" / "train" / "runs" / "now"
+    run_dir.mkdir(parents=True)
+    write_images(tmp_path / "logs" / "cache", 2)  # e.g. report images of an earlier run, written under logs/
+    images = ImageFolderSource(tmp_path, exclude=[str(run_dir), None]).load()
+    assert images.classes == ["a", "b"]
+
+
+def test_a_camera_exif_block_pil_cannot_rewrite_still_turns_the_picture(tmp_path):
+    import io
+
+    from PIL import ImageOps
+
+    from tl.data.images import to_rgb
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x8769] = 6, "cam", {0x9003: "2020:01:01 00:00:00"}  # 6: turn 90 degrees
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(buf, "JPEG", exif=exif.tobytes())
+    base, at = buf.getvalue(), buf.getvalue().find(b"Exif\x00\x00")
+    rng = np.random.default_rng(0)
+    for _ in range(5000):  # damage the EXIF block until PIL still decodes the file but cannot write its EXIF back
+        data = bytearray(base)
+        for _ in range(rng.integers(1, 6)):
+            data[at + 6 + int(rng.integers(0, 80))] = int(rng.integers(0, 256))
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                img.load()
+                if img.getexif().get(0x0112) != 6:
+                    continue
+                ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001
+            try:
+                with Image.open(io.BytesIO(bytes(data))) as img:
+                    img.load()
+            except Exception:  # noqa: BLE001 - not decodable at all: not the case wanted
+                continue
+            break
+    else:
+        pytest.skip("no damaged EXIF block of that kind found")
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        assert to_rgb(img).size == (16, 24)

@@ -337,7 +337,7 @@ def test_on_bad_file_error_names_the_file_that_broke_mid_run(tmp_path):
     ds = ImageDataset(images, np.arange(len(images)), eval_transform(backbone_preprocess("efficientnet_lite0")),
                       on_bad_file="error")
     assert ds[0][0].shape[0] == 3
-    with pytest.raises(TLError, match=f"image file '{victim_file}' is no longer readable") as e:
+    with pytest.raises(TLError, match=f"image file '{victim_file}' cannot be decoded") as e:
         ds[4]
     assert "\n" not in str(e.value)
 
@@ -642,3 +642,27 @@ def test_predict_takes_a_run_folder_and_never_writes_into_its_model(tmp_path):
     with pytest.raises(TLError, match="which holds the model"):
         check_output_file(run / "export" / "p.csv", "output", ".csv", inside=[run / "export", run / "checkpoints"])
     check_output_file(run / "p.csv", "output", ".csv", inside=[run / "export", run / "checkpoints"])
+
+
+def test_a_relative_data_root_is_recorded_absolute_and_dollar_signs_in_class_names_plot(tmp_path, monkeypatch):
+    """tl.evaluate RUN run from another folder must read the run's images; a class named with two `$` signs reaches
+    the confusion matrix and the report's figures as text (matplotlib read it as a formula and failed)."""
+    image_folder(tmp_path / "data", per_class=8, classes=("cost_$5_$10", "plain"))
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(tmp_path / "run", [*TINY, "data=imagefolder", "data.root=data", "scenario=large_similar",
+                                      "trainer.max_epochs=1", "export=false", "report.top_losses=4",
+                                      "data.val_fraction=0.25", "data.test_fraction=0.25"])
+    results, _ = train(cfg)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"root: {tmp_path / 'data'}" in saved and results["test/acc"] >= 0
+    assert (tmp_path / "run" / "report" / "reliability.png").is_file()
+
+
+def test_the_largest_seed_splits_and_a_tiny_crop_fraction_is_refused(tmp_path, monkeypatch, capfd):
+    from tl.data.splits import make_splits
+
+    splits = make_splits(np.repeat(np.arange(3), 20), {}, 0.2, 0.2, seed=2**32 - 1)
+    assert sum(len(v) for v in splits.values()) == 60
+    code, lines = entry("tl.train", "data.crop_pct=0.01", "scenario=large_similar", f"hydra.run.dir={tmp_path / 'r'}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "data.crop_pct=0.01 is invalid: use null (the backbone's own) or a fraction from 0.25 to 1")

@@ -59,7 +59,7 @@ def _devices(v) -> bool:
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64)
 DEVICES_HINT = "auto, a number of devices (-1: all), a list of indices [0,1], or a string '0,1'"
 
@@ -68,7 +68,7 @@ TRAINER_RULES: list[Rule] = [
     ("trainer.accelerator", lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
     ("trainer.devices", _devices, DEVICES_HINT),
     ("trainer.num_nodes", _count1, "an integer >= 1"),
-    ("trainer.precision", lambda v: v in PRECISIONS, "32-true, bf16-mixed, 16-mixed (GPU), bf16-true or 64-true"),
+    ("trainer.precision", lambda v: v in PRECISIONS, "auto, 32-true, bf16-mixed, 16-mixed (GPU), bf16-true or 64-true"),
     ("trainer.accumulate_grad_batches", _count1, "an integer >= 1"),
     ("trainer.gradient_clip_val", _optional(lambda v: _number(v) and v >= 0), "null (off) or a number >= 0"),
     ("trainer.log_every_n_steps", _count1, "an integer >= 1"),
@@ -149,8 +149,9 @@ RULES: list[Rule] = [
      "auto (where onnx and onnxruntime are installed), true (required) or false"),
     ("data.image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
     ("data.small_data_image_size", _optional(_size), "null (the backbone's own) or a side in pixels from 16 to 4096"),
-    ("data.crop_pct", _optional(lambda v: _number(v) and 0 < v <= 1),
-     "null (the backbone's own) or a fraction in (0, 1]"),
+    # below 0.25 the evaluation resize (image_size / crop_pct) grows past 4x the side: a typo, and a memory hazard
+    ("data.crop_pct", _optional(lambda v: _number(v) and 0.25 <= v <= 1),
+     "null (the backbone's own) or a fraction from 0.25 to 1"),
     ("data.num_workers", _optional(_count0), "null (automatic) or an integer >= 0"),
     ("data.eval_batch_size", _optional(_count1), "null (2 x data.batch_size) or an integer >= 1"),
     *TRAINER_RULES,

@@ -64,17 +64,19 @@ def small_budget(minutes: float, examples_per_class: float) -> float:
 
 
 @torch.no_grad()
-def forward_seconds(model: torch.nn.Module, side: int, batch: int = 16, repeats: int = 2) -> float:
-    """Seconds per image of the backbone's forward pass at `side` px (eval mode, channels-last, this machine)."""
+def forward_seconds(model: torch.nn.Module, side: int, batch: int = 16, repeats: int = 2, bf16: bool = False) -> float:
+    """Seconds per image of the backbone's forward pass at `side` px (eval mode, channels-last, this machine; `bf16`:
+    under bfloat16 autocast, as training steps run with trainer.precision=bf16-mixed)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    x = torch.randn(batch, 3, side, side, device=next(model.parameters()).device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    device = next(model.parameters()).device
+    x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
     try:
-        model(x)  # warm-up: kernel selection, allocation
-        started = time.perf_counter()
-        for _ in range(repeats):
-            model(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(x)  # warm-up: kernel selection, allocation
+            started = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
         return (time.perf_counter() - started) / (repeats * batch)
     finally:
         for m, training in modes.items():
@@ -82,13 +84,18 @@ def forward_seconds(model: torch.nn.Module, side: int, batch: int = 16, repeats:
 
 
 def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_train: int, n_val: int, n_test: int,
-               epochs: int, side: int, backbone_side: int, can_shrink: bool, epochs_fixed: bool = False) -> dict:
+               epochs: int, side: int, backbone_side: int, can_shrink: bool, epochs_fixed: bool = False,
+               train_per_image_s: float | None = None) -> dict:
     """The schedule (epochs, validation interval, side) that fits `budget_s`, with its estimated cost.
-    `can_shrink`: the side is the plan's to choose; `epochs_fixed`: the epochs are the user's."""
+    `per_image_s`: a forward pass as validation and test run it (float32); `train_per_image_s`: as training steps
+    run it (bfloat16 under trainer.precision=bf16-mixed; default: the same). `can_shrink`: the side is the plan's to
+    choose; `epochs_fixed`: the epochs are the user's."""
+    train_s = per_image_s if train_per_image_s is None else train_per_image_s
+
     def cost(e: int, every: int, s: int) -> float:
         scale = (s / backbone_side) ** 2
-        return FINISH_S + per_image_s * scale * (e * TRAIN_FORWARDS * n_train + math.ceil(e / every) * n_val
-                                                 + n_val + 2 * n_test)
+        return FINISH_S + scale * (train_s * e * TRAIN_FORWARDS * n_train
+                                   + per_image_s * (math.ceil(e / every) * n_val + n_val + 2 * n_test))
 
     plan = {"epochs": epochs, "val_every": 1, "side": side}
     if budget_s is None:

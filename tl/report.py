@@ -207,10 +207,9 @@ def error_rows(datamodule, split: str, kind: str, probs, targets, positions, row
 
 def grid_figure(datamodule, rows: list[dict], title: str):
     """The listed images (as loaded, before any transform) with given -> predicted labels and probabilities."""
-    import matplotlib
+    from tl.utils import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(rows)
     cols = min(8, n)
@@ -233,10 +232,9 @@ def grid_figure(datamodule, rows: list[dict], title: str):
 
 def reliability_figure(before: torch.Tensor, after: torch.Tensor, targets: torch.Tensor, temperature: float):
     """Accuracy against confidence in 15 equal bins, before and after calibration (the diagonal is calibrated)."""
-    import matplotlib
+    from tl.utils import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
     edges = np.linspace(0, 1, ECE_BINS + 1)
@@ -273,7 +271,9 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def save_figure(fig, path: Path, writers: list, tag: str, step: int) -> None:
-    import matplotlib.pyplot as plt
+    from tl.utils import pyplot
+
+    plt = pyplot()
 
     try:
         with atomic_path(path) as tmp:

@@ -35,6 +35,7 @@ from tl.data.features import FeatureCache, extract_features
 from tl.data.transforms import backbone_preprocess
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
 from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
+from tl.utils import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,15 @@ def measure(cfg: DictConfig, datamodule) -> dict:
     side = int(s.pixel_size)
     to_pixels = v2.Compose([v2.PILToTensor(), v2.Resize((side, side), antialias=True),
                             v2.ToDtype(torch.float32, scale=True)])
-    pixels = torch.stack([to_pixels(ImageDataset(datamodule.images, idx, None, min_side=side,
-                                                 interpolation="bilinear").load_image(i))
-                          for i in range(len(idx))]).flatten(1)
+    small = ImageDataset(datamodule.images, idx, None, min_side=side, interpolation="bilinear")
+    pixels, pixel_y = [], []
+    for i in range(len(idx)):
+        try:
+            pixels.append(to_pixels(small.load_image(i)))
+        except Exception:  # noqa: BLE001 - a file broken since the scan: the loaders skip and count it too
+            continue
+        pixel_y.append(int(targets[idx[i]]))
+    pixels = torch.stack(pixels).flatten(1)
     y = y.numpy()
     backbone_side = int(datamodule.preprocess["input_size"][-1])
     return {
@@ -107,11 +114,13 @@ def measure(cfg: DictConfig, datamodule) -> dict:
         "native_side": native_side(datamodule.images, datamodule.split_indices["train"]),
         "input_side": backbone_side,
         "forward_ms_per_image": round(1000 * forward_seconds(model, backbone_side), 3),
+        **({"forward_ms_per_image_bf16": round(1000 * forward_seconds(model, backbone_side, bf16=True), 3)}
+           if resolve_precision(cfg.trainer) == "bf16-mixed" else {}),
         "examples_per_class": float(np.median(counts)),
         "min_examples_per_class": int(counts.min()),
         "probe_samples": int(len(idx)),
         "feature_probe_acc": round(probe_accuracy(feats.numpy(), y, cfg.seed), 4),
-        "pixel_probe_acc": round(probe_accuracy(pixels.numpy(), y, cfg.seed), 4),
+        "pixel_probe_acc": round(probe_accuracy(pixels.numpy(), np.asarray(pixel_y), cfg.seed), 4),
         "pixel_size": side,
     }
 
@@ -171,7 +180,9 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     schedule = fit_budget(None if budget is None else 60.0 * float(budget), spent_s,
                           float(m["forward_ms_per_image"]) / 1000, m["n_train"], m["n_val"], m["n_test"],
                           int(final.trainer.max_epochs), side, backbone_side, can_shrink=choose_side,
-                          epochs_fixed=fixed_epochs)  # the user's epochs stand
+                          epochs_fixed=fixed_epochs,  # the user's epochs stand
+                          train_per_image_s=float(m.get("forward_ms_per_image_bf16", m["forward_ms_per_image"]))
+                          / 1000 if resolve_precision(final.trainer) == "bf16-mixed" else None)
     out: list[str] = []
     if choose_side:
         out.append(f"data.small_data_image_size={schedule['side']}")

@@ -90,9 +90,10 @@ def folder_listing(root: Path) -> str:
             p = os.path.join(dirpath, name)
             try:
                 st = os.stat(p)
-                h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8",
+                                                                                     "surrogateescape"))
             except OSError:
-                h.update(f"{os.path.relpath(p, root)}|broken\n".encode())
+                h.update(f"{os.path.relpath(p, root)}|broken\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

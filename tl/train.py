@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl.callbacks.snapshots import SnapshotEnsemble
@@ -43,7 +44,7 @@ from tl.report import report_run
 from tl.results import collect_results
 from tl.rundir import claim_run_dir
 from tl.scenarios import resolve
-from tl.utils import build, ensure_writable, print_config, print_results, user_errors, write_json
+from tl.utils import build, ensure_writable, print_config, print_results, resolve_precision, user_errors, write_json
 
 log = logging.getLogger("tl.train")
 
@@ -65,6 +66,7 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     """The Trainer `cfg.trainer` describes, with every callback and logger the config lists (null entries are off)."""
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    kwargs.setdefault("precision", resolve_precision(cfg.trainer))
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
@@ -140,6 +142,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """
     # 1. check, seed, record
     validate(cfg)
+    with open_dict(cfg):  # trainer.precision=auto: made concrete, so config.yaml records what ran
+        cfg.trainer.precision = resolve_precision(cfg.trainer)
+        root = OmegaConf.select(cfg, "data.root")
+        if isinstance(root, str) and root.strip() and "://" not in root:
+            # recorded absolute: tl.evaluate RUN from another folder must read these images, not others
+            cfg.data.root = os.path.abspath(os.path.expanduser(root))
     onnx_formats(cfg)  # onnx.enabled=true without onnx installed: refused now, not after training
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
@@ -182,7 +190,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
         from tl.callbacks.lr_finder import find_lr
 
         lr_found = find_lr(lambda: build(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
-                                         enable_progress_bar=False),
+                                         enable_progress_bar=False, precision=resolve_precision(cfg.trainer)),
                            module, fit_data, apply=cfg.lr_find == "apply", out_dir=run_dir)
     started = time.perf_counter()
     try:
@@ -195,7 +203,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
         raise
     fit_seconds = time.perf_counter() - started
 
-    extra: dict[str, Any] = {"fit_seconds": round(fit_seconds, 2), "pretrained": pretrained, **lr_found}
+    extra: dict[str, Any] = {"fit_seconds": round(fit_seconds, 2), "pretrained": pretrained,
+                             "precision": str(cfg.trainer.precision), **lr_found}
     if head_init is not None:
         extra["head_init"] = head_init
     if cfg.test:

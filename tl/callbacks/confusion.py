@@ -84,7 +84,9 @@ class ValConfusion(TensorBoardCallback):
         writer.add_figure("diag/val_confusion_matrix", self._figure(matrix, names, trainer), step)
 
     def _figure(self, matrix: torch.Tensor, names: list[str], trainer: pl.Trainer):
-        import matplotlib.pyplot as plt
+        from tl.utils import pyplot
+
+        plt = pyplot()
 
         n = len(names)
         size = min(24.0, max(5.0, 0.45 * n + 2))

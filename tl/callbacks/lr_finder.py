@@ -80,7 +80,9 @@ def find_lr(trainer_factory: Callable[[], pl.Trainer], module: pl.LightningModul
     result: dict[str, Any] = {"lr_find/suggestion": suggestion, "lr_find/lr_before": before,
                               "lr_find/applied": False, "lr_find/plot": None}
     if finder is not None and out_dir is not None and trainer.is_global_zero:
-        import matplotlib.pyplot as plt
+        from tl.utils import pyplot
+
+        plt = pyplot()
 
         fig = finder.plot(suggest=suggestion is not None)
         ax = fig.axes[0]

@@ -94,11 +94,12 @@ class ImageDataset(Dataset):
             path = self.set.paths[int(self.indices[i])]
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
             if self.on_bad_file == "error":
-                raise TLError(f"image file {path!r} is no longer readable ({why}): restore or remove it, or set "
-                              "data.on_bad_file=skip") from e
+                raise TLError(f"image file {path!r} cannot be decoded ({why}; changed since the scan, or damaged "
+                              "where the scan's quick check of a large file could not see): restore or remove it, "
+                              "or set data.on_bad_file=skip") from e
             with self.unreadable.get_lock():
                 self.unreadable.value += 1
-            log.warning("Skipped %s: unreadable since the scan (%s)", path, why)
+            log.warning("Skipped %s: it cannot be decoded (%s), though it passed the scan", path, why)
             return None
 
 
@@ -172,6 +173,10 @@ class TransferDataModule(pl.LightningDataModule):
                              self.seed, self.images.classes)
         splits["train"] = subset_per_class(splits["train"], self.images.targets, self.samples_per_class, self.seed,
                                            self.images.classes)
+        for name, idx in splits.items():  # a source's given split can be empty: refused before anything trains
+            if not len(idx):
+                raise TLError(f"the {name} split of the data is empty: give it images, or leave it out so that it is "
+                              "carved from train")
         self.audit = audit_splits(self.images, splits)  # one class, classes missing from a split, train/test copies
         self.split_indices = splits
         self._check_resumed_shards()

@@ -61,7 +61,7 @@ def data_fingerprint(datamodule) -> str:
     else:
         for p in images.paths:
             st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
     _digest(h, torch.as_tensor(images.targets))
     return h.hexdigest()
 

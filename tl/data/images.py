@@ -39,9 +39,28 @@ JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__
 HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose applies it)
+ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says. A camera's EXIF block that PIL reads but cannot write back (a tag
+    whose type does not match its value) still turns the picture, rather than failing the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - struct.error, TypeError, ValueError from re-serialising the EXIF
+        try:
+            method = ORIENTATION.get(img.getexif().get(0x0112))
+        except Exception:  # noqa: BLE001
+            return img
+        return img.transpose(method) if method is not None else img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """An 8-bit RGB copy of `img` as it should look (see the module docstring)."""
-    img = ImageOps.exif_transpose(img)
+    img = upright(img)
     if img.mode in HIGH_BIT_DEPTH:
         values = np.asarray(img, dtype=np.float64)
         if values.ndim == 3:  # some PIL versions decode I;16 variants with a trailing channel

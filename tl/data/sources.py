@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from tl.errors import TLError
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
+# Split folder names other tools write (Kaggle, Roboflow, ...), matched in any case.
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
 
 
 @dataclass
@@ -131,6 +135,30 @@ def _readable_all(files: list[Path]) -> list[bool]:
     return [verdicts.get(f, False) for f in files]
 
 
+def _is_regular(path: Path) -> bool:
+    """A regular file, or a link to one (not a pipe, socket or device, which would block or never end)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every non-directory entry under `folder`, recursively and sorted, following links to folders (each real
+    folder once: a link loop ends), leaving out hidden entries and OS junk (.DS_Store, .ipynb_checkpoints/,
+    Thumbs.db, __MACOSX/)."""
+    out, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not _ignored_name(d))
+        out += [Path(top) / f for f in files if not _ignored_name(f)]
+    return sorted(out)
+
+
 def _ignored_name(name: str) -> bool:
     """Hidden files and folders, and what operating systems leave in image folders (JUNK_NAMES)."""
     return name.startswith(".") or name.lower() in JUNK_NAMES
@@ -143,16 +171,41 @@ class ImageFolderSource:
     run before training (`on_bad_file=error`).
     """
 
-    def __init__(self, root: str | Path, on_bad_file: str = "skip"):
+    def __init__(self, root: str | Path, on_bad_file: str = "skip", exclude: list | tuple = ()):
+        """`exclude`: folders that are never data (tl's own run and cache folders, when data.root holds them)."""
         if on_bad_file not in ("skip", "error"):
             raise TLError(f"data.on_bad_file={on_bad_file!r}: use skip or error")
         if root is None or not str(root).strip():
             raise TLError("data.root is empty: set it to a folder of class subfolders, e.g. data.root=DIR")
         self.root = Path(root).expanduser()
         self.on_bad_file = on_bad_file
+        self.exclude = [Path(e).expanduser().resolve() for e in (exclude or ()) if e]
+        self._left_out: set[Path] = set()
+
+    def _split_dirs(self) -> dict[str, Path]:
+        """The split folders under data.root, by tl's split name: train/ val/ test/, in any case, and the names other
+        tools use (valid/, validation/, dev/, training/, testing/)."""
+        found: dict[str, list[Path]] = {}
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not _ignored_name(p.name)):
+            split = SPLIT_ALIASES.get(d.name.lower())
+            if split:
+                found.setdefault(split, []).append(d)
+        for split, dirs in found.items():
+            if len(dirs) > 1:
+                raise TLError(f"data.root={str(self.root)!r} has {' and '.join(d.name + '/' for d in dirs)}: both "
+                              f"would be the {split} split; merge them or rename one")
+        return {s: dirs[0] for s, dirs in found.items()}
 
     def _class_dirs(self, folder: Path) -> list[Path]:
-        dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored_name(p.name))
+        dirs = []
+        for p in sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored_name(p.name)):
+            target = p.resolve()
+            if any(e == target or target in e.parents for e in self.exclude):
+                if p not in self._left_out:
+                    self._left_out.add(p)
+                    log.warning("Left out %s: it holds this run's output or its feature cache, not data", p)
+                continue
+            dirs.append(p)
         root = self.root.resolve()
         for d in dirs:  # a link to data.root or above would make a class of every image (and loop)
             target = d.resolve()
@@ -166,21 +219,29 @@ class ImageFolderSource:
         if not root.is_dir():
             raise TLError(f"data.root={str(root)!r} does not exist or is not a folder: point data.root at a folder of "
                           "class subfolders (DIR/<class>/*.jpg) or of train/ val/ test/ splits")
-        split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+        split_dirs = self._split_dirs()
         if split_dirs and "train" not in split_dirs:
-            raise TLError(f"data.root={str(root)!r} has {'/'.join(split_dirs)}/ but no train/ folder: add "
-                          f"{root / 'train'}/<class>/... or put class folders directly under data.root")
+            raise TLError(f"data.root={str(root)!r} has {'/'.join(d.name for d in split_dirs.values())}/ but no "
+                          f"train/ folder: add {root / 'train'}/<class>/... or put class folders directly under "
+                          "data.root")
         layout = split_dirs if split_dirs else {None: root}
         if split_dirs:  # a class folder left beside train/ would be silently left out of every split
             for d in self._class_dirs(root):
-                if d.name not in SPLIT_NAMES and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()):
-                    raise TLError(f"folder {str(d)!r} holds images beside {root / 'train'}/: with train/ val/ test/ "
-                                  f"folders, classes are read from {root / 'train'}/<class>/ only; move it under "
-                                  "train/ (or val/, test/) or out of data.root")
+                if d not in split_dirs.values() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()):
+                    raise TLError(f"folder {str(d)!r} holds images beside {split_dirs['train']}/: with train/ val/ "
+                                  f"test/ folders, classes are read from {split_dirs['train']}/<class>/ only; move it "
+                                  "under train/ (or val/, test/) or out of data.root")
         classes = [p.name for p in self._class_dirs(layout.get("train", root))]
         if not classes:
             raise TLError(f"data.root={str(root)!r} has no class folders: expected {root}/<class>/*.jpg "
                           f"(or {root}/train/<class>/...)")
+        for name in classes:  # a name that is not UTF-8 cannot reach model.json, TensorBoard or a CSV intact
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TLError(f"class folder {name!r} under {str(layout.get('train', root))!r} has a name that is not "
+                              "valid UTF-8 (a zip from another system?): rename it, e.g. with convmv -f latin1 -t "
+                              "utf8 -r --notest DIR") from None
         index = {c: i for i, c in enumerate(classes)}
 
         paths, targets, split_of, bad, ignored = [], [], [], [], []
@@ -189,22 +250,26 @@ class ImageFolderSource:
                 if class_dir.name not in index:
                     raise TLError(f"class folder {str(class_dir)!r} is not among the train classes "
                                   f"({', '.join(classes)}): rename it or add it to train/")
-                files = []
-                for f in sorted(class_dir.rglob("*")):  # broken symlinks too: counted as bad below
-                    if any(_ignored_name(part) for part in f.relative_to(class_dir).parts) or f.is_dir():
-                        continue  # hidden (.DS_Store, .ipynb_checkpoints/), OS junk (Thumbs.db, __MACOSX/)
-                    if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files, special, others = [], [], []
+                for f in _walk_files(class_dir):
+                    if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                        others.append(str(f))
+                    elif _is_regular(f):
                         files.append(f)
-                    elif f.is_file() or f.is_symlink():
-                        ignored.append(str(f))
+                    else:  # a dangling link, a pipe or a device named like an image: never opened (a pipe blocks)
+                        special.append(str(f))
+                ignored += others
                 good = []
                 for f, ok in zip(files, _readable_all(files), strict=True):
                     if ok:
                         good.append(f)
                     else:
                         bad.append(str(f))
+                bad += special
                 if not good and (split in (None, "train")):
-                    raise TLError(f"class folder {str(class_dir)!r} has no readable images: add images "
+                    found = (f"; its {len(others)} other file(s), e.g. {Path(others[0]).name!r}, are not in an image "
+                             f"format tl reads: convert them to .jpg or .png" if others else "")
+                    raise TLError(f"class folder {str(class_dir)!r} has no readable images{found}: add images "
                                   f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...) or remove the folder")
                 paths += [str(f) for f in good]
                 targets += [index[class_dir.name]] * len(good)
@@ -220,6 +285,10 @@ class ImageFolderSource:
                         ", ".join(IMAGE_EXTENSIONS[:4]), ignored[:3])
         split_of = np.array(split_of, dtype=object)
         given = {s: np.flatnonzero(split_of == s) for s in split_dirs}
+        for s, idx in given.items():
+            if not len(idx):  # it would be scored on nothing: no model selection, or no test after the training
+                raise TLError(f"{str(split_dirs[s])!r} holds no readable images: add images to its class folders, or "
+                              f"remove it (the {s} split is then carved from train)")
         return ImageSet(classes=classes, targets=np.array(targets, dtype=np.int64), paths=paths,
                         given_splits=given, skipped_files=bad, ignored_files=ignored)
 

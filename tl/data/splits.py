@@ -14,7 +14,7 @@ from tl.errors import TLError
 
 
 def _carve(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int, what: str,
-           classes: list[str] | None = None):
+           classes: list[str] | None = None, left: str = ""):
     """Split `indices` into (rest, carved) with `fraction` of each class in `carved`."""
     if not 0.0 < fraction < 1.0:
         raise TLError(f"data.{what}_fraction={fraction}: use a fraction in (0, 1)")
@@ -24,7 +24,7 @@ def _carve(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int,
         small = [int(c) for c in np.flatnonzero((all_counts > 0) & (all_counts < 2))]
         names = ", ".join(repr(classes[c]) if classes and c < len(classes) else str(c) for c in small[:5])
         more = f" and {len(small) - 5} more" if len(small) > 5 else ""
-        raise TLError(f"class {names}{more} has only {counts.min()} example(s) to split: too few to carve a "
+        raise TLError(f"class {names}{more} has only {counts.min()} example(s) to split{left}: too few to carve a "
                       f"{what} split; add images to it, remove it, or provide a {what}/ folder")
     # Stratified needs at least one example per class on each side; round the carved count up to the class count.
     n_carve = max(int(round(fraction * len(indices))), len(counts))
@@ -43,7 +43,9 @@ def make_splits(targets: np.ndarray, given: dict[str, np.ndarray], val_fraction:
     if "test" not in splits:
         train, splits["test"] = _carve(train, targets, test_fraction, seed, "test", classes)
     if "val" not in splits:
-        train, splits["val"] = _carve(train, targets, val_fraction * n / len(train), seed + 1, "val", classes)
+        left = " (left in train once the test split was carved)" if "test" not in given else ""
+        train, splits["val"] = _carve(train, targets, val_fraction * n / len(train), (seed + 1) % 2**32, "val",
+                                      classes, left)
     splits["train"] = train
     return splits
 

@@ -249,15 +249,21 @@ class TransferModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
+    # Scores are computed in float32 under a mixed precision too (trainer.precision=bf16-mixed, which `auto` picks on
+    # CPUs with bf16 matrix units): model selection, test accuracy, calibration and tl.evaluate / tl.predict / the
+    # ONNX graph then agree to float32 rounding; only the training steps run in bfloat16.
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        with torch.autocast(self.device.type, enabled=False):
+            self._step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        with torch.autocast(self.device.type, enabled=False):
+            self._step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(dim=-1)
+        with torch.autocast(self.device.type, enabled=False):
+            return self(x).softmax(dim=-1)
 
     # -- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
