@@ -283,3 +283,28 @@ def test_a_camera_exif_block_pil_cannot_rewrite_still_turns_the_picture(tmp_path
         pytest.skip("no damaged EXIF block of that kind found")
     with Image.open(io.BytesIO(bytes(data))) as img:
         assert to_rgb(img).size == (16, 24)
+
+
+def test_the_same_image_under_two_classes_is_reported(tmp_path, caplog):
+    write_images(tmp_path / "a", 4)
+    write_images(tmp_path / "b", 4, seed=1)
+    shutil.copy(tmp_path / "a" / "img0.png", tmp_path / "b" / "copy.png")
+    dm = TransferDataModule(ImageFolderSource(tmp_path), preprocess={}, seed=0, val_fraction=0.2, test_fraction=0.2)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert dm.audit["same_image_two_classes"] == 1
+    assert sorted(dm.audit["same_image_two_classes_first"][0]) == ["a/img0.png (a)", "b/copy.png (b)"]
+    assert "under more than one class" in caplog.text
+
+
+def test_class_names_that_differ_only_in_unicode_form_are_refused_and_case_counts(tmp_path):
+    import unicodedata
+
+    write_images(tmp_path / unicodedata.normalize("NFC", "café"), 2)
+    write_images(tmp_path / unicodedata.normalize("NFD", "café"), 2, seed=1)
+    with pytest.raises(TLError, match="differ only in Unicode form"):
+        ImageFolderSource(tmp_path).load()
+    shutil.rmtree(tmp_path / unicodedata.normalize("NFD", "café"))
+    write_images(tmp_path / "a", 2)
+    write_images(tmp_path / "A", 2, seed=2)  # letters of a handwriting set: two classes
+    assert ImageFolderSource(tmp_path).load().classes == ["A", "a", "café"]

@@ -407,7 +407,7 @@ def test_digits_carry_no_train_test_copies():
 
     digits = DigitsSource().load()
     report = audit_splits(digits, make_splits(digits.targets, {}, 0.15, 0.15, 42))
-    assert report == {"duplicates_train_val": 0, "duplicates_train_test": 0}
+    assert report == {"duplicates_train_val": 0, "duplicates_train_test": 0, "same_image_two_classes": 0}
 
 
 # -- 6. corrupt or foreign files read back ------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def _devices(v) -> bool:
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
               "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64)
 DEVICES_HINT = "auto, a number of devices (-1: all), a list of indices [0,1], or a string '0,1'"
 
@@ -68,7 +68,7 @@ TRAINER_RULES: list[Rule] = [
     ("trainer.accelerator", lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
     ("trainer.devices", _devices, DEVICES_HINT),
     ("trainer.num_nodes", _count1, "an integer >= 1"),
-    ("trainer.precision", lambda v: v in PRECISIONS, "auto, 32-true, bf16-mixed, 16-mixed (GPU), bf16-true or 64-true"),
+    ("trainer.precision", lambda v: v in PRECISIONS, "32-true, bf16-mixed, 16-mixed (GPU), bf16-true or 64-true"),
     ("trainer.accumulate_grad_batches", _count1, "an integer >= 1"),
     ("trainer.gradient_clip_val", _optional(lambda v: _number(v) and v >= 0), "null (off) or a number >= 0"),
     ("trainer.log_every_n_steps", _count1, "an integer >= 1"),

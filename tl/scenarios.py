@@ -35,9 +35,9 @@ from tl.data.features import FeatureCache, extract_features
 from tl.data.transforms import backbone_preprocess
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
 from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
-from tl.utils import resolve_precision
 
 log = logging.getLogger(__name__)
+BF16_MIXED = ("bf16-mixed", "bf16")  # training steps under bfloat16 autocast: the plan times the forward pass so
 
 PRESETS = ("small_similar", "small_different", "large_similar", "large_different")
 
@@ -115,7 +115,7 @@ def measure(cfg: DictConfig, datamodule) -> dict:
         "input_side": backbone_side,
         "forward_ms_per_image": round(1000 * forward_seconds(model, backbone_side), 3),
         **({"forward_ms_per_image_bf16": round(1000 * forward_seconds(model, backbone_side, bf16=True), 3)}
-           if resolve_precision(cfg.trainer) == "bf16-mixed" else {}),
+           if str(cfg.trainer.get("precision")) in BF16_MIXED else {}),
         "examples_per_class": float(np.median(counts)),
         "min_examples_per_class": int(counts.min()),
         "probe_samples": int(len(idx)),
@@ -182,7 +182,7 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
                           int(final.trainer.max_epochs), side, backbone_side, can_shrink=choose_side,
                           epochs_fixed=fixed_epochs,  # the user's epochs stand
                           train_per_image_s=float(m.get("forward_ms_per_image_bf16", m["forward_ms_per_image"]))
-                          / 1000 if resolve_precision(final.trainer) == "bf16-mixed" else None)
+                          / 1000 if str(final.trainer.get("precision")) in BF16_MIXED else None)
     out: list[str] = []
     if choose_side:
         out.append(f"data.small_data_image_size={schedule['side']}")

@@ -44,7 +44,7 @@ from tl.report import report_run
 from tl.results import collect_results
 from tl.rundir import claim_run_dir
 from tl.scenarios import resolve
-from tl.utils import build, ensure_writable, print_config, print_results, resolve_precision, user_errors, write_json
+from tl.utils import build, ensure_writable, print_config, print_results, user_errors, write_json
 
 log = logging.getLogger("tl.train")
 
@@ -66,7 +66,6 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     """The Trainer `cfg.trainer` describes, with every callback and logger the config lists (null entries are off)."""
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    kwargs.setdefault("precision", resolve_precision(cfg.trainer))
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
@@ -142,8 +141,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """
     # 1. check, seed, record
     validate(cfg)
-    with open_dict(cfg):  # trainer.precision=auto: made concrete, so config.yaml records what ran
-        cfg.trainer.precision = resolve_precision(cfg.trainer)
+    with open_dict(cfg):
         root = OmegaConf.select(cfg, "data.root")
         if isinstance(root, str) and root.strip() and "://" not in root:
             # recorded absolute: tl.evaluate RUN from another folder must read these images, not others
@@ -190,7 +188,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
         from tl.callbacks.lr_finder import find_lr
 
         lr_found = find_lr(lambda: build(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
-                                         enable_progress_bar=False, precision=resolve_precision(cfg.trainer)),
+                                         enable_progress_bar=False),
                            module, fit_data, apply=cfg.lr_find == "apply", out_dir=run_dir)
     started = time.perf_counter()
     try:

@@ -71,34 +71,6 @@ def pyplot():
     return plt
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """True on a CPU with AMX-BF16 tiles (Intel Xeon 4th generation and later), where oneDNN runs bf16 convolutions
-    and matrix products on them: several times the fp32 rate (README, "Precision")."""
-    import torch
-
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None:
-        with suppress(Exception):
-            return bool(probe())
-    with suppress(OSError):
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    return False
-
-
-def resolve_precision(trainer: Any) -> Any:
-    """`trainer.precision`, with `auto` made concrete for this machine: bf16-mixed where the run trains on a CPU with
-    bf16 matrix units (measured faster there, README "Precision"), else 32-true (a GPU: trainer=gpu sets bf16-mixed).
-    Under a mixed precision, validation, test and prediction still run in float32 (TransferModule)."""
-    value = trainer.get("precision", "32-true")
-    if str(value) != "auto":
-        return value
-    import torch
-
-    accelerator = str(trainer.get("accelerator", "auto"))
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    return "bf16-mixed" if on_cpu and cpu_has_bf16_matrix_units() else "32-true"
-
-
 HYDRA_RECORDS = {"config.yaml", "hydra.yaml", "overrides.yaml"}
 
 

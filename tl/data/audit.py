@@ -4,7 +4,9 @@
 - a class with no example in val or test (a given split folder that lacks it): a warning naming the classes, since
   the reported accuracy then says nothing about them;
 - byte-identical images in train and in val or test (a copied file, a dataset assembled twice): a warning with the
-  count and examples, and the counts in results.json (`data_audit`), since they inflate the scores.
+  count and examples, and the counts in results.json (`data_audit`), since they inflate the scores;
+- byte-identical images under two classes (a file copied into two class folders, a class folder linked to another):
+  a warning naming them (`same_image_two_classes`), since one of the labels is wrong.
 
 Duplicates are found by content hash. Files are grouped by size first and only sizes that occur on both sides are
 read, so a folder of distinct photos costs a `stat` per file; in-memory images are hashed directly.
@@ -102,4 +104,37 @@ def audit_splits(images: ImageSet, splits: dict[str, np.ndarray]) -> dict:
             log.warning("%d of %d %s images are byte-identical to training images (e.g. %s): they inflate the %s "
                         "score; remove the copies from one side", len(dupes), len(splits[split]), split, examples,
                         split)
+    conflicts = _label_conflicts(images, np.concatenate([train, others]))
+    report["same_image_two_classes"] = len(conflicts)
+    if conflicts:
+        named = [[f"{_name(images, i)} ({classes[int(images.targets[i])]})" for i in group] for group in conflicts]
+        report["same_image_two_classes_first"] = named[:10]
+        log.warning("%d image(s) appear byte for byte under more than one class (e.g. %s): at most one label can be "
+                    "right; remove the wrong copies", len(conflicts), " = ".join(named[0]))
     return report
+
+
+def _label_conflicts(images: ImageSet, indices: np.ndarray) -> list[list[int]]:
+    """Groups of byte-identical examples with more than one label (a file copied into two class folders, a class
+    folder linked to another)."""
+    targets = images.targets
+    if images.store is not None:
+        digest = {int(i): bytes(images.store.digests[int(i)]) for i in indices}
+    elif images.images is not None:
+        digest = {int(i): _digest(images.images[int(i)].numpy().tobytes()) for i in indices}
+    else:  # only files whose size occurs under two labels can be such copies: read those alone
+        sizes: dict[int, int] = {}
+        for i in indices:
+            try:
+                sizes[int(i)] = os.stat(images.paths[int(i)]).st_size
+            except OSError:
+                continue
+        labels_of_size = defaultdict(set)
+        for i, size in sizes.items():
+            labels_of_size[size].add(int(targets[i]))
+        keep = {size for size, labels in labels_of_size.items() if len(labels) > 1}
+        digest = _file_digests(images.paths, np.array(list(sizes)), sizes, keep)
+    groups = defaultdict(list)
+    for i, d in digest.items():
+        groups[d].append(i)
+    return [sorted(g) for g in groups.values() if len({int(targets[i]) for i in g}) > 1]

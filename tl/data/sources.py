@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
 # Split folder names other tools write (Kaggle, Roboflow, ...), matched in any case.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "dev": "val", "test": "test", "testing": "test"}
+                 "test": "test", "testing": "test"}
 
 
 @dataclass
@@ -184,7 +185,7 @@ class ImageFolderSource:
 
     def _split_dirs(self) -> dict[str, Path]:
         """The split folders under data.root, by tl's split name: train/ val/ test/, in any case, and the names other
-        tools use (valid/, validation/, dev/, training/, testing/)."""
+        tools use (valid/, validation/, training/, testing/)."""
         found: dict[str, list[Path]] = {}
         for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not _ignored_name(p.name)):
             split = SPLIT_ALIASES.get(d.name.lower())
@@ -242,6 +243,13 @@ class ImageFolderSource:
                 raise TLError(f"class folder {name!r} under {str(layout.get('train', root))!r} has a name that is not "
                               "valid UTF-8 (a zip from another system?): rename it, e.g. with convmv -f latin1 -t "
                               "utf8 -r --notest DIR") from None
+        seen: dict[str, str] = {}
+        for name in classes:  # café written two ways (macOS writes NFD): two classes that read as one name
+            key = unicodedata.normalize("NFC", name)  # (letter case is kept apart: 'a' and 'A' can be two classes)
+            if key in seen:
+                raise TLError(f"class folders {seen[key]!r} and {name!r} differ only in Unicode form: they would be "
+                              "two classes shown under one name; merge them into one folder")
+            seen[key] = name
         index = {c: i for i, c in enumerate(classes)}
 
         paths, targets, split_of, bad, ignored = [], [], [], [], []
@@ -259,6 +267,11 @@ class ImageFolderSource:
                     else:  # a dangling link, a pipe or a device named like an image: never opened (a pipe blocks)
                         special.append(str(f))
                 ignored += others
+                subfolders = sorted({f.relative_to(class_dir).parts[0] for f in files if f.parent != class_dir})
+                if len(subfolders) > 1 and all(f.parent != class_dir for f in files):
+                    log.warning("Class folder %s holds its images only in subfolders (%s): they are all one class "
+                                "here; to tell them apart, point data.root at %s", class_dir,
+                                ", ".join(subfolders[:5]) + (", ..." if len(subfolders) > 5 else ""), class_dir)
                 good = []
                 for f, ok in zip(files, _readable_all(files), strict=True):
                     if ok:
