@@ -91,8 +91,10 @@ def discard_bare_run_dir() -> None:
         if not entries <= {".hydra", log_file} or (records.exists() and (
                 not records.is_dir() or not {p.name for p in records.iterdir()} <= HYDRA_RECORDS)):
             return
-        for handler in logging.getLogger().handlers:  # Hydra's file handler holds the log open
+        root = logging.getLogger()
+        for handler in list(root.handlers):  # Hydra's file handler holds the log open (and would reopen it)
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+                root.removeHandler(handler)
                 handler.close()
         shutil.rmtree(run_dir)
 
