@@ -539,9 +539,33 @@ def test_outputs_never_replace_the_model_its_records_or_the_inputs(tmp_path):
         with pytest.raises(TLError, match=says):
             check_output_file(output, "output", ".csv", reads=[export / "model.onnx", image], inside=[export])
     check_output_file(tmp_path / "predictions.csv", "output", ".csv", reads=[image], inside=[export])  # new: fine
-    (tmp_path / "predictions.csv").write_text("path,label\n")
+    (tmp_path / "predictions.csv").write_text("path,label,prob,error\n")
     check_output_file(tmp_path / "predictions.csv", "output", ".csv", reads=[image], inside=[export])  # its own kind
     assert (export / "model.onnx").read_text() == "model" and image.read_bytes() == b"png"
+    # another run's files, or a user's, of the same suffix: not this command's output (hostile round 4)
+    other = tmp_path / "other_run"
+    (other / "report").mkdir(parents=True)
+    (other / "report" / "top_losses.csv").write_text("split,path,given,predicted\n")
+    (other / "results.json").write_text('{"test/acc": 0.9, "best_ckpt": "x.ckpt", "fit_seconds": 3}')
+    (other / "manifest.csv").write_text("path,class\n")
+    for output, suffix in ((other / "report" / "top_losses.csv", ".csv"), (other / "results.json", ".json"),
+                           (other / "manifest.csv", ".csv")):
+        with pytest.raises(TLError, match="exists and was not written by this command"):
+            check_output_file(output, "output", suffix)
+    (other / "evaluation.json").write_text('{"tool": "tl.evaluate", "ckpt": "x", "test/acc": 0.5}')
+    check_output_file(other / "evaluation.json", "output", ".json")  # an earlier evaluation: replaced
+
+
+def test_export_into_another_runs_export_is_refused(finished, tmp_path, monkeypatch, capfd):
+    run_dir, results = finished
+    victim = tmp_path / "victim"
+    shutil.copytree(run_dir, victim)
+    before = checksums(victim)
+    code, lines = entry("tl.export", f"ckpt={results['best_ckpt']}", "format=safetensors",
+                        f"output={victim / 'export'}", f"hydra.run.dir={tmp_path / 'x'}", monkeypatch=monkeypatch,
+                        capfd=capfd)
+    one_line(code, lines, "is the export of another training run")
+    assert checksums(victim) == before
 
 
 def test_a_class_folder_linking_back_to_the_root_is_refused(tmp_path):
@@ -666,3 +690,47 @@ def test_the_largest_seed_splits_and_a_tiny_crop_fraction_is_refused(tmp_path, m
     code, lines = entry("tl.train", "data.crop_pct=0.01", "scenario=large_similar", f"hydra.run.dir={tmp_path / 'r'}",
                         monkeypatch=monkeypatch, capfd=capfd)
     one_line(code, lines, "data.crop_pct=0.01 is invalid: use null (the backbone's own) or a fraction from 0.25 to 1")
+
+
+# -- hostile round 4: run folders that are not this run's to replace ------------------------------------------------
+def test_another_runs_checkpoint_into_a_finished_run_is_refused_without_overwrite(victim, finished, tmp_path,
+                                                                                  monkeypatch, capfd):
+    run_dir, before = victim
+    other = tmp_path / "other.ckpt"
+    shutil.copy(finished[1]["best_ckpt"], other)
+    for run_arg in (f"hydra.run.dir={run_dir}", f"++hydra.run.dir={run_dir}"):  # the ++ form is the same setting
+        code, lines = entry("tl.train", "scenario=large_similar", run_arg, f"ckpt_path={other}",
+                            monkeypatch=monkeypatch, capfd=capfd)
+        one_line(code, lines, "holds a finished run")
+    assert checksums(run_dir) == before
+
+
+def test_overwrite_empties_only_a_tl_run(tmp_path, monkeypatch, capfd):
+    proj = tmp_path / "proj"
+    (proj / "export").mkdir(parents=True)
+    (proj / "export" / "notes.txt").write_text("mine")
+    (proj / "results.json").write_text('{"mine": 1}')
+    code, lines = entry("tl.train", "scenario=large_similar", f"hydra.run.dir={proj}", "overwrite=true",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "but no tl training run (no config.yaml of one): overwrite=true replaces only a tl run's")
+    assert (proj / "export" / "notes.txt").read_text() == "mine" and (proj / "results.json").is_file()
+
+
+def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_hydra_rewrites_it(finished, tmp_path, monkeypatch,
+                                                                                     capfd):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(finished[0], sweep / "0")
+    (sweep / "multirun.yaml").write_text("earlier: sweep\n")
+    before = checksums(sweep)
+    code, lines = entry("tl.train", "-m", "seed=5,6", "scenario=large_similar", f"hydra.sweep.dir={sweep}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, f"hydra.sweep.dir='{sweep}' holds the runs of an earlier sweep (0/, ...)")
+    assert checksums(sweep) == before
+
+
+def test_a_sweep_of_evaluations_into_one_file_is_refused(victim, tmp_path, monkeypatch, capfd):
+    run_dir, before = victim
+    code, lines = entry("tl.evaluate", "-m", f"ckpt={run_dir}", "tta=none,flip", f"hydra.sweep.dir={tmp_path / 's'}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "under -m: every job of the sweep would write it")
+    assert checksums(run_dir) == before

@@ -262,22 +262,32 @@ def check_values(argv: list[str]) -> None:
 def check_run_dir(argv: list[str], config_name: str = "") -> None:
     """Exit with one line if `hydra.run.dir=DIR` cannot be created (Hydra would fail with a traceback), or, for a
     training run, if DIR holds another run (tl.rundir), before Hydra rewrites RUN/.hydra in it."""
-    for arg in argv:
+    values = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a)
+    multirun = bool({"-m", "--multirun"} & set(argv))
+    overwrite = values.get("overwrite", "false").lower() == "true"
+    for raw in argv:
+        arg = raw.lstrip("+")  # +hydra.run.dir= and ++hydra.run.dir= set it too
         if arg.startswith(("hydra.sweep.dir=", "hydra.run.dir=")):
             setting, target = arg.split("=", 1)
             _check_creatable(setting, Path(target).expanduser())
         if arg.startswith("hydra.run.dir="):
             target = Path(arg.split("=", 1)[1]).expanduser()
-            if config_name == "train" and target.is_dir() and not {"-m", "--multirun"} & set(argv) \
+            if config_name == "train" and target.is_dir() and not multirun \
                     and not _rank():  # the other processes of a DDP or SLURM job share rank 0's directory
-                from tl.rundir import check_free
+                from tl.rundir import check_free, own_resume
 
-                values = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a)
-                resuming = values.get("ckpt_path", "null") not in ("null", "", "None")
                 try:
-                    check_free(target, resuming, values.get("overwrite", "false").lower() == "true")
+                    check_free(target, own_resume(values.get("ckpt_path"), target), overwrite)
                 except TLError as e:
                     _fail(str(e))
+        if arg.startswith("hydra.sweep.dir=") and config_name == "train" and multirun and not overwrite \
+                and not _rank():
+            sweep = Path(arg.split("=", 1)[1]).expanduser()
+            done = sorted(d for d in (sweep.iterdir() if sweep.is_dir() else ()) if d.is_dir() and (
+                (d / "results.json").is_file() or (d / "checkpoints" / "last.ckpt").is_file()))
+            if done:  # Hydra would rewrite their records (multirun.yaml, JOB/.hydra) before a job is refused
+                _fail(f"hydra.sweep.dir={str(sweep)!r} holds the runs of an earlier sweep ({done[0].name}/, ...): "
+                      "choose another hydra.sweep.dir, or replace them with overwrite=true")
 
 
 def launch(hydra_main, config_name: str) -> None:

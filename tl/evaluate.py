@@ -36,6 +36,7 @@ from tl.inference import (
 from tl.utils import (
     check_output_file,
     check_required,
+    check_sweep_output,
     ensure_writable,
     print_results,
     terminate_as_exception,
@@ -119,6 +120,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     if output.is_dir():
         raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'evaluation.json'}")
     keep = [run_dir / name for name in ("results.json", "config.yaml")] if run_dir is not None else []
+    check_sweep_output(output)
     check_output_file(output, "output", ".json", reads=[*paths, *keep],
                       inside=[run_dir / d for d in ("checkpoints", "export", ".hydra")] if run_dir is not None else [])
     ensure_writable(output.parent, min_free_mb=1, setting="output=FILE.json")  # now, not after the evaluation
@@ -127,7 +129,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule.setup("test")
     metrics, objects = evaluate_members(members, datamodule, tta, device)
 
-    results = {"ckpt": str(cfg.ckpt), **metrics}
+    results = {"tool": "tl.evaluate", "ckpt": str(cfg.ckpt), **metrics}
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(output, results)
     title = f"{len(members)} model(s), tta={results['tta']}"

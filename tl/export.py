@@ -255,6 +255,12 @@ def export(cfg: DictConfig) -> Path:
                           "holds one model; export format=onnx (one graph averaging them) or one member's .ckpt")
     run_dir = run_dir_of(paths[0])
     output = cfg.get("output") or (run_dir / "export" if run_dir else Path(cfg.paths.output_dir) / "export")
+    target = Path(output).expanduser().resolve(strict=False)
+    if target.name == "export" and _is_run(target.parent) and (
+            run_dir is None or target.parent != Path(run_dir).resolve()):
+        raise TLError(f"output={str(output)!r} is the export of another training run ({str(target.parent)!r}): it "
+                      "would replace that run's model; export into this run's own RUN/export (the default) or a new "
+                      "folder")
     parity_data = None
     if cfg.format in ("onnx", "all"):
         parity_data = _parity_data(cfg, paths[0], dict(module.hparams.preprocess))

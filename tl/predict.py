@@ -30,6 +30,7 @@ from tl.utils import (
     atomic_path,
     check_output_file,
     check_required,
+    check_sweep_output,
     ensure_writable,
     terminate_as_exception,
     user_errors,
@@ -131,6 +132,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     else:
         model_dirs = [ckpt.parent] if ckpt.parent.name in ("export", "checkpoints") or (
             ckpt.parent / "model.json").is_file() else []
+    check_sweep_output(output)
     check_output_file(output, "output", ".csv", reads=[ckpt, Path(str(cfg.inputs)), *paths], inside=model_dirs)
     ensure_writable(output.parent, setting="output=FILE.csv")
     class_names = predictor.class_names

@@ -88,8 +88,39 @@ def _take_lock(path: Path) -> None:
     raise TLError(f"hydra.run.dir={str(path.parent)!r}: could not take {LOCK}; remove it if no run uses the folder")
 
 
+def own_resume(ckpt_path, run_dir: Path) -> bool:
+    """`ckpt_path` resumes the run in `run_dir` (last, auto, or a checkpoint inside it), rather than starting a new run
+    there from another run's weights."""
+    if ckpt_path in (None, "", "null", "None"):
+        return False
+    if str(ckpt_path) in ("last", "auto"):
+        return True
+    try:
+        return Path(str(ckpt_path)).expanduser().resolve().is_relative_to(Path(run_dir).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def _is_tl_run(run_dir: Path) -> bool:
+    """`run_dir` holds a training run of tl's: its config.yaml records a train task."""
+    try:
+        import yaml
+
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except Exception:  # noqa: BLE001 - missing, unreadable, not YAML
+        return False
+    return isinstance(config, dict) and config.get("task_name") == "train" and "trainer" in config
+
+
 def _check_previous_run(run_dir: Path, resuming: bool, overwrite: bool) -> None:
-    if resuming or overwrite:
+    if resuming:
+        return
+    if overwrite:
+        present = [name for name in RUN_ARTIFACTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+        if present and not _is_tl_run(run_dir):
+            raise TLError(f"hydra.run.dir={str(run_dir)!r} holds {', '.join(present[:4])} but no tl training run "
+                          "(no config.yaml of one): overwrite=true replaces only a tl run's files; choose another "
+                          "hydra.run.dir")
         return
     if (run_dir / "results.json").is_file():
         raise TLError(f"hydra.run.dir={str(run_dir)!r} holds a finished run (results.json): choose another "
@@ -119,6 +150,7 @@ def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> Iterator[No
     _take_lock(run_dir / LOCK)
     try:
         if not resuming and overwrite:
+            _check_previous_run(run_dir, resuming, overwrite)  # a folder that holds no tl run is not emptied
             for name in RUN_ARTIFACTS:
                 target = run_dir / name
                 if target.is_dir() and not target.is_symlink():

@@ -42,7 +42,7 @@ from tl.models.backbone import classifier_names
 from tl.models.probe_head import init_head_from_probe
 from tl.report import report_run
 from tl.results import collect_results
-from tl.rundir import claim_run_dir
+from tl.rundir import claim_run_dir, own_resume
 from tl.scenarios import resolve
 from tl.utils import build, ensure_writable, print_config, print_results, user_errors, write_json
 
@@ -149,7 +149,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     onnx_formats(cfg)  # onnx.enabled=true without onnx installed: refused now, not after training
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    with claim_run_dir(run_dir, resuming=ckpt_path is not None, overwrite=cfg.overwrite):
+    # another run's checkpoint starts a new run here: refused over a finished one unless overwrite=true
+    with claim_run_dir(run_dir, resuming=ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir),
+                       overwrite=cfg.overwrite):
         return _train(cfg, run_dir, ckpt_path)
 
 

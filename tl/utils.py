@@ -210,6 +210,44 @@ def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path]
     if target.is_file() and target.suffix.lower() != suffix:
         raise TLError(f"{setting}={str(output)!r} exists and is not a {suffix} file: it would be overwritten; give a "
                       f"new {suffix} file path")
+    if target.is_file() and not _earlier_output(target, suffix):
+        raise TLError(f"{setting}={str(output)!r} exists and was not written by this command (a run's results, a "
+                      f"report, a dataset's list?): it would be overwritten; give a new {suffix} file path, or remove "
+                      "the file first if it is yours to replace")
+
+
+def check_sweep_output(output: Path, setting: str = "output") -> None:
+    """Under -m, every job of the sweep must write its own `output`: one outside the job's folder would be written
+    by each job in turn, and only the last job's would be left."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    if not Path(output).expanduser().resolve(strict=False).is_relative_to(job_dir):
+        raise TLError(f"{setting}={str(output)!r} under -m: every job of the sweep would write it and only the last "
+                      f"job's would be kept; set {setting}=${{hydra:runtime.output_dir}}/{Path(output).name} (each "
+                      "job's own folder) or run without -m")
+
+
+def _earlier_output(path: Path, suffix: str) -> bool:
+    """`path` is an earlier output of the command that writes `suffix` files: tl.predict's CSV (its header) or
+    tl.evaluate's JSON (its `tool` key, or the shape of one written before the key existed)."""
+    try:
+        if suffix == ".csv":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.readline().startswith(PREDICTIONS_HEADER)
+        if path.stat().st_size > 64 * 2**20:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (data.get("tool") == "tl.evaluate" or (
+        "ckpt" in data and "test/acc" in data and "best_ckpt" not in data and "fit_seconds" not in data))
+
+
+PREDICTIONS_HEADER = "path,label,prob,error"
 
 
 @contextmanager
