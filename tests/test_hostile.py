@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -734,3 +735,34 @@ def test_a_sweep_of_evaluations_into_one_file_is_refused(victim, tmp_path, monke
                         monkeypatch=monkeypatch, capfd=capfd)
     one_line(code, lines, "under -m: every job of the sweep would write it")
     assert checksums(run_dir) == before
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda m: m.update(class_names=[]), "class_names is not a list of 4 names"),
+    (lambda m: m.update(class_names=m["class_names"][:-1]), "class_names is not a list of"),
+    (lambda m: m.update(class_names=["a"] * len(m["class_names"])), "class_names repeats a name"),
+    (lambda m: m.update(num_classes="2"), "num_classes '2' is not an integer >= 2"),
+    (lambda m: m.update(format="other/1"), "format 'other/1' is not a tl export's"),
+    (lambda m: m.update(drop_rate=2), "drop_rate 2 is not a rate"),
+    (lambda m: m["preprocess"].update(input_size=[3, 0, 0]), "input_size [3, 0, 0] is not [3, H, W]"),
+    (lambda m: m["preprocess"].update(input_size=[3, 100000, 100000]), "is not [3, H, W] with sides from 16"),
+    (lambda m: m["preprocess"].update(std=[0, 1, 1]), "preprocess.std [0, 1, 1] is not positive"),
+    (lambda m: m["preprocess"].update(mean="0.5"), "preprocess.mean '0.5' is not three numbers"),
+    (lambda m: m["preprocess"].update(interpolation="foo"), "preprocess.interpolation 'foo' is not one of"),
+    (lambda m: m["preprocess"].update(crop_pct=0), "preprocess.crop_pct 0 is not a fraction"),
+    (lambda m: m.pop("preprocess"), "preprocess is not a mapping"),
+    (lambda m: m.update(calibration={"temperature": 1e-300}), "not a temperature from 0.001 to 1000"),
+])
+def test_an_edited_model_json_is_refused_in_one_line(edit, says, finished, tmp_path):
+    """Found by a hostile tester (round 4): the PyTorch path read model.json unchecked (tracebacks, NaN
+    probabilities, predictions at another size or under the wrong names, all with exit 0)."""
+    from tl.inference import load_export
+
+    export = tmp_path / "export"
+    shutil.copytree(finished[0] / "export", export)
+    meta = json.loads((export / "model.json").read_text())
+    edit(meta)
+    (export / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(TLError, match=re.escape(says)) as e:
+        load_export(export)
+    assert "\n" not in str(e.value)

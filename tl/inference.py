@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -117,8 +118,67 @@ def load_module(path: Path):
             or not any(k.startswith("model.") for k in peek.get("state_dict", {})):
         raise TLError(f"ckpt={str(path)!r} is not a tl checkpoint (no TransferModule hyperparameters): {CKPT_HINT}")
     check_calibration(peek.get("calibration"), f"ckpt={str(path)!r}")
+    problem = preprocess_problem(hp.get("preprocess"))
+    if problem:
+        raise TLError(f"ckpt={str(path)!r} records preprocessing tl cannot apply ({problem}): {CKPT_HINT}")
     del peek
     return TransferModule.load_from_checkpoint(path, weights_only=True, map_location="cpu")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def preprocess_problem(pre) -> str | None:
+    """What is wrong with a model's preprocessing record (model.json's `preprocess`, a checkpoint's hyperparameters),
+    or None: every value tl.predict and tl.evaluate feed the transforms."""
+    from tl.data.images import RESAMPLE
+
+    if not isinstance(pre, dict):
+        return "preprocess is not a mapping"
+    size = pre.get("input_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and size[0] == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 4096 for v in size[1:])):
+        return f"preprocess.input_size {size!r} is not [3, H, W] with sides from 16 to 4096"
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_number(x) for x in v)):
+            return f"preprocess.{key} {v!r} is not three numbers"
+    if not all(0 < x <= 1e3 for x in pre["std"]):
+        return f"preprocess.std {pre['std']!r} is not positive"
+    if not all(-1e3 <= x <= 1e3 for x in pre["mean"]):
+        return f"preprocess.mean {pre['mean']!r} is out of range"
+    if pre.get("interpolation") not in RESAMPLE:
+        return f"preprocess.interpolation {pre.get('interpolation')!r} is not one of {', '.join(RESAMPLE)}"
+    crop = pre.get("crop_pct", 1.0)
+    if not (_number(crop) and 0.25 <= crop <= 1):
+        return f"preprocess.crop_pct {crop!r} is not a fraction from 0.25 to 1"
+    if pre.get("crop_mode", "center") not in ("center", "squash", "border"):
+        return f"preprocess.crop_mode {pre.get('crop_mode')!r} is not center, squash or border"
+    return None
+
+
+def export_meta_problem(meta) -> str | None:
+    """What is wrong with an export's model.json, or None (the ONNX path's `check_meta` checks its own part)."""
+    if not isinstance(meta, dict):
+        return "it is not a JSON object"
+    if not str(meta.get("format", "")).startswith("tl-export/"):
+        return f"format {meta.get('format')!r} is not a tl export's"
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        return f"name {meta.get('name')!r} is not a model name"
+    n = meta.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        return f"num_classes {n!r} is not an integer >= 2"
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(c, str) and c for c in names) or len(names) != n:
+        return f"class_names is not a list of {n} names"
+    if len(set(names)) != len(names):
+        return "class_names repeats a name"
+    for key in ("drop_rate", "drop_path_rate"):
+        v = meta.get(key, 0.0)
+        if not (_number(v) and 0 <= v < 1):
+            return f"{key} {v!r} is not a rate from 0 to below 1"
+    return preprocess_problem(meta.get("preprocess"))
 
 
 def load_export(folder: Path) -> Classifier:
@@ -136,14 +196,19 @@ def load_export(folder: Path) -> Classifier:
         raise TLError(f"ckpt={str(folder)!r} is a directory without {EXPORT_CONFIG} and {EXPORT_WEIGHTS}: {CKPT_HINT}")
     try:
         meta = json.loads(config_path.read_text())
-        names, preprocess = list(meta["class_names"]), dict(meta["preprocess"])
-        calibration = check_calibration(meta.get("calibration"), repr(str(config_path)))
-        temperature = float(calibration["temperature"]) if calibration else 1.0
-        model = create_backbone(meta["name"], meta["num_classes"], meta.get("drop_rate", 0.0),
-                                meta.get("drop_path_rate", 0.0))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError) as e:
         raise TLError(f"{str(config_path)!r} is not a tl export ({type(e).__name__}: {e}): export it again with "
                       "python -m tl.export ckpt=PATH") from e
+    problem = export_meta_problem(meta)
+    if problem:  # an edited or foreign model.json: refused, not a traceback or silently wrong predictions
+        raise TLError(f"{str(config_path)!r} is not a usable tl export: {problem}; export it again with python -m "
+                      "tl.export ckpt=RUN")
+    names, preprocess = list(meta["class_names"]), dict(meta["preprocess"])
+    calibration = check_calibration(meta.get("calibration"), repr(str(config_path)))
+    temperature = float(calibration["temperature"]) if calibration else 1.0
+    try:
+        model = create_backbone(meta["name"], meta["num_classes"], meta.get("drop_rate", 0.0),
+                                meta.get("drop_path_rate", 0.0))
     except TLError as e:  # e.g. a model name timm does not know
         raise TLError(f"{str(config_path)!r} names a model this timm cannot build ({e})") from None
     try:

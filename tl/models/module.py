@@ -26,8 +26,9 @@ def check_calibration(entry, where: str) -> dict | None:
     if entry is None:
         return None
     t = entry.get("temperature") if isinstance(entry, dict) else None
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        raise TLError(f"{where} holds a calibration entry that is not a finite positive temperature "
+    # tl fits the temperature on [0.05, 20] (tl.report); far outside, softmax(logits / T) overflows to NaN
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 1e-3 <= t <= 1e3:
+        raise TLError(f"{where} holds a calibration entry that is not a temperature from 0.001 to 1000 "
                       f"({str(entry)[:80]}): use the file as tl wrote it, or export it again from the run's checkpoint")
     return dict(entry)
 
