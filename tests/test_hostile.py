@@ -123,6 +123,11 @@ def test_train_inputs_are_checked_in_one_line(argv, culprit, tmp_path, monkeypat
     ("tl.evaluate", ["tta=flop"], "tta='flop' is unknown"),
     ("tl.evaluate", ["ensemble.lats=2"], "did you mean ensemble.last?"),
     ("tl.export", ["outptu=/tmp/x"], "did you mean output?"),
+    ("tl.predict", ["~output"], "~output removes output, which python -m tl.predict reads"),
+    ("tl.predict", ["data=digits"], "python -m tl.predict has no data settings"),
+    ("tl.predict", ["+data=digits"], "python -m tl.predict has no data settings"),
+    ("tl.evaluate", ["ensemble=null"], "ensemble is a group of settings, not a switch"),
+    ("tl.export", ["onnx=null"], "onnx is a group of settings, not a switch"),
 ])
 def test_other_entry_points_check_their_inputs(module, argv, culprit, finished, tmp_path, monkeypatch, capfd):
     run_dir, results = finished

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tl.config import CONF_DIR
 from tl.errors import TLError
@@ -97,6 +97,8 @@ def check_override_keys(argv: list[str], config_name: str) -> None:
     except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message says where
         return
     multirun = bool({"-m", "--multirun"} & set(argv))
+    if config_name != "train":
+        _check_tool_overrides(overrides, config_name)
     base, structural = [], []  # groups and deletions; and additions: they shape the config keys are checked against
     for o in overrides:
         if o.key_or_group.startswith("hydra"):
@@ -152,6 +154,28 @@ def check_override_keys(argv: list[str], config_name: str) -> None:
               f"{_closest(leaf, siblings, f'{parent}.' if parent else '')}")
     if multirun and config_name == "train":
         check_sweep_values(overrides, structural)
+
+
+def _check_tool_overrides(overrides, config_name: str) -> None:
+    """predict, evaluate, export, shard: a config group they do not have (data=digits on tl.predict, which Hydra
+    reports in three lines, and +data=digits, which nothing would read), a setting removed (~output) or a section
+    emptied (ensemble=null): each was a traceback or silently ignored."""
+    primary = OmegaConf.load(CONF_DIR / f"{config_name}.yaml")
+    own_groups = {next(iter(d)) for d in primary.get("defaults", []) if isinstance(d, DictConfig)}
+    tool = f"python -m tl.{config_name}"
+    for o in overrides:
+        key = o.key_or_group.split("@", 1)[0]
+        if key.startswith("hydra"):
+            continue
+        if _is_group(key) and key not in own_groups:
+            _fail(f"{o.input_line}: {tool} has no {key} settings ({key}= belongs to python -m tl.train); drop it")
+        if o.is_delete() and key in primary:
+            _fail(f"{o.input_line} removes {key}, which {tool} reads: set {key}=VALUE instead")
+        value = None if o.is_sweep_override() or o.is_delete() else o.value()
+        if value is None and not o.is_delete() and not o.is_sweep_override() and isinstance(
+                OmegaConf.select(primary, key, default=None), DictConfig) and not _is_group(key):
+            _fail(f"{o.input_line}: {key} is a group of settings, not a switch: set its keys instead, e.g. "
+                  f"{key}.{next(iter(OmegaConf.select(primary, key)), 'KEY')}=...")
 
 
 def check_sweep_values(overrides, structural: list[str], limit: int = 50) -> None:
