@@ -34,7 +34,7 @@ from PIL import Image
 from tl.cli import launch
 from tl.data.audit import _digest as digest  # the digest the duplicate audit compares
 from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, decode, is_remote, meta_name
-from tl.errors import TLError
+from tl.errors import Terminated, TLError
 from tl.utils import atomic_write_text, check_required, terminate_as_exception, user_errors
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,26 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+# Signals received while LitData converts: a handler's exception raised while the signal lands inside a fork's
+# callbacks (logging's at-fork lock release) is printed as "Exception ignored" and lost, and the conversion went on
+# to replace the dataset with status 0. Each signal is also noted here and acted on at the next safe point.
+_SIGNALLED: list[int] = []
+
+
+def _kill_descendants() -> None:
+    for pid in _descendants(os.getpid()):  # the workers and the processes they started (uploaders, removers)
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _raise_if_signalled() -> None:
+    if _SIGNALLED:
+        signum = _SIGNALLED[-1]
+        _SIGNALLED.clear()
+        _kill_descendants()
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+
+
 @contextmanager
 def _interruptible_optimize():
     """LitData's `optimize` installs a Ctrl-C handler that stops its workers and calls `os._exit(0)`: the command
@@ -260,23 +280,41 @@ def _interruptible_optimize():
     removed); the previous handler is back once `optimize` returns."""
     from litdata.processing.data_processor import DataProcessor
 
+    main = os.getpid()
+
     def stop(self, signum, frame):
+        _SIGNALLED.append(signum)
         for queue in self.stop_queues:
             queue.put(None)
-        for pid in _descendants(os.getpid()):  # the workers and the processes they started (uploaders, removers)
-            with suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_descendants()
         for w in self.workers:
             w.join(5)
         raise KeyboardInterrupt
 
+    def terminate(signum, frame):
+        if os.getpid() != main:  # a forked worker: die as before
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        _SIGNALLED.append(signum)
+        _kill_descendants()
+        raise Terminated()
+
     previous, original = signal.getsignal(signal.SIGINT), DataProcessor._signal_handler
+    previous_term = signal.getsignal(signal.SIGTERM)
     DataProcessor._signal_handler = stop
+    signal.signal(signal.SIGTERM, terminate)
     try:
         yield
+    except BaseException:
+        _kill_descendants()  # no worker left blocked on a pipe: the process exits instead of waiting for it
+        _raise_if_signalled()  # a signal's exception, not what it broke inside LitData
+        raise
     finally:
         DataProcessor._signal_handler = original
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+    _raise_if_signalled()  # noted but its exception was lost: stop here, before anything is read or installed
 
 
 def write_split(inputs: list[tuple], folder: Path, chunk_size: int, workers: int) -> dict[str, np.ndarray]:
@@ -344,8 +382,8 @@ def check_settings(cfg: DictConfig) -> None:
     chunk_bytes(cfg.chunk_bytes)
     if cfg.num_workers is not None and not (isinstance(cfg.num_workers, int) and cfg.num_workers >= 1):
         raise TLError(f"num_workers={cfg.num_workers!r}: give a positive number of processes, or null")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise TLError(f"seed={cfg.seed!r}: give an integer (the split seed)")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        raise TLError(f"seed={cfg.seed!r}: give an integer from 0 to 2**32 - 1 (the split seed)")
     if not isinstance(cfg.overwrite, bool):
         raise TLError(f"overwrite={cfg.overwrite!r}: use true or false")
 
@@ -397,8 +435,12 @@ def shard(cfg: DictConfig) -> Path:
                       "overwrite=true to replace them (stop runs reading them first), or choose another output")
 
     check_space(out, images, chunk_bytes(cfg.chunk_bytes))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by python -m tl.shard; complete when manifest.json is present\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("written by python -m tl.shard; complete when manifest.json is present\n")
+    except OSError as e:
+        raise TLError(f"output={str(out)!r} cannot be written ({e.strerror or e}): fix permissions there or choose "
+                      "another output") from e
     workers = int(cfg.num_workers) if cfg.num_workers is not None else (
         min(8, os.cpu_count() or 1) if images.paths is not None else 1)
     with output_lock(out):
@@ -448,6 +490,7 @@ def shard(cfg: DictConfig) -> Path:
                 "audit": datamodule.audit, "chunk_bytes": str(cfg.chunk_bytes), "bytes": int(total),
                 "seconds": round(time.time() - started, 1),
             }
+            _raise_if_signalled()
             installing = True
             _install(partial, out, manifest)
         except OSError as e:
