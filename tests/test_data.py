@@ -229,7 +229,7 @@ def test_class_names_that_are_not_utf8_are_refused_and_file_names_are_kept(tmp_p
     write_images(tmp_path / "a", 3)
     write_images(tmp_path / "b", 3)
     latin1 = os.fsdecode(b"na\xefve.png")
-    shutil.copy(tmp_path / "a" / "img0.png", tmp_path / "b" / latin1)
+    Image.new("RGB", (24, 24), (9, 99, 199)).save(tmp_path / "b" / latin1, "PNG")  # unique: no warning names it
     dm = TransferDataModule(ImageFolderSource(tmp_path), preprocess={}, seed=0, val_fraction=0.25,
                             test_fraction=0.25)
     dm.setup("fit")

@@ -12,6 +12,7 @@ the user gets one line naming the culprit and the closest valid names, and exit 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import inspect
@@ -320,6 +321,9 @@ def launch(hydra_main, config_name: str) -> None:
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     argv = sys.argv[1:]
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed with escapes
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     check_syntax(argv)
     check_sweeper(argv)
     check_group_choices(argv)
