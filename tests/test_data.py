@@ -242,10 +242,12 @@ def test_class_names_that_are_not_utf8_are_refused_and_file_names_are_kept(tmp_p
 def test_the_runs_own_folders_inside_data_root_are_left_out(tmp_path):
     write_images(tmp_path / "a", 3)
     write_images(tmp_path / "b", 3)
-    run_dir = tmp_path / "logs" / "train" / "runs" / "now"
-    run_dir.mkdir(parents=True)
-    write_images(tmp_path / "logs" / "cache", 2)  # e.g. report images of an earlier run, written under logs/
-    images = ImageFolderSource(tmp_path, exclude=[str(run_dir), None]).load()
+    cache = tmp_path / "logs" / "cache" / "features"
+    cache.mkdir(parents=True)
+    write_images(tmp_path / "logs" / "report", 2)  # e.g. report images of an earlier run, written under logs/
+    write_images(tmp_path / "myrun" / "report", 2)
+    (tmp_path / "myrun" / ".hydra").mkdir()  # hydra.run.dir=myrun inside data.root
+    images = ImageFolderSource(tmp_path, exclude=[str(cache), None]).load()
     assert images.classes == ["a", "b"]
 
 

@@ -201,7 +201,7 @@ class ImageFolderSource:
         dirs = []
         for p in sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored_name(p.name)):
             target = p.resolve()
-            if any(e == target or target in e.parents for e in self.exclude):
+            if any(e == target or target in e.parents for e in self.exclude) or (p / ".hydra").is_dir():
                 if p not in self._left_out:
                     self._left_out.add(p)
                     log.warning("Left out %s: it holds this run's output or its feature cache, not data", p)
