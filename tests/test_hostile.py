@@ -771,3 +771,14 @@ def test_an_edited_model_json_is_refused_in_one_line(edit, says, finished, tmp_p
     with pytest.raises(TLError, match=re.escape(says)) as e:
         load_export(export)
     assert "\n" not in str(e.value)
+
+
+def test_resuming_a_finished_run_at_its_own_epochs_is_refused(victim, monkeypatch, capfd):
+    run_dir, before = victim
+    code, lines = entry("tl.train", *TINY, "trainer.max_epochs=1", "scenario=large_similar", "logger=none",
+                        f"hydra.run.dir={run_dir}", "ckpt_path=auto", monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "the run finished its 1 epochs and holds its results.json")
+    def kept(sums):  # Hydra's own record and log of the refused command aside
+        return {k: v for k, v in sums.items() if not k.startswith(".hydra") and k != "train.log"}
+
+    assert kept(checksums(run_dir)) == kept(before)

@@ -322,7 +322,7 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
                       "leaves too little to train on: keep their sum below 0.9")
 
 
-def check_resume(ckpt_path: str, module, max_epochs: int | None = None) -> None:
+def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished: bool = False) -> None:
     """A checkpoint to resume from must be a tl checkpoint of the same architecture and classes as the run, with
     epochs left to train, checked before anything in the run directory is rewritten."""
     import torch
@@ -358,7 +358,12 @@ def check_resume(ckpt_path: str, module, max_epochs: int | None = None) -> None:
             raise TLError(f"ckpt_path={ckpt_path!r} was trained with {setting}={hp[key]!r} but this run has "
                           f"{ours.get(key)!r} (another scenario?): resume with the run's own settings (its "
                           "config.yaml), or start a new run in another hydra.run.dir")
-    epoch = ckpt.get("epoch")
+    epoch = ckpt.get("epoch")  # 0-based: a finished run's last.ckpt holds max_epochs - 1
+    if finished and max_epochs is not None and isinstance(epoch, int) and max_epochs <= epoch + 1:
+        # nothing left to train: testing again would only rewrite the finished run's figures and export
+        raise TLError(f"ckpt_path={ckpt_path!r}: the run finished its {epoch + 1} epochs and holds its results.json: "
+                      f"to train further set trainer.max_epochs above {epoch + 1}; to export again use python -m "
+                      "tl.export ckpt=RUN")
     if max_epochs is not None and isinstance(epoch, int) and epoch == max_epochs:
         return  # saved after the last epoch (a signal during test or the report): the resumed run tests and reports
     if max_epochs is not None and isinstance(epoch, int) and max_epochs < epoch + 1:

@@ -169,7 +169,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     # 3. model: architecture and new head, then the pretrained backbone weights; a checkpoint to resume must fit it
     module = build_module(cfg, datamodule)
     if ckpt_path is not None:
-        check_resume(ckpt_path, module, cfg.trainer.max_epochs)
+        check_resume(ckpt_path, module, cfg.trainer.max_epochs,
+                     finished=(run_dir / "results.json").is_file() and own_resume(cfg.ckpt_path, run_dir))
     pretrained = module.load_pretrained()
     head_init = None
     if cfg.finetune.head_init == "probe" and ckpt_path is None:  # LP-FT: start from the best linear probe
