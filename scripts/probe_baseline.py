@@ -76,6 +76,14 @@ def run(overrides: list[str], size: str, seed: int, image_size: str) -> dict:
             "test_acc": round(acc, 4), "C": float(fitted[-1].C_[0]), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _earlier_probe(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == {"overrides", "rows"}
+
+
 def main() -> None:
     argv = sys.argv[1:]
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -112,6 +120,9 @@ def main() -> None:
             ensure_writable(args.out.expanduser().absolute().parent, min_free_mb=1, setting="--out FILE.json")
             if args.out.is_dir():
                 raise TLError(f"--out {args.out} is a folder: give a .json file path")
+            if args.out.is_file() and not _earlier_probe(args.out):
+                raise TLError(f"--out {args.out} exists and is not an earlier output of this script (a run's "
+                              "results?): give a new .json file path")
     except TLError as e:
         sys.exit(f"probe_baseline.py: {e}")
     try:
@@ -119,8 +130,10 @@ def main() -> None:
     except TLError as e:
         sys.exit(f"probe_baseline.py: {e}")
     if args.out:
+        from tl.utils import atomic_write_text
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"overrides": overrides, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps({"overrides": overrides, "rows": rows}, indent=2) + "\n")
 
 
 def probe_all(args: argparse.Namespace, overrides: list[str]) -> list[dict]:

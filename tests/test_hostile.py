@@ -782,3 +782,60 @@ def test_resuming_a_finished_run_at_its_own_epochs_is_refused(victim, monkeypatc
         return {k: v for k, v in sums.items() if not k.startswith(".hydra") and k != "train.log"}
 
     assert kept(checksums(run_dir)) == kept(before)
+
+
+# -- hostile round 5 --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("module", "where", "says"), [
+    ("tl.train", "checkpoints", "is inside"),
+    ("tl.predict", "export", "is inside"),
+    ("tl.evaluate", "report", "is inside"),
+    ("tl.predict", "", "holds a training run: python -m tl.predict would replace its record"),
+])
+def test_a_run_folder_inside_or_onto_a_training_run_is_refused(module, where, says, victim, tmp_path, monkeypatch,
+                                                                capfd):
+    run_dir, before = victim
+    (run_dir / "report").mkdir(exist_ok=True)
+    before = checksums(run_dir)
+    extra = [f"ckpt={run_dir}", f"inputs={tmp_path}"] if module == "tl.predict" else \
+        [f"ckpt={run_dir}"] if module == "tl.evaluate" else ["scenario=large_similar"]
+    code, lines = entry(module, *extra, f"hydra.run.dir={run_dir / where if where else run_dir}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, says)
+    assert checksums(run_dir) == before
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda hp: hp.update(class_names=["a", "b"]), "class_names is not a list of"),
+    (lambda hp: hp.update(class_names=["x"] * hp["num_classes"]), "class_names repeats a name"),
+    (lambda hp: hp.update(name="resnet18"), "its hyperparameters do not fit its weights"),
+    (lambda hp: hp["preprocess"].update(input_size=[3, 5, 5]), "input_size [3, 5, 5]"),
+])
+def test_a_checkpoint_with_edited_hyperparameters_is_refused(edit, says, finished, tmp_path):
+    from tl.inference import load_module
+
+    ckpt = torch.load(finished[1]["best_ckpt"], map_location="cpu", weights_only=False)
+    edit(ckpt["hyper_parameters"])
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(TLError, match=re.escape(says)) as e:
+        load_module(tmp_path / "edited.ckpt")
+    assert "\n" not in str(e.value)
+
+
+def test_resuming_with_other_preprocessing_is_refused(victim, monkeypatch, capfd):
+    run_dir, before = victim
+    code, lines = entry("tl.train", *TINY, "trainer.max_epochs=3", "scenario=large_similar", "logger=none",
+                        "data.image_size=48", f"hydra.run.dir={run_dir}", "ckpt_path=last",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "was trained with other preprocessing (input_size")
+    assert checksums(run_dir)["results.json"] == before["results.json"]
+
+
+def test_probe_baseline_never_writes_over_a_runs_results(finished, tmp_path):
+    target = tmp_path / "results.json"
+    shutil.copy(finished[0] / "results.json", target)
+    before = target.read_bytes()
+    proc = subprocess.run([sys.executable, "scripts/probe_baseline.py", "--sizes", "10", "--seeds", "0", "--out",
+                           str(target), "--", "data=synthetic"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is not an earlier output of this script" in proc.stderr
+    assert target.read_bytes() == before

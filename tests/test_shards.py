@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -305,3 +306,21 @@ def test_resuming_on_other_shards_is_refused(synthetic_shards, tmp_path):
     dm.load_state_dict(state)  # the same shards: fine
     with pytest.raises(TLError, match="other shards"):
         dm.load_state_dict({"shards_fingerprint": "0" * 64})
+
+
+@pytest.mark.parametrize(("classes", "says"), [
+    (["class_0", "class_1"], "labels run outside its 2 classes"),
+    (["same"] * 4, "its classes repeat a name"),
+    (["class_0", "class_1", "class_2", "class_3", "extra"], "a class has no training record"),
+])
+def test_an_edited_manifest_is_refused_in_one_line(classes, says, synthetic_shards, tmp_path):
+    """Found by a hostile tester (round 5): classes cut from the manifest crashed training (IndexError), repeated
+    names trained to an unusable export, and an added class trained an 11-way head with exit 0."""
+    edited = tmp_path / "edited"
+    shutil.copytree(synthetic_shards, edited)
+    manifest = json.loads((edited / MANIFEST).read_text())
+    manifest["classes"] = classes
+    (edited / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TLError, match=re.escape(says)) as e:
+        ShardSource(str(edited)).load()
+    assert "\n" not in str(e.value)

@@ -358,6 +358,13 @@ def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished
             raise TLError(f"ckpt_path={ckpt_path!r} was trained with {setting}={hp[key]!r} but this run has "
                           f"{ours.get(key)!r} (another scenario?): resume with the run's own settings (its "
                           "config.yaml), or start a new run in another hydra.run.dir")
+    saved_pre, our_pre = hp.get("preprocess"), ours.get("preprocess")
+    if isinstance(saved_pre, dict) and isinstance(our_pre, dict) and saved_pre != dict(our_pre):
+        changed = sorted(k for k in set(saved_pre) | set(our_pre) if saved_pre.get(k) != our_pre.get(k))
+        raise TLError(f"ckpt_path={ckpt_path!r} was trained with other preprocessing ({', '.join(changed)}: "
+                      f"{[saved_pre.get(k) for k in changed]} now {[our_pre.get(k) for k in changed]}): the rest of "
+                      "the run would train on other inputs; resume with the run's own data settings (its "
+                      "config.yaml), or start a new run in another hydra.run.dir")
     epoch = ckpt.get("epoch")  # 0-based: a finished run's last.ckpt holds max_epochs - 1
     if finished and max_epochs is not None and isinstance(epoch, int) and max_epochs <= epoch + 1:
         # nothing left to train: testing again would only rewrite the finished run's figures and export

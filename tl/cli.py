@@ -297,6 +297,7 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
             _check_creatable(setting, Path(target).expanduser())
         if arg.startswith("hydra.run.dir="):
             target = Path(arg.split("=", 1)[1]).expanduser()
+            _check_not_inside_a_run(target, config_name)
             if config_name == "train" and target.is_dir() and not multirun \
                     and not _rank():  # the other processes of a DDP or SLURM job share rank 0's directory
                 from tl.rundir import check_free, own_resume
@@ -313,6 +314,31 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
             if done:  # Hydra would rewrite their records (multirun.yaml, JOB/.hydra) before a job is refused
                 _fail(f"hydra.sweep.dir={str(sweep)!r} holds the runs of an earlier sweep ({done[0].name}/, ...): "
                       "choose another hydra.sweep.dir, or replace them with overwrite=true")
+
+
+RUN_PARTS = ("checkpoints", "export", "report", "tensorboard", "csv", ".hydra")
+
+
+def _is_training_run(folder: Path) -> bool:
+    return (folder / "results.json").is_file() or (folder / "checkpoints").is_dir() or (
+        (folder / "config.yaml").is_file() and (folder / ".hydra").is_dir())
+
+
+def _check_not_inside_a_run(target: Path, config_name: str) -> None:
+    """A run folder inside another run's parts (RUN/checkpoints/, RUN/export/, ...) would plant a second run's
+    record where tools look for the first one's (and its exports would replace the first run's); predict,
+    evaluate, export and shard writing their record into a training run would replace that run's own (.hydra/)."""
+    try:
+        resolved = target.resolve(strict=False)
+    except (OSError, RuntimeError):
+        return
+    for folder in [resolved, *resolved.parents][:6]:
+        if folder.name in RUN_PARTS and _is_training_run(folder.parent):
+            _fail(f"hydra.run.dir={str(target)!r} is inside {str(folder)!r}, a part of the training run "
+                  f"{str(folder.parent)!r}: choose a folder outside it")
+    if config_name != "train" and resolved.is_dir() and _is_training_run(resolved):
+        _fail(f"hydra.run.dir={str(target)!r} holds a training run: python -m tl.{config_name} would replace its "
+              "record (.hydra/); leave hydra.run.dir at its default or choose a new folder")
 
 
 def launch(hydra_main, config_name: str) -> None:

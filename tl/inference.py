@@ -118,11 +118,22 @@ def load_module(path: Path):
             or not any(k.startswith("model.") for k in peek.get("state_dict", {})):
         raise TLError(f"ckpt={str(path)!r} is not a tl checkpoint (no TransferModule hyperparameters): {CKPT_HINT}")
     check_calibration(peek.get("calibration"), f"ckpt={str(path)!r}")
-    problem = preprocess_problem(hp.get("preprocess"))
-    if problem:
-        raise TLError(f"ckpt={str(path)!r} records preprocessing tl cannot apply ({problem}): {CKPT_HINT}")
+    problem = export_meta_problem({"format": "tl-export/ckpt", "name": hp.get("name"),
+                                   "num_classes": hp.get("num_classes"), "class_names": hp.get("class_names"),
+                                   "preprocess": hp.get("preprocess"), "drop_rate": hp.get("drop_rate") or 0.0,
+                                   "drop_path_rate": hp.get("drop_path_rate") or 0.0})
+    if problem:  # an edited checkpoint: refused before anything is built from it or written from it
+        raise TLError(f"ckpt={str(path)!r} records hyperparameters tl cannot use ({problem}): {CKPT_HINT}")
     del peek
-    return TransferModule.load_from_checkpoint(path, weights_only=True, map_location="cpu")
+    try:
+        return TransferModule.load_from_checkpoint(path, weights_only=True, map_location="cpu")
+    except TLError:
+        raise
+    except Exception as e:  # noqa: BLE001 - size mismatches (num_classes or name edited), unknown keys
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:200]
+        raise TLError(f"ckpt={str(path)!r}: its hyperparameters do not fit its weights ({first}): "
+                      f"{CKPT_HINT}") from None
 
 
 def _number(v) -> bool:

@@ -276,6 +276,16 @@ class ShardSource:
                 raise TLError(f"{_join(self.root, meta_name(split))!r} lists {len(metas[split]['labels'])} records, "
                               f"the manifest {expected}: the dataset is inconsistent; rerun python -m tl.shard")
         targets = np.concatenate([metas[s]["labels"] for s in SPLITS]).astype(np.int64)
+        classes = manifest.get("classes")
+        train_labels = np.asarray(metas["train"]["labels"], dtype=np.int64)
+        problem = ("its classes are not a list of names" if not isinstance(classes, list) or not classes else
+                   "its classes repeat a name" if len({str(c) for c in classes}) != len(classes) else
+                   f"labels run outside its {len(classes)} classes" if len(targets) and (
+                       targets.min() < 0 or targets.max() >= len(classes)) else
+                   "a class has no training record" if len(np.unique(train_labels)) != len(classes) else None)
+        if problem:  # an edited manifest.json: training would crash or fit a head to classes that are not there
+            raise TLError(f"shard dataset {self.root!r}: manifest.json does not match its records ({problem}): the "
+                          "dataset was edited or is damaged; rerun python -m tl.shard")
         sizes = {s: len(metas[s]["labels"]) for s in SPLITS}
         given, start = {}, 0
         for s in SPLITS:
@@ -288,5 +298,5 @@ class ShardSource:
         log.info("Shards %s: %d classes; train %d, val %d, test %d (written %s from %s)", self.root,
                  len(manifest["classes"]), sizes["train"], sizes["val"], sizes["test"], manifest.get("created"),
                  manifest.get("source", {}).get("name", "?"))
-        return ImageSet(classes=list(manifest["classes"]), targets=targets, store=store, given_splits=given,
+        return ImageSet(classes=[str(c) for c in classes], targets=targets, store=store, given_splits=given,
                         skipped_files=list(skipped.get("first", [])))
