@@ -18,6 +18,15 @@ def _on_sigint(signum, frame):
     signal.default_int_handler(signum, frame)
 
 
+def _on_sigterm_while_starting(signum, frame):
+    """SIGTERM before an entry point's own handler is in place: the same one line as Ctrl-C, status 143 (the default
+    action ended the process silently)."""
+    import os
+
+    print("tl: interrupted by SIGTERM while starting: nothing was written", file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGTERM)
+
+
 def _interrupted_while_starting(kind, value, tb) -> None:
     """Ctrl-C before an entry point's own handler is in place (while torch, timm and Lightning import): one line, not
     a traceback through the imports. Nothing has been written yet. Python still exits as interrupted (130)."""
@@ -34,3 +43,5 @@ if sys.argv[:1] == ["-m"] and sys.excepthook is sys.__excepthook__:  # python -m
     sys.excepthook = _interrupted_while_starting
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
         signal.signal(signal.SIGINT, _on_sigint)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm_while_starting)

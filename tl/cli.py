@@ -17,6 +17,7 @@ import difflib
 import errno
 import inspect
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -346,6 +347,12 @@ def launch(hydra_main, config_name: str) -> None:
     # Hydra's parser takes -m only before the overrides: move it there, where a user's `... -m` meant it
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    import tl
+
+    if signal.getsignal(signal.SIGTERM) is tl._on_sigterm_while_starting:
+        # imports done: from here the entry point's own handling (Lightning chains any handler it finds, and this
+        # one would end a training run before its interrupted.ckpt is saved)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     argv = sys.argv[1:]
     for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed with escapes
         with contextlib.suppress(AttributeError, ValueError):
