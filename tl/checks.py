@@ -322,7 +322,8 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
                       "leaves too little to train on: keep their sum below 0.9")
 
 
-def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished: bool = False) -> None:
+def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished: bool = False,
+                 planned: bool = False) -> None:
     """A checkpoint to resume from must be a tl checkpoint of the same architecture and classes as the run, with
     epochs left to train, checked before anything in the run directory is rewritten."""
     import torch
@@ -359,12 +360,23 @@ def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished
                           f"{ours.get(key)!r} (another scenario?): resume with the run's own settings (its "
                           "config.yaml), or start a new run in another hydra.run.dir")
     saved_pre, our_pre = hp.get("preprocess"), ours.get("preprocess")
-    if isinstance(saved_pre, dict) and isinstance(our_pre, dict) and saved_pre != dict(our_pre):
+    if isinstance(saved_pre, dict) and isinstance(our_pre, dict):  # tuples and lists alike
+        saved_pre, our_pre = ({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
+                              for d in (saved_pre, dict(our_pre)))
+    if isinstance(saved_pre, dict) and isinstance(our_pre, dict) and saved_pre != our_pre:
         changed = sorted(k for k in set(saved_pre) | set(our_pre) if saved_pre.get(k) != our_pre.get(k))
-        raise TLError(f"ckpt_path={ckpt_path!r} was trained with other preprocessing ({', '.join(changed)}: "
-                      f"{[saved_pre.get(k) for k in changed]} now {[our_pre.get(k) for k in changed]}): the rest of "
-                      "the run would train on other inputs; resume with the run's own data settings (its "
-                      "config.yaml), or start a new run in another hydra.run.dir")
+        if planned:  # scenario=auto planned again on resume (timings differ): a requeued job must not be refused
+            import logging
+
+            logging.getLogger("tl.train").warning(
+                "Resuming with other preprocessing than the checkpoint's (%s: %s now %s): scenario=auto planned "
+                "again; pin data.image_size / data.small_data_image_size to keep it", ", ".join(changed),
+                [saved_pre.get(k) for k in changed], [our_pre.get(k) for k in changed])
+        else:
+            raise TLError(f"ckpt_path={ckpt_path!r} was trained with other preprocessing ({', '.join(changed)}: "
+                          f"{[saved_pre.get(k) for k in changed]} now {[our_pre.get(k) for k in changed]}): the "
+                          "rest of the run would train on other inputs; resume with the run's own data settings "
+                          "(its config.yaml), or start a new run in another hydra.run.dir")
     epoch = ckpt.get("epoch")  # 0-based: a finished run's last.ckpt holds max_epochs - 1
     if finished and max_epochs is not None and isinstance(epoch, int) and max_epochs <= epoch + 1:
         # nothing left to train: testing again would only rewrite the finished run's figures and export

@@ -170,7 +170,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     module = build_module(cfg, datamodule)
     if ckpt_path is not None:
         check_resume(ckpt_path, module, cfg.trainer.max_epochs,
-                     finished=(run_dir / "results.json").is_file() and own_resume(cfg.ckpt_path, run_dir))
+                     finished=(run_dir / "results.json").is_file() and own_resume(cfg.ckpt_path, run_dir),
+                     planned=OmegaConf.select(cfg, "scenario.evidence.plan") is not None)
     pretrained = module.load_pretrained()
     head_init = None
     if cfg.finetune.head_init == "probe" and ckpt_path is None:  # LP-FT: start from the best linear probe
