@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -136,13 +135,10 @@ def load_module(path: Path):
                       f"{CKPT_HINT}") from None
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def preprocess_problem(pre) -> str | None:
     """What is wrong with a model's preprocessing record (model.json's `preprocess`, a checkpoint's hyperparameters),
     or None: every value tl.predict and tl.evaluate feed the transforms."""
+    from tl.checks import _number
     from tl.data.images import RESAMPLE
 
     if not isinstance(pre, dict):
@@ -171,6 +167,8 @@ def preprocess_problem(pre) -> str | None:
 
 def export_meta_problem(meta) -> str | None:
     """What is wrong with an export's model.json, or None (the ONNX path's `check_meta` checks its own part)."""
+    from tl.checks import _number
+
     if not isinstance(meta, dict):
         return "it is not a JSON object"
     if not str(meta.get("format", "")).startswith("tl-export/"):

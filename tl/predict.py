@@ -27,6 +27,7 @@ from tl.cli import launch
 from tl.data.images import IMAGE_EXTENSIONS, JUNK_NAMES
 from tl.errors import TLError
 from tl.utils import (
+    PREDICTIONS_HEADER,
     atomic_path,
     check_output_file,
     check_required,
@@ -67,7 +68,7 @@ def list_inputs(inputs: str | Path) -> list[Path]:
 
 
 def write_csv(path: Path, rows: list[dict], topk: int, abstain: bool = False) -> None:
-    columns = ["path", "label", "prob", "error"] + (["abstained"] if abstain else []) + [
+    columns = PREDICTIONS_HEADER.split(",") + (["abstained"] if abstain else []) + [
         f"{c}_{k}" for k in range(2, topk + 1) for c in ("label", "prob")]
     # UTF-8 whatever the locale; a file name that is not valid UTF-8 is written as its original bytes
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:

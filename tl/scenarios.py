@@ -37,7 +37,8 @@ from tl.models.backbone import classifier_names, create_backbone, load_pretraine
 from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
 
 log = logging.getLogger(__name__)
-BF16_MIXED = ("bf16-mixed", "bf16")  # training steps under bfloat16 autocast: the plan times the forward pass so
+# Precisions whose training steps run under bfloat16 autocast: the plan then times the forward pass that way too
+BF16_MIXED = ("bf16-mixed", "bf16")
 
 PRESETS = ("small_similar", "small_different", "large_similar", "large_different")
 

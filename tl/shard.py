@@ -77,14 +77,10 @@ def _inputs(images, indices: np.ndarray, root: Path | None) -> list[tuple]:
 def folder_listing(root: Path) -> str:
     """A hash of every file's path, size and mtime under `root` (a stat each, no reads). Linked folders are
     followed, each real folder once (a link loop ends there)."""
+    from tl.data.sources import walk_once
+
     h = hashlib.sha256()
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
+    for dirpath, dirnames, filenames in walk_once(root):
         dirnames.sort()
         for name in sorted(filenames):
             p = os.path.join(dirpath, name)

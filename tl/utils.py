@@ -216,6 +216,9 @@ def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path]
                       "the file first if it is yours to replace")
 
 
+PREDICTIONS_HEADER = "path,label,prob,error"  # tl.predict's first CSV columns: how an earlier output is known
+
+
 def check_sweep_output(output: Path, setting: str = "output") -> None:
     """Under -m, every job of the sweep must write its own `output`: one outside the job's folder would be written
     by each job in turn, and only the last job's would be left."""
@@ -247,7 +250,6 @@ def _earlier_output(path: Path, suffix: str) -> bool:
         "ckpt" in data and "test/acc" in data and "best_ckpt" not in data and "fit_seconds" not in data))
 
 
-PREDICTIONS_HEADER = "path,label,prob,error"
 
 
 @contextmanager

@@ -43,23 +43,27 @@ def _file_digests(paths: list[str], indices: np.ndarray, sizes: dict[int, int], 
     return out
 
 
-def _digests(images: ImageSet, train: np.ndarray, others: np.ndarray) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    """Content digests of the train examples and the others that could be duplicates of each other."""
-    if images.store is not None:  # shards: the digests of the stored bytes, taken at conversion
-        digests = images.store.digests
-        return ({int(i): bytes(digests[int(i)]) for i in train}, {int(i): bytes(digests[int(i)]) for i in others})
+def _digests(images: ImageSet, train: np.ndarray, others: np.ndarray) -> dict[int, bytes]:
+    """Content digests of the examples that could be copies of one another: a train example and a val or test one,
+    or two examples under different labels. Files are read only where their size occurs on both sides or under two
+    labels; in-memory images and shards (digests taken at conversion) have all."""
+    everything = np.concatenate([train, others])
+    if images.store is not None:
+        return {int(i): bytes(images.store.digests[int(i)]) for i in everything}
     if images.images is not None:
-        tensors = images.images
-        digest = {int(i): _digest(tensors[int(i)].numpy().tobytes()) for i in np.concatenate([train, others])}
-        return {int(i): digest[int(i)] for i in train}, {int(i): digest[int(i)] for i in others}
+        return {int(i): _digest(images.images[int(i)].numpy().tobytes()) for i in everything}
     sizes: dict[int, int] = {}
-    for i in np.concatenate([train, others]):
+    for i in everything:
         try:
             sizes[int(i)] = os.stat(images.paths[int(i)]).st_size
         except OSError:
             continue
     shared = {sizes[int(i)] for i in train if int(i) in sizes} & {sizes[int(i)] for i in others if int(i) in sizes}
-    return (_file_digests(images.paths, train, sizes, shared), _file_digests(images.paths, others, sizes, shared))
+    labels_of_size = defaultdict(set)
+    for i, size in sizes.items():
+        labels_of_size[size].add(int(images.targets[i]))
+    keep = shared | {size for size, labels in labels_of_size.items() if len(labels) > 1}
+    return _file_digests(images.paths, everything, sizes, keep)
 
 
 def _name(images: ImageSet, i: int) -> str:
@@ -90,13 +94,14 @@ def audit_splits(images: ImageSet, splits: dict[str, np.ndarray]) -> dict:
                         ", ".join(missing[:10]), split, split)
     train = splits["train"]
     others = np.concatenate([splits["val"], splits["test"]])
-    train_digests, other_digests = _digests(images, train, others)
+    digests = _digests(images, train, others)  # one pass: the copies across splits and across labels
     seen = defaultdict(list)
-    for i, d in train_digests.items():
-        seen[d].append(i)
+    for i in train:
+        if int(i) in digests:
+            seen[digests[int(i)]].append(int(i))
     for split in ("val", "test"):
-        dupes = [(int(i), seen[other_digests[int(i)]][0]) for i in splits[split]
-                 if int(i) in other_digests and other_digests[int(i)] in seen]
+        dupes = [(int(i), seen[digests[int(i)]][0]) for i in splits[split]
+                 if int(i) in digests and digests[int(i)] in seen]
         report[f"duplicates_train_{split}"] = len(dupes)
         if dupes:
             examples = ", ".join(f"{_name(images, a)} = {_name(images, b)}" for a, b in dupes[:3])
@@ -104,7 +109,7 @@ def audit_splits(images: ImageSet, splits: dict[str, np.ndarray]) -> dict:
             log.warning("%d of %d %s images are byte-identical to training images (e.g. %s): they inflate the %s "
                         "score; remove the copies from one side", len(dupes), len(splits[split]), split, examples,
                         split)
-    conflicts = _label_conflicts(images, np.concatenate([train, others]))
+    conflicts = _label_conflicts(images, digests)
     report["same_image_two_classes"] = len(conflicts)
     if conflicts:
         named = [[f"{_name(images, i)} ({classes[int(images.targets[i])]})" for i in group] for group in conflicts]
@@ -114,27 +119,10 @@ def audit_splits(images: ImageSet, splits: dict[str, np.ndarray]) -> dict:
     return report
 
 
-def _label_conflicts(images: ImageSet, indices: np.ndarray) -> list[list[int]]:
+def _label_conflicts(images: ImageSet, digests: dict[int, bytes]) -> list[list[int]]:
     """Groups of byte-identical examples with more than one label (a file copied into two class folders, a class
     folder linked to another)."""
-    targets = images.targets
-    if images.store is not None:
-        digest = {int(i): bytes(images.store.digests[int(i)]) for i in indices}
-    elif images.images is not None:
-        digest = {int(i): _digest(images.images[int(i)].numpy().tobytes()) for i in indices}
-    else:  # only files whose size occurs under two labels can be such copies: read those alone
-        sizes: dict[int, int] = {}
-        for i in indices:
-            try:
-                sizes[int(i)] = os.stat(images.paths[int(i)]).st_size
-            except OSError:
-                continue
-        labels_of_size = defaultdict(set)
-        for i, size in sizes.items():
-            labels_of_size[size].add(int(targets[i]))
-        keep = {size for size, labels in labels_of_size.items() if len(labels) > 1}
-        digest = _file_digests(images.paths, np.array(list(sizes)), sizes, keep)
     groups = defaultdict(list)
-    for i, d in digest.items():
+    for i, d in digests.items():
         groups[d].append(i)
-    return [sorted(g) for g in groups.values() if len({int(targets[i]) for i in g}) > 1]
+    return [sorted(g) for g in groups.values() if len({int(images.targets[i]) for i in g}) > 1]

@@ -144,17 +144,24 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """Every non-directory entry under `folder`, recursively and sorted, following links to folders (each real
-    folder once: a link loop ends), leaving out hidden entries and OS junk (.DS_Store, .ipynb_checkpoints/,
-    Thumbs.db, __MACOSX/)."""
-    out, seen = [], set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
+def walk_once(root):
+    """`os.walk(root)` following links to folders, each real folder once (a link loop ends there); the caller may
+    prune or order `dirs` in place, as with os.walk."""
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
+        yield top, dirs, files
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every non-directory entry under `folder`, recursively and sorted (`walk_once`), leaving out hidden entries and
+    OS junk (.DS_Store, .ipynb_checkpoints/, Thumbs.db, __MACOSX/)."""
+    out = []
+    for top, dirs, files in walk_once(folder):
         dirs[:] = sorted(d for d in dirs if not _ignored_name(d))
         out += [Path(top) / f for f in files if not _ignored_name(f)]
     return sorted(out)
