@@ -173,3 +173,23 @@ def test_truncated_large_files_are_still_found_at_the_scan(tmp_path):
     assert len(images.paths) == 12
     bad = ("cut.jpg", "cut.png", "flipped.png")
     assert sorted(images.skipped_files) == sorted(str(tmp_path / "b" / f) for f in bad)
+
+
+def test_slivers_are_cut_to_their_centre_and_look_the_same(tmp_path):
+    """A 1:333 scan line is cut to 1:32 before any resize (uncut, a 1x100000 px file would be blown up to 34 GB by
+    the evaluation resize); the model sees the same centre square."""
+    from tl.data.images import MAX_ASPECT, decode
+    from tl.data.transforms import backbone_preprocess, decode_side, eval_transform
+
+    rows = np.linspace(0, 255, 1000)[:, None] * np.ones((1, 3))
+    rows[480:520] = 255 - rows[480:520]  # a feature at the centre
+    path = _save(Image.fromarray(rows.astype(np.uint8)), tmp_path / "line.png")
+    pre = backbone_preprocess("efficientnet_lite0")
+    img, _ = decode(path, decode_side(pre))
+    assert img.size == (3, 3 * MAX_ASPECT)
+    with Image.open(path) as f:
+        uncut = f.convert("RGB")
+    tf = eval_transform(pre)
+    assert (tf(img) - tf(uncut)).abs().max() < 0.05
+    wide = _save(Image.fromarray(np.zeros((1, 200_000), np.uint8)), tmp_path / "wide.png")
+    assert decode(wide, decode_side(pre))[0].size == (MAX_ASPECT, 1)

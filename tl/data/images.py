@@ -8,6 +8,12 @@
 - Transparent pixels (`RGBA`, `LA`, `PA`, palette transparency) keep whatever colour they store, often black. Here
   they are composited over white, as a viewer shows them.
 Everything else (`1`, `L`, `P`, `CMYK`, `YCbCr`, `RGB`) goes through PIL's own conversion.
+- A sliver (one side more than `MAX_ASPECT` times the other: a 2x20000 px scan line) is cut to its centre
+  `MAX_ASPECT` times as long as wide. Uncut, the evaluation resize (shorter side to 256 px) would blow a 2x20000 px
+  file up to 256x2,560,000 px (12 s and 3.4 GB for one image; a 1x100000 px file needs 34 GB). The cut keeps what a
+  model sees (to within half a source pixel of centring): evaluation keeps the centre square, and training's random
+  resized crop falls back to a centre crop on anything longer than 1:17 (timm's default least scale 0.08, ratio 3/4;
+  1:32 for any least scale down to 0.042).
 
 `decode(path, min_side)` also bounds the cost of large files (a 3000x2000 px photo took half a second to decode and
 augment for a 224 px model on the 2-core CPU, every epoch). `min_side` is what the transform needs to lose no detail
@@ -37,6 +43,7 @@ IMAGE_EXTENSIONS = tuple(e for e in _COMMON if e in Image.registered_extensions(
 # Files and folders that operating systems and tools leave in image folders: never data, never reported.
 JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx"})
 HIGH_BIT_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+MAX_ASPECT = 32  # a longer side beyond this many times the shorter one is cut (see the module docstring)
 
 
 # EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose applies it)
@@ -58,9 +65,23 @@ def upright(img: Image.Image) -> Image.Image:
         return img.transpose(method) if method is not None else img
 
 
+def clip_aspect(img: Image.Image, limit: int = MAX_ASPECT) -> Image.Image:
+    """`img`, or its centre `limit` times as long as its shorter side where the longer side is longer than that."""
+    width, height = img.size
+    short = max(1, min(width, height))
+    if max(width, height) <= limit * short:
+        return img
+    keep = limit * short
+    if width > height:
+        left = (width - keep) // 2
+        return img.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return img.crop((0, top, width, top + keep))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """An 8-bit RGB copy of `img` as it should look (see the module docstring)."""
-    img = upright(img)
+    img = clip_aspect(upright(img))
     if img.mode in HIGH_BIT_DEPTH:
         values = np.asarray(img, dtype=np.float64)
         if values.ndim == 3:  # some PIL versions decode I;16 variants with a trailing channel
