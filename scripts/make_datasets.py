@@ -64,6 +64,7 @@ import functools
 import hashlib
 import os
 import shutil
+import signal
 import site
 import sys
 import sysconfig
@@ -445,6 +446,16 @@ def build(name: str, out: str | Path, per_class: int | None = None, seed: int = 
     per_class = default if per_class is None else int(per_class)
     split_counts(per_class)  # fail before writing anything
     final = Path(out).expanduser() / name
+    # left by a build killed outright (kill -9, power loss): its half-written copy goes; an earlier build it had
+    # moved aside to put its own in place comes back
+    for stale in sorted(final.parent.glob(f".{name}.*-*")):
+        kind, _, pid = stale.name[len(name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not (final.exists() or final.is_symlink()):
+            stale.rename(final)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
     if final.exists() or final.is_symlink():
         check_replaceable(final)
     try:
@@ -463,14 +474,34 @@ def build(name: str, out: str | Path, per_class: int | None = None, seed: int = 
             writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
             writer.writeheader()
             writer.writerows(built.records)
-        if final.exists():
-            shutil.rmtree(final)
+        old = final.parent / f".{name}.old-{os.getpid()}"
+        if final.exists():  # two renames: the earlier build is whole until the new one is in place
+            final.rename(old)
         partial.rename(final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     built.root = final
     built.seconds = time.perf_counter() - start
     return built
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+_EXIT = {"code": 130}  # Ctrl-C's exit status, 143 after SIGTERM
+
+
+def _terminated(signum, frame):  # SIGTERM (kill, a scheduler's time limit): unwind like Ctrl-C, so `build` cleans up
+    _EXIT["code"] = 128 + signum
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -499,9 +530,14 @@ def main(argv: list[str] | None = None) -> None:
     for d in args.font_dir:
         if not Path(d).expanduser().is_dir():
             parser.error(f"--font-dir {d}: not a folder (a folder of .ttf/.otf fonts)")
+    signal.signal(signal.SIGTERM, _terminated)
     for name in args.datasets:
         try:
             built = build(name, args.out, args.per_class, args.seed, font_dirs=tuple(args.font_dir))
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{name}: interrupted: nothing of it was written (an earlier build of it, and the "
+                             "datasets finished before it, are kept)\n")
+            sys.exit(_EXIT["code"])
         except (ValueError, RuntimeError, FileExistsError) as e:
             sys.exit(f"{name}: {e}")
         except OSError as e:
