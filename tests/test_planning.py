@@ -80,17 +80,51 @@ def test_small_data_fine_tunes_whatever_the_domain(feat, pixel, finetune, expect
     assert decide(500, feat, pixel, 100, 0.1, small_finetune=finetune).startswith("large")
 
 
-def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
+@pytest.mark.parametrize(("per_class", "feat", "samples", "expected"), [
+    (60, 0.99, 600, "small_similar"),     # the probe is all but perfect on many images: nothing left to fine-tune
+    (60, 0.97, 600, "small_different"),   # errors left for fine-tuning to remove
+    (10, 1.00, 100, "small_different"),   # perfect on 100 images is luck as often as not: fine-tune
+    (500, 0.99, 2000, "large_similar"),   # large data follows the textbook's quadrants
+])
+def test_a_probe_with_nothing_left_to_win_is_trained_as_a_probe(per_class, feat, samples, expected):
+    assert decide(per_class, feat, 0.5, 100, 0.1, small_finetune=True, probe_samples=samples,
+                  probe_enough_acc=0.98, probe_enough_samples=200) == expected
+    assert decide(per_class, feat, 0.5, 100, 0.1, small_finetune=True, probe_samples=samples,
+                  probe_enough_acc=None) != "small_similar"  # null: small data always fine-tunes
+
+
+def _small_folder(root, n=10):
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for k, c in enumerate("abc"):  # a folder of 32 px images, no image size in its data config
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(10):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
             pixels = (rng.random((32, 32, 3)) * 80 + 80 * k).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
-    common = ["data=imagefolder", f"data.root={tmp_path / 'data'}", "data.samples_per_class=4", "export=false",
-              "logger=none"]
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+def test_auto_trains_a_probe_that_is_enough_at_the_side_it_measured(auto_cfg, tmp_path):
+    common = ["data=imagefolder", f"data.root={_small_folder(tmp_path / 'data')}", "data.samples_per_class=4",
+              "export=false", "logger=none"]
+    assert auto_cfg(*common).scenario.name == "small_different"  # 12 images: too few to trust a perfect probe
+    cfg = auto_cfg(*common, "scenario.probe_enough_samples=12")
+    ev = cfg.scenario.evidence
+    assert ev.feature_probe_acc >= 0.98 and cfg.scenario.name == "small_similar"
+    assert "probe_enough_acc" in ev.reason and ev.thresholds.probe_enough_samples == 12
+    side = ev.input_side
+    assert cfg.data.image_size is None and ev.plan.side == side and "the side the probe was measured at" in ev.plan.reason
+    # the cost is one pass over the images (the features are cached), not the epochs' training steps
+    per_image = ev.forward_ms_per_image / 1000
+    assert ev.plan.estimated_s < 60 + 10 * per_image * (ev.n_train + ev.n_val + ev.n_test)
+    results, _ = train(cfg)
+    assert results["strategy"] == "linear_probe" and results["test/acc"] > 0.9
+
+
+def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
+    common = ["data=imagefolder", f"data.root={_small_folder(tmp_path / 'data')}", "data.samples_per_class=4",
+              "export=false", "logger=none"]
     free = auto_cfg(*common)
     plan = free.scenario.evidence.plan
     assert free.scenario.name == "small_different" and free.data.image_size == plan.side == 128  # 32 px images

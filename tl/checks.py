@@ -101,6 +101,9 @@ AUTO_RULES: list[Rule] = [
     ("scenario.probe_max_samples", lambda v: _integer(v) and v >= 2, "an integer >= 2"),
     ("scenario.pixel_size", lambda v: _integer(v) and 1 <= v <= 256, "an integer side from 1 to 256, e.g. 16"),
     ("scenario.small_finetune", lambda v: isinstance(v, bool), "true or false"),
+    ("scenario.probe_enough_acc", _optional(lambda v: _number(v) and 0 < v <= 1),
+     "null (always fine-tune small data) or a probe accuracy in (0, 1], e.g. 0.98"),
+    ("scenario.probe_enough_samples", lambda v: _integer(v) and v >= 2, "an integer >= 2 (training images probed)"),
     ("scenario.budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
     ("scenario.small_budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
 ]

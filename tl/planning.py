@@ -85,15 +85,18 @@ def forward_seconds(model: torch.nn.Module, side: int, batch: int = 16, repeats:
 
 def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_train: int, n_val: int, n_test: int,
                epochs: int, side: int, backbone_side: int, can_shrink: bool, epochs_fixed: bool = False,
-               train_per_image_s: float | None = None) -> dict:
+               train_per_image_s: float | None = None, features_cached: bool = False) -> dict:
     """The schedule (epochs, validation interval, side) that fits `budget_s`, with its estimated cost.
     `per_image_s`: a forward pass as validation and test run it (float32); `train_per_image_s`: as training steps
     run it (bfloat16 under trainer.precision=bf16-mixed; default: the same). `can_shrink`: the side is the plan's to
-    choose; `epochs_fixed`: the epochs are the user's."""
+    choose; `epochs_fixed`: the epochs are the user's; `features_cached`: a linear probe on cached features (every
+    image goes through the backbone once; the epochs train the head alone, next to free)."""
     train_s = per_image_s if train_per_image_s is None else train_per_image_s
 
     def cost(e: int, every: int, s: int) -> float:
         scale = (s / backbone_side) ** 2
+        if features_cached:
+            return FINISH_S + scale * per_image_s * (n_train + n_val + 3 * n_test)
         return FINISH_S + scale * (train_s * e * TRAIN_FORWARDS * n_train
                                    + per_image_s * (math.ceil(e / every) * n_val + n_val + 2 * n_test))
 

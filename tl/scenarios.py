@@ -54,15 +54,24 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) 
 
 
 def decide(examples_per_class: float, feature_acc: float, pixel_acc: float, small_max_per_class: int,
-           similar_min_gain: float, small_finetune: bool = False) -> str:
+           similar_min_gain: float, small_finetune: bool = False, probe_samples: int = 0,
+           probe_enough_acc: float | None = None, probe_enough_samples: int = 200) -> str:
     """The preset for the measured data (see the module docstring). `small_finetune`: small data fine-tunes the top
     stages with strong augmentation (small_different) whatever the domain, instead of the textbook's linear probe
-    for similar data."""
+    for similar data, unless the frozen features already classify the training split almost perfectly
+    (`probe_enough_acc`, measured on at least `probe_enough_samples` images): then the linear probe has no errors
+    left for fine-tuning to remove, at a fraction of its time."""
     size = "small" if examples_per_class <= small_max_per_class else "large"
     domain = "similar" if feature_acc - pixel_acc >= similar_min_gain else "different"
     if size == "small" and small_finetune:
-        return "small_different"
+        return "small_similar" if probe_enough(feature_acc, probe_samples, probe_enough_acc,
+                                               probe_enough_samples) else "small_different"
     return f"{size}_{domain}"
+
+
+def probe_enough(feature_acc: float, probe_samples: int, enough_acc: float | None, enough_samples: int) -> bool:
+    """Does the frozen-feature probe leave fine-tuning nothing to win (see `decide`)?"""
+    return enough_acc is not None and probe_samples >= enough_samples and feature_acc >= enough_acc
 
 
 def _probe_indices(datamodule, max_samples: int, seed: int) -> np.ndarray:
@@ -133,8 +142,12 @@ def advise(cfg: DictConfig) -> tuple[str, dict]:
     datamodule.setup("fit")
     m = measure(cfg, datamodule)
     small_finetune = bool(s.get("small_finetune", False))
+    enough_acc = s.get("probe_enough_acc")
+    enough_acc = None if enough_acc is None else float(enough_acc)
+    enough_samples = int(s.get("probe_enough_samples", 200))
     chosen = decide(m["examples_per_class"], m["feature_probe_acc"], m["pixel_probe_acc"],
-                    int(s.small_max_per_class), float(s.similar_min_gain), small_finetune)
+                    int(s.small_max_per_class), float(s.similar_min_gain), small_finetune, m["probe_samples"],
+                    enough_acc, enough_samples)
     gain = m["feature_probe_acc"] - m["pixel_probe_acc"]
     domain = "similar" if gain >= float(s.similar_min_gain) else "different"
     size = chosen.split("_")[0]
@@ -142,15 +155,22 @@ def advise(cfg: DictConfig) -> tuple[str, dict]:
               f"{int(s.small_max_per_class)} -> {size}; frozen features {m['feature_probe_acc']:.3f} vs pixels "
               f"{m['pixel_probe_acc']:.3f} (gain {gain:+.3f} {'>=' if domain == 'similar' else '<'} "
               f"{float(s.similar_min_gain)}) -> {domain}")
-    if size == "small" and small_finetune and domain == "similar":
-        reason += ("; small data fine-tunes the top stages with strong augmentation even when similar "
-                   "(scenario.small_finetune: it beat the linear probe on every dataset measured at 10 per class)")
+    if chosen == "small_similar" and small_finetune:
+        reason += (f"; the frozen features' probe already scores {m['feature_probe_acc']:.3f} >= "
+                   f"{enough_acc:g} on {m['probe_samples']} training images (scenario.probe_enough_acc, "
+                   f"probe_enough_samples {enough_samples}): a linear probe at {m['input_side']} px, the side "
+                   "measured, leaves fine-tuning next to nothing to win")
+    elif size == "small" and small_finetune:
+        reason += ("; small data fine-tunes the top stages with strong augmentation "
+                   + ("even when similar " if domain == "similar" else "")
+                   + "(scenario.small_finetune: it beat the linear probe on every dataset measured at 10 per class)")
     evidence = {
         **m,
         "feature_gain": round(gain, 4),
         "domain": domain,
         "thresholds": {"small_max_per_class": int(s.small_max_per_class),
-                       "similar_min_gain": float(s.similar_min_gain), "small_finetune": small_finetune},
+                       "similar_min_gain": float(s.similar_min_gain), "small_finetune": small_finetune,
+                       "probe_enough_acc": enough_acc, "probe_enough_samples": enough_samples},
         "decision": chosen,
         "reason": reason,
     }
@@ -161,12 +181,18 @@ def advise(cfg: DictConfig) -> tuple[str, dict]:
 def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spent_s: float) -> tuple[list[str], dict]:
     """Resolution and schedule for the chosen preset (`tl.planning`): (overrides for what the command line left
     open, the plan with its reasons)."""
+    from tl.train import feature_cache_applies  # tl.train imports this module
+
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     small = final.scenario.name.startswith("small")
     backbone_side = int(m["input_side"])
     # the side is auto's to choose only where neither the command line nor the dataset's config chose one
     choose_side = small and "data.image_size" not in given and cfg.data.get("image_size") is None \
         and cfg.data.get("small_data_image_size") is None
+    # a linear probe chosen because the probe measured at the backbone's side was enough trains at that side
+    probe_side = choose_side and final.scenario.name == "small_similar" and bool(
+        cfg.scenario.get("small_finetune", False))
+    choose_side = choose_side and not probe_side
     side = small_side(int(m["native_side"]), backbone_side) if choose_side else \
         int(final.data.get("image_size") or backbone_side)
     budget = cfg.scenario.get("budget_minutes")
@@ -183,7 +209,8 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
                           int(final.trainer.max_epochs), side, backbone_side, can_shrink=choose_side,
                           epochs_fixed=fixed_epochs,  # the user's epochs stand
                           train_per_image_s=float(m.get("forward_ms_per_image_bf16", m["forward_ms_per_image"]))
-                          / 1000 if str(final.trainer.get("precision")) in BF16_MIXED else None)
+                          / 1000 if str(final.trainer.get("precision")) in BF16_MIXED else None,
+                          features_cached=feature_cache_applies(final))
     out: list[str] = []
     if choose_side:
         out.append(f"data.small_data_image_size={schedule['side']}")
@@ -191,7 +218,7 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
         out.append(f"trainer.max_epochs={schedule['epochs']}")
     if schedule["val_every"] != 1 and "trainer.check_val_every_n_epoch" not in given:
         out.append(f"trainer.check_val_every_n_epoch={schedule['val_every']}")
-    side_why = ""
+    side_why = " (the side the probe was measured at)" if probe_side else ""
     if choose_side:
         side_why = f" (images {m['native_side']} px: 4x native, within {MIN_SIDE}..{backbone_side}" + (
             ")" if schedule["side"] == side else f", is {side} px; smaller to fit the budget)")
