@@ -607,7 +607,7 @@ def test_outputs_of_the_wrong_kind_are_named(finished, tmp_path, monkeypatch, ca
         ("tl.predict", [f"ckpt={run_dir / 'export'}", f"inputs={tmp_path}", f"output={tmp_path}"],
          "is a folder: give a file"),
         ("tl.export", [f"ckpt={results['best_ckpt']}", f"output={run_dir / 'results.json'}"],
-         "is a file: give a folder"),
+         "exists and is not a folder: give a folder"),
         ("tl.export", [f"ckpt={run_dir / 'export'}"], "is an export already: export from the training run"),
     ]
     for module, argv, culprit in cases:
@@ -841,3 +841,103 @@ def test_probe_baseline_never_writes_over_a_runs_results(finished, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "is not an earlier output of this script" in proc.stderr
     assert target.read_bytes() == before
+
+
+# -- hostile round 6 ------------------------------------------------------------------------------------------------
+def test_evaluate_and_predict_outputs_never_replace_devices_pipes_or_links(finished, tmp_path, monkeypatch, capfd):
+    """`tl.evaluate output=/dev/full` replaced the system's device with a JSON file (exit 0); a pipe and a link
+    were replaced too. Now a device or a pipe is refused and a link is written through (the link stays)."""
+    from tl.utils import output_target
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    with pytest.raises(TLError, match="exists and is not a regular file"):
+        output_target(fifo, "output", ".json")
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    link.symlink_to(target)
+    assert output_target(link, "output", ".json") == target.resolve()
+    run_dir, results = finished
+    code, lines = entry("tl.evaluate", f"ckpt={results['best_ckpt']}", f"output={fifo}",
+                        f"hydra.run.dir={tmp_path / 'out'}", monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "exists and is not a regular file")
+    assert fifo.is_fifo()
+    code, lines = entry("tl.evaluate", f"ckpt={results['best_ckpt']}", f"output={link}",
+                        f"hydra.run.dir={tmp_path / 'out2'}", monkeypatch=monkeypatch, capfd=capfd)
+    assert code in (0, None) and link.is_symlink() and json.loads(target.read_text())["tool"] == "tl.evaluate"
+
+
+def test_predict_lists_that_are_binary_or_name_urls_are_refused(tmp_path):
+    from tl.predict import list_inputs
+
+    binary = tmp_path / "list.txt"
+    binary.write_bytes(b"a.png\n\x00\x01\x02garbage\n")
+    with pytest.raises(TLError, match="NUL bytes"):
+        list_inputs(binary)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("# mine\na.png\n\nhttps://example.com/x.png\n")
+    with pytest.raises(TLError, match=r"line 4 is a URL \(https://example.com/x.png\): tl.predict reads local"):
+        list_inputs(urls)
+    with pytest.raises(TLError, match="is not a regular file or a folder"):
+        list_inputs("/dev/zero")
+
+
+def test_predict_fails_when_no_input_could_be_read(finished, tmp_path, monkeypatch, capfd):
+    run_dir, results = finished
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    out = tmp_path / "p.csv"
+    code, lines = entry("tl.predict", f"ckpt={run_dir}", f"inputs={bad}", f"output={out}",
+                        f"hydra.run.dir={tmp_path / 'out'}", monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "no input could be read (1 of 1")
+    assert "a.png" in out.read_text()  # the errors are kept in the CSV
+
+
+def test_folder_links_back_into_the_data_are_refused(tmp_path):
+    """A link inside a class folder to data.root (or above it, or into another class) made every other class's
+    images count again under that class (exit 0); a link to /tmp named dir.png walked all of /tmp."""
+    from tl.data.sources import ImageFolderSource
+
+    for target, says in (("..", "data.root or above"), ("../../..", "data.root or above"),
+                         ("../b", "inside data.root")):
+        root = image_folder(tmp_path / f"d{len(target)}{target[-1]}", per_class=3)
+        (root / "a" / "up.png").symlink_to(target)
+        with pytest.raises(TLError, match=f"links to .*{says}.*remove the link"):
+            ImageFolderSource(root).load()
+    root = image_folder(tmp_path / "inner", per_class=3)
+    (root / "a" / "sub").mkdir()
+    (root / "a" / "again").symlink_to("sub")  # within the class folder: read once, fine
+    assert len(ImageFolderSource(root).load().paths) == 9
+
+
+def test_a_run_dir_that_is_empty_or_holds_runs_and_a_read_only_default_are_refused(finished, tmp_path, monkeypatch,
+                                                                                     capsys):
+    from tl import cli
+
+    with pytest.raises(SystemExit):
+        cli.check_run_dir(["hydra.run.dir="], "train")
+    assert "hydra.run.dir is empty" in capsys.readouterr().err
+    holder = tmp_path / "runs"
+    shutil.copytree(finished[0], holder / "one")
+    with pytest.raises(SystemExit):
+        cli.check_run_dir([f"hydra.run.dir={holder}"], "train")
+    assert "holds other runs (one/)" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_read_only", lambda folder: True)
+    with pytest.raises(SystemExit):
+        cli.check_run_dir(["data=digits"], "predict")
+    assert "the default run folder logs/ cannot be made" in capsys.readouterr().err
+    cli.check_run_dir(["--help"], "train")  # help writes nothing
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "-1", "1.5"])
+def test_zero_batches_are_refused(value, tiny_cfg):
+    from tl.checks import validate
+
+    cfg = tiny_cfg()
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.trainer.limit_train_batches = float(value) if "." in value else int(value)
+    with pytest.raises(TLError, match="trainer.limit_train_batches=.* is invalid"):
+        validate(cfg)

@@ -291,14 +291,24 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
     values = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a)
     multirun = bool({"-m", "--multirun"} & set(argv))
     overwrite = values.get("overwrite", "false").lower() == "true"
+    given = [a.lstrip("+").split("=", 1)[0] for a in argv if a.lstrip("+").startswith(("hydra.sweep.dir=",
+                                                                                         "hydra.run.dir="))]
+    asks_help = bool({"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"} & set(argv))
+    if ("hydra.sweep.dir" if multirun else "hydra.run.dir") not in given and not asks_help:  # default: logs/ here
+        _check_default_logs()
     for raw in argv:
         arg = raw.lstrip("+")  # +hydra.run.dir= and ++hydra.run.dir= set it too
         if arg.startswith(("hydra.sweep.dir=", "hydra.run.dir=")):
             setting, target = arg.split("=", 1)
+            if not target.strip().strip("'\""):
+                _fail(f"{setting} is empty (an unset variable in a script?): give a folder, or leave it out for "
+                      "logs/ under the current folder")
             _check_creatable(setting, Path(target).expanduser())
         if arg.startswith("hydra.run.dir="):
             target = Path(arg.split("=", 1)[1]).expanduser()
             _check_not_inside_a_run(target, config_name)
+            if config_name == "train" and target.is_dir() and not multirun and not _rank():
+                _check_not_holding_runs(target)
             if config_name == "train" and target.is_dir() and not multirun \
                     and not _rank():  # the other processes of a DDP or SLURM job share rank 0's directory
                 from tl.rundir import check_free, own_resume
@@ -318,6 +328,37 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
 
 
 RUN_PARTS = ("checkpoints", "export", "report", "tensorboard", "csv", ".hydra")
+
+
+def _check_default_logs() -> None:
+    """The default run folder is logs/... under the current folder: where that cannot be made (a read-only folder),
+    say so in one line, not in Hydra's traceback."""
+    logs = Path("logs")
+    parent = logs if logs.exists() else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or _read_only(parent):
+        _fail(f"the default run folder logs/ cannot be made in {str(Path.cwd())!r} (not a writable folder): run from "
+              "a writable folder, or give hydra.run.dir=DIR (hydra.sweep.dir=DIR with -m)")
+
+
+def _read_only(folder: Path) -> bool:
+    """Is `folder` on a read-only filesystem (which os.access does not see for root)?"""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _check_not_holding_runs(target: Path) -> None:
+    """A training run's folder must not be one that holds other runs (logs/train/runs/, a sweep's folder): its
+    files would be mixed with theirs."""
+    if _is_training_run(target):
+        return  # a run's own folder: check_free decides (resume, overwrite)
+    with contextlib.suppress(OSError):
+        runs = sorted(d.name for d in target.iterdir() if d.is_dir() and _is_training_run(d))
+        if runs:
+            _fail(f"hydra.run.dir={str(target)!r} holds other runs ({runs[0]}/{', ...' if len(runs) > 1 else ''}): "
+                  "this run's files would be mixed with theirs; choose a new folder, e.g. "
+                  f"hydra.run.dir={target / 'NAME'}")
 
 
 def _is_training_run(folder: Path) -> bool:

@@ -38,6 +38,7 @@ from tl.utils import (
     check_required,
     check_sweep_output,
     ensure_writable,
+    output_target,
     print_results,
     terminate_as_exception,
     user_errors,
@@ -119,6 +120,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     output = Path(cfg.output) if cfg.get("output") else (run_dir or Path(cfg.paths.output_dir)) / "evaluation.json"
     if output.is_dir():
         raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'evaluation.json'}")
+    output = output_target(output, "output", ".json")  # a link's target; no device, pipe or folder
     keep = [run_dir / name for name in ("results.json", "config.yaml")] if run_dir is not None else []
     check_sweep_output(output)
     check_output_file(output, "output", ".json", reads=[*paths, *keep],

@@ -238,8 +238,8 @@ def export(cfg: DictConfig) -> Path:
 
     check_required(cfg)
     check_rules(cfg, EXPORT_RULES)
-    if cfg.get("output") and Path(cfg.output).expanduser().is_file():
-        raise TLError(f"output={cfg.output!r} is a file: give a folder for the model files")
+    if cfg.get("output") and Path(cfg.output).expanduser().exists() and not Path(cfg.output).expanduser().is_dir():
+        raise TLError(f"output={cfg.output!r} exists and is not a folder: give a folder for the model files")
     if cfg.format not in FORMATS:
         raise TLError(f"format={cfg.format!r} is not a choice: use {', '.join(FORMATS)}")
     paths = resolve_members(cfg.ckpt, (cfg.get("ensemble") or {}).get("last"))

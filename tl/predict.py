@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,11 +34,15 @@ from tl.utils import (
     check_required,
     check_sweep_output,
     ensure_writable,
+    output_target,
     terminate_as_exception,
     user_errors,
 )
 
 log = logging.getLogger("tl.predict")
+
+
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # http://, s3://, gs://, file://: not a local path
 
 
 def list_inputs(inputs: str | Path) -> list[Path]:
@@ -57,13 +62,25 @@ def list_inputs(inputs: str | Path) -> list[Path]:
         return files
     if root.is_file() and root.suffix.lower() == ".txt":
         # a file name that is not valid UTF-8 keeps its bytes (and is reported on its row if it cannot be read)
-        lines = [line.strip() for line in root.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
-        files = [root.parent / line for line in lines if line and not line.startswith("#")]  # absolute ones stay
+        text = root.read_text(encoding="utf-8", errors="surrogateescape")
+        if "\x00" in text:
+            raise TLError(f"inputs={str(inputs)!r} is not a text list of paths (it holds NUL bytes: a binary file "
+                          "named .txt?): write one image path per line")
+        lines = [line.strip() for line in text.splitlines()]
+        listed = [(n, line) for n, line in enumerate(lines, 1) if line and not line.startswith("#")]
+        for n, line in listed:
+            if URL.match(line):
+                raise TLError(f"inputs={str(inputs)!r} line {n} is a URL ({line[:80]}): tl.predict reads local "
+                              "files; download the images and list their paths")
+        files = [root.parent / line for _, line in listed]  # absolute ones stay
         if not files:
             raise TLError(f"inputs={str(inputs)!r} lists no files: write one image path per line")
         return files
     if root.is_file():
         return [root]
+    if root.exists():
+        raise TLError(f"inputs={str(inputs)!r} is not a regular file or a folder (a device, a pipe, ...): give an "
+                      "image file, a folder of images or a .txt list of files")
     raise TLError(f"inputs={str(inputs)!r} not found: give an image file, a folder of images or a .txt list of files")
 
 
@@ -113,18 +130,10 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     """Predict every input file as `cfg` says; write the CSV and return (rows, summary)."""
     check_required(cfg)
     check_rules(cfg, PREDICT_RULES)
-    output = Path(cfg.output).expanduser()
-    if output.is_dir():
-        raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'predictions.csv'}")
-    if output.is_symlink():  # write where the link points, keeping the link
-        try:
-            output = output.resolve(strict=False)
-        except (RuntimeError, OSError) as e:  # a link loop
-            raise TLError(f"output={cfg.output!r} is a symbolic link that does not resolve ({e}): give a .csv file "
-                          "path") from None
-    if output.exists() and not output.is_file():
-        raise TLError(f"output={cfg.output!r} exists and is not a regular file (a device, a pipe, ...): give a .csv "
-                      "file path")
+    if Path(cfg.output).expanduser().is_dir():
+        raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. "
+                      f"output={Path(cfg.output) / 'predictions.csv'}")
+    output = output_target(Path(cfg.output), "output", ".csv")  # a link's target; no device, pipe or folder
     predictor = load_predictor(cfg.ckpt, cfg.get("device", "auto"), cfg.get("optimize", True))
     paths = list_inputs(cfg.inputs)
     ckpt = Path(str(cfg.ckpt)).expanduser()
@@ -161,6 +170,9 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
           f"({seconds:.2f}s, {predictor.backend}, {workers} decoding workers, {threads} model threads) -> {output}")
     for row in [r for r in rows if r["error"]][:5]:
         print(f"  error: {row['path']}: {row['error']}")
+    if rows and n_errors == len(rows):
+        raise TLError(f"no input could be read ({n_errors} of {n_errors}; the errors are in {output}): check the "
+                      "inputs")
     return rows, summary
 
 

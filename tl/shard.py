@@ -112,7 +112,7 @@ def inspect_output(out: Path) -> tuple[str, dict | None]:
     if not out.exists():
         return "absent", None
     if not out.is_dir():
-        raise TLError(f"output={str(out)!r} is a file: give a folder for the shard dataset")
+        raise TLError(f"output={str(out)!r} exists and is not a folder: give a folder for the shard dataset")
     entries = [p for p in out.iterdir() if p.name != LOCK]
     if not entries:
         return "empty", None

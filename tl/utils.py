@@ -189,6 +189,25 @@ def ensure_writable(path: Path, min_free_mb: int = 200, setting: str = "hydra.ru
     return path
 
 
+def output_target(output: Path, setting: str, suffix: str) -> Path:
+    """Where writing the file `output` (`setting=...`) goes: a symbolic link's target (the link is kept, not
+    replaced by the file); a folder, a device or a pipe is refused (the atomic write would replace it)."""
+    output = Path(output).expanduser()
+    if output.is_dir():
+        raise TLError(f"{setting}={str(output)!r} is a folder: give a file path, e.g. "
+                      f"{setting}={output / ('results' + suffix)}")
+    if output.is_symlink():
+        try:
+            output = output.resolve(strict=False)
+        except (RuntimeError, OSError) as e:  # a link loop
+            raise TLError(f"{setting}={str(output)!r} is a symbolic link that does not resolve ({e}): give a {suffix} "
+                          "file path") from None
+    if output.exists() and not output.is_file():
+        raise TLError(f"{setting}={str(output)!r} exists and is not a regular file (a device, a pipe, ...): give a "
+                      f"{suffix} file path")
+    return output
+
+
 def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path] = (),
                       inside: list[Path] = ()) -> None:
     """`output` (what the command writes, `setting=...`) must not replace what the user has: a file the command

@@ -157,12 +157,28 @@ def walk_once(root):
         yield top, dirs, files
 
 
-def _walk_files(folder: Path) -> list[Path]:
+def _walk_files(folder: Path, root: Path | None = None) -> list[Path]:
     """Every non-directory entry under `folder`, recursively and sorted (`walk_once`), leaving out hidden entries and
-    OS junk (.DS_Store, .ipynb_checkpoints/, Thumbs.db, __MACOSX/)."""
+    OS junk (.DS_Store, .ipynb_checkpoints/, Thumbs.db, __MACOSX/). With `root` (data.root): a link inside `folder` to
+    a folder elsewhere in `root`, to `root` or to a folder above it is refused; following it would read other
+    classes' or splits' images (or every image) again under this class."""
     out = []
+    real_root = root.resolve() if root is not None else None
+    real_folder = folder.resolve()
     for top, dirs, files in walk_once(folder):
         dirs[:] = sorted(d for d in dirs if not _ignored_name(d))
+        if real_root is not None:
+            for d in dirs:
+                link = Path(top) / d
+                if not link.is_symlink():
+                    continue
+                target = link.resolve()
+                if target == real_folder or real_folder in target.parents:
+                    continue  # within the class folder itself: each real folder is read once (walk_once)
+                if target == real_root or target in real_root.parents or real_root in target.parents:
+                    raise TLError(f"folder {str(link)!r} links to {str(target)!r}, "
+                                  + ("inside data.root" if real_root in target.parents else "data.root or above")
+                                  + f": its images would count again under class {folder.name!r}; remove the link")
         out += [Path(top) / f for f in files if not _ignored_name(f)]
     return sorted(out)
 
@@ -266,7 +282,7 @@ class ImageFolderSource:
                     raise TLError(f"class folder {str(class_dir)!r} is not among the train classes "
                                   f"({', '.join(classes)}): rename it or add it to train/")
                 files, special, others = [], [], []
-                for f in _walk_files(class_dir):
+                for f in _walk_files(class_dir, self.root):
                     if f.suffix.lower() not in IMAGE_EXTENSIONS:
                         others.append(str(f))
                     elif _is_regular(f):

@@ -137,6 +137,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     if path.is_dir():
         raise TLError(f"weights file {str(path)!r} is a folder: give the .pth/.pt/.ckpt/.safetensors file in it")
+    if path.exists() and not path.is_file():
+        raise TLError(f"weights file {str(path)!r} is not a regular file (a device, a pipe, ...): give a "
+                      ".pth/.pt/.ckpt/.safetensors file")
     if not path.is_file():
         raise TLError(f"weights file {str(path)!r} not found: give an existing .pth/.pt/.ckpt/.safetensors path")
     try:
