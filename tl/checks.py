@@ -43,7 +43,7 @@ def _count1(v) -> bool:
 
 
 def _fraction_or_count(v) -> bool:
-    return _count1(v) or (_number(v) and not _integer(v) and 0 < v <= 1)
+    return _count0(v) or (_number(v) and not _integer(v) and 0 <= v <= 1)
 
 
 def _size(v) -> bool:
@@ -79,9 +79,9 @@ TRAINER_RULES: list[Rule] = [
     ("trainer.check_val_every_n_epoch", _optional(_count1), "null or an integer >= 1"),
     ("trainer.min_epochs", _optional(_count0), "null or an integer >= 0"),
     ("trainer.deterministic", lambda v: v in (True, False, "warn"), "true, false or warn"),
-    # 0 batches trains (or validates, tests) nothing and would still write results: test=false skips testing
+    # Lightning's own meaning: a number of batches, or a fraction of them (0: none, e.g. to test the initial weights)
     *[(f"trainer.limit_{stage}_batches", _optional(_fraction_or_count),
-       "null, a number of batches >= 1 or a fraction in (0, 1]") for stage in ("train", "val", "test", "predict")],
+       "null, a number of batches >= 0 or a fraction in [0, 1]") for stage in ("train", "val", "test", "predict")],
 ]
 
 def _input_size(v) -> bool:

@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from tl.checks import validate
 from tl.config import compose_config
 from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
-from tl.data.features import FeatureCache, extract_features
+from tl.data.features import FeatureCache, extract_features, feature_cache_applies
 from tl.data.transforms import backbone_preprocess
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
 from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
@@ -181,8 +181,6 @@ def advise(cfg: DictConfig) -> tuple[str, dict]:
 def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spent_s: float) -> tuple[list[str], dict]:
     """Resolution and schedule for the chosen preset (`tl.planning`): (overrides for what the command line left
     open, the plan with its reasons)."""
-    from tl.train import feature_cache_applies  # tl.train imports this module
-
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     small = final.scenario.name.startswith("small")
     backbone_side = int(m["input_side"])

@@ -33,7 +33,7 @@ from tl.callbacks.snapshots import SnapshotEnsemble
 from tl.checks import check_resume, validate
 from tl.cli import launch
 from tl.data.datamodule import build_datamodule
-from tl.data.features import FeatureCache, FeatureDataModule
+from tl.data.features import FeatureCache, FeatureDataModule, feature_cache_applies
 from tl.data.transforms import backbone_preprocess
 from tl.errors import Interrupted, TLError
 from tl.export import ensemble_members, export_model
@@ -67,11 +67,6 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
-
-
-def feature_cache_applies(cfg: DictConfig) -> bool:
-    """Cached features are exact only for a frozen backbone fed a deterministic transform."""
-    return bool(cfg.cache_features) and cfg.finetune.strategy == "linear_probe" and cfg.augment.name == "none"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:

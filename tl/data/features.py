@@ -228,3 +228,9 @@ class FeatureDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def feature_cache_applies(cfg) -> bool:
+    """Does the run `cfg` describes train on cached features? They are exact only for a frozen backbone fed a
+    deterministic transform (a linear probe without augmentation)."""
+    return bool(cfg.cache_features) and cfg.finetune.strategy == "linear_probe" and cfg.augment.name == "none"
