@@ -203,6 +203,19 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class WorkerTerminatedAt(pl.Callback):
+    """What the main process meets after optimizer step `step` when a scheduler's SIGTERM reached its DataLoader
+    workers first: torch's RuntimeError for a worker killed by SIGTERM (raised by torch wherever the main process
+    waits for a batch)."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"DataLoader worker (pid {os.getpid() + 1}) is killed by signal: Terminated. ")
+
+
 class SamplerProbe(pl.Callback):
     """Writes, per rank, the training sampler Lightning kept, and the indices it draws in the first epoch."""
 

@@ -31,6 +31,13 @@ def _is_lightning_sigterm(e: BaseException) -> bool:
     return module is not None and isinstance(e, module.SIGTERMException)
 
 
+def worker_terminated(e: BaseException) -> bool:
+    """Is `e` torch's report of a DataLoader worker ended by SIGTERM? A job scheduler (SLURM's scancel or
+    preemption, `kill` of a process group, `pkill -f`) signals the loader processes with the main one, and the main
+    process then meets the dead worker before, or instead of, its own SIGTERM: the run was terminated, not broken."""
+    return isinstance(e, RuntimeError) and "DataLoader worker" in str(e) and "signal: Terminated" in str(e)
+
+
 def terminate_as_exception() -> None:
     """From now on a SIGTERM raises `Terminated` in this process's main thread, so `finally` blocks and atomic writes
     clean up (the default action kills at once and leaves scratch files). A forked child (a DataLoader worker)
@@ -124,7 +131,9 @@ def user_errors(fn: Callable) -> Callable:
             print("tl: interrupted by Ctrl-C: the state is saved as checkpoints/interrupted.ckpt in the run "
                   "directory; resume with the same hydra.run.dir and ckpt_path=auto", file=sys.stderr)
             sys.exit(128 + signal.SIGINT)
-        except (KeyboardInterrupt, Terminated) as e:  # outside fitting: what was being written is discarded
+        except (KeyboardInterrupt, Terminated, RuntimeError) as e:  # outside fitting: what was being written goes
+            if isinstance(e, RuntimeError) and not worker_terminated(e):
+                raise
             name = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
             print(f"tl: interrupted by {name}: files being written were discarded, earlier ones are unchanged",
                   file=sys.stderr)

@@ -19,8 +19,10 @@ best epoch's state, not the last one's (resuming would rewind).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 from weakref import proxy
 
 import pytorch_lightning as pl
@@ -108,7 +110,14 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         super().__init__(dirpath, filename)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+        from tl.utils import worker_terminated
+
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or worker_terminated(exception) or (
+                getattr(trainer, "received_sigterm", False) and isinstance(exception, RuntimeError)):
+            # torch's SIGCHLD handler raises again for each loader process that dies (a scheduler's SIGTERM reaches
+            # them too), which would abort this save half-way: the run is ending, their deaths are expected
+            with contextlib.suppress(ValueError, AttributeError):  # not the main thread; no SIGCHLD (Windows)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             super().on_exception(trainer)
 
 
