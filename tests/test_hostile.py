@@ -852,10 +852,10 @@ def test_evaluate_and_predict_outputs_never_replace_devices_pipes_or_links(finis
     fifo = tmp_path / "pipe.json"
     os.mkfifo(fifo)
     with pytest.raises(TLError, match="exists and is not a regular file"):
-        output_target(fifo, "output", ".json")
+        output_target(fifo, "output", "evaluation.json")
     target, link = tmp_path / "target.json", tmp_path / "link.json"
     link.symlink_to(target)
-    assert output_target(link, "output", ".json") == target.resolve()
+    assert output_target(link, "output", "evaluation.json") == target.resolve()
     run_dir, results = finished
     code, lines = entry("tl.evaluate", f"ckpt={results['best_ckpt']}", f"output={fifo}",
                         f"hydra.run.dir={tmp_path / 'out'}", monkeypatch=monkeypatch, capfd=capfd)

@@ -118,9 +118,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     members = [load_classifier(p, device) for p in paths]
     run_dir = run_dir_of(paths[0])
     output = Path(cfg.output) if cfg.get("output") else (run_dir or Path(cfg.paths.output_dir)) / "evaluation.json"
-    if output.is_dir():
-        raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. output={output / 'evaluation.json'}")
-    output = output_target(output, "output", ".json")  # a link's target; no device, pipe or folder
+    output = output_target(output, "output", "evaluation.json")  # a link's target; no device, pipe or folder
     keep = [run_dir / name for name in ("results.json", "config.yaml")] if run_dir is not None else []
     check_sweep_output(output)
     check_output_file(output, "output", ".json", reads=[*paths, *keep],

@@ -130,10 +130,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     """Predict every input file as `cfg` says; write the CSV and return (rows, summary)."""
     check_required(cfg)
     check_rules(cfg, PREDICT_RULES)
-    if Path(cfg.output).expanduser().is_dir():
-        raise TLError(f"output={cfg.output!r} is a folder: give a file path, e.g. "
-                      f"output={Path(cfg.output) / 'predictions.csv'}")
-    output = output_target(Path(cfg.output), "output", ".csv")  # a link's target; no device, pipe or folder
+    output = output_target(Path(cfg.output), "output", "predictions.csv")  # a link's target; no device, pipe, folder
     predictor = load_predictor(cfg.ckpt, cfg.get("device", "auto"), cfg.get("optimize", True))
     paths = list_inputs(cfg.inputs)
     ckpt = Path(str(cfg.ckpt)).expanduser()

@@ -44,7 +44,7 @@ from tl.report import report_run
 from tl.results import collect_results
 from tl.rundir import claim_run_dir, own_resume
 from tl.scenarios import resolve
-from tl.utils import build, ensure_writable, print_config, print_results, user_errors, worker_terminated, write_json
+from tl.utils import build, ensure_writable, print_config, print_results, run_terminated, user_errors, write_json
 
 log = logging.getLogger("tl.train")
 
@@ -199,7 +199,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
             raise Interrupted() from None
         raise
     except RuntimeError as e:  # SIGTERM to the loader processes too (a scheduler, a process group): saved as SIGTERM
-        if worker_terminated(e) or getattr(trainer, "received_sigterm", False):
+        if run_terminated(e, trainer):
             raise SIGTERMException() from None
         raise
     fit_seconds = time.perf_counter() - started

@@ -38,6 +38,12 @@ def worker_terminated(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "DataLoader worker" in str(e) and "signal: Terminated" in str(e)
 
 
+def run_terminated(e: BaseException, trainer=None) -> bool:
+    """Did `e` end a fit because the job was terminated? A worker killed by SIGTERM (`worker_terminated`), or any
+    RuntimeError raised after the trainer's own SIGTERM arrived (Lightning's `received_sigterm`)."""
+    return worker_terminated(e) or (isinstance(e, RuntimeError) and bool(getattr(trainer, "received_sigterm", False)))
+
+
 def terminate_as_exception() -> None:
     """From now on a SIGTERM raises `Terminated` in this process's main thread, so `finally` blocks and atomic writes
     clean up (the default action kills at once and leaves scratch files). A forked child (a DataLoader worker)
@@ -198,13 +204,15 @@ def ensure_writable(path: Path, min_free_mb: int = 200, setting: str = "hydra.ru
     return path
 
 
-def output_target(output: Path, setting: str, suffix: str) -> Path:
-    """Where writing the file `output` (`setting=...`) goes: a symbolic link's target (the link is kept, not
-    replaced by the file); a folder, a device or a pipe is refused (the atomic write would replace it)."""
+def output_target(output: Path, setting: str, default_name: str) -> Path:
+    """Where writing the file `output` (`setting=...`, e.g. `default_name` predictions.csv) goes: a symbolic link's
+    target (the link is kept, not replaced by the file); a folder, a device or a pipe is refused (the atomic write
+    would replace it)."""
+    suffix = Path(default_name).suffix
     output = Path(output).expanduser()
     if output.is_dir():
         raise TLError(f"{setting}={str(output)!r} is a folder: give a file path, e.g. "
-                      f"{setting}={output / ('results' + suffix)}")
+                      f"{setting}={output / default_name}")
     if output.is_symlink():
         try:
             output = output.resolve(strict=False)

@@ -110,10 +110,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         super().__init__(dirpath, filename)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        from tl.utils import worker_terminated
+        from tl.utils import run_terminated
 
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or worker_terminated(exception) or (
-                getattr(trainer, "received_sigterm", False) and isinstance(exception, RuntimeError)):
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or run_terminated(exception, trainer):
             # torch's SIGCHLD handler raises again for each loader process that dies (a scheduler's SIGTERM reaches
             # them too), which would abort this save half-way: the run is ending, their deaths are expected
             with contextlib.suppress(ValueError, AttributeError):  # not the main thread; no SIGCHLD (Windows)
