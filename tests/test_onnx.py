@@ -234,19 +234,65 @@ def test_graph_that_resizes_its_input_takes_a_fixed_larger_image(run, tmp_path):
     assert clf.prepare(img).shape == (64, 64, 3) and clf.probs(clf.prepare(img)[None]).shape == (1, 4)
 
 
-def test_snapshot_ensemble_exports_one_graph_averaging_its_members(tmp_path):
-    results, objects = train(make_cfg(tmp_path / "run", [*LEARN, "trainer.max_epochs=2", "snapshots.cycles=2"]))
-    meta = json.loads((tmp_path / "run" / "export" / "model.json").read_text())
+def test_a_delivered_snapshot_ensemble_is_the_runs_model_everywhere(tmp_path, images):
+    """snapshots.deliver=ensemble (the default): test/acc, the ONNX graph, tl.predict ckpt=RUN and tl.evaluate
+    ckpt=RUN are all the ensemble of calibrated members; the best checkpoint's scores stay beside it."""
+    from tl.evaluate import evaluate
+
+    run = tmp_path / "run"
+    results, objects = train(make_cfg(run, [*LEARN, "trainer.max_epochs=2", "snapshots.cycles=2",
+                                            "snapshots.deliver=ensemble"]))
+    assert results["delivered"]["model"] == "ensemble" and results["test/acc"] == results["ensemble/test/acc"]
+    assert 0 <= results["best/test/acc"] <= 1 and results["val/acc"] == results["ensemble/val/acc"]
+    meta = json.loads((run / "export" / "model.json").read_text())
     assert meta["onnx"]["members"] == 2 and meta["safetensors"]["members"] == 1
     assert results["onnx"]["parity"]["max_abs_prob_diff"] < 1e-4
     members = [load_classifier(s["path"]) for s in results["snapshots"]]
+    # each member carries its own temperature, fitted on val and stored in its checkpoint
+    assert [m.temperature for m in members] == [s["calibration/temperature"] for s in results["snapshots"]]
+    assert all(torch.load(s["path"], weights_only=True)["calibration"]["fitted_on"] == "val"
+               for s in results["snapshots"])
     datamodule = objects["datamodule"]
     pil = [datamodule.dataset("test").load_image(i) for i in range(6)]
     x = torch.stack([eval_transform(members[0].preprocess)(img) for img in pil])
     expected = member_probs([m.model for m in members], x, temperatures=[m.temperature for m in members]).mean(0)
-    clf = load_onnx(tmp_path / "run" / "export" / "model.onnx")
+    clf = load_onnx(run / "export" / "model.onnx")
     got = clf.probs(np.stack([clf.prepare(img) for img in pil]))
     assert np.abs(got - expected.numpy()).max() < 1e-4
+
+    # tl.predict ckpt=RUN (PyTorch) serves the same ensemble as the ONNX graph
+    rows = {}
+    for name, ckpt in (("torch", run), ("onnx", run / "export" / "model.onnx")):
+        got = predict(compose_predict(tmp_path, ckpt, images, tmp_path / f"{name}.csv"))[0]
+        rows[name] = {r["path"]: float(r["prob"]) for r in got if not r["error"]}
+    assert rows["torch"].keys() == rows["onnx"].keys()
+    assert max(abs(rows["torch"][k] - rows["onnx"][k]) for k in rows["torch"]) < 1e-3
+    # tl.evaluate ckpt=RUN scores what the run delivered, as results.json does
+    scored, _ = evaluate(make_cfg(tmp_path / "eval", [f"ckpt={run}"], config_name="evaluate"))
+    assert [Path(m).name for m in scored["members"]] == [Path(s["path"]).name for s in results["snapshots"]]
+    assert scored["test/acc"] == pytest.approx(results["test/acc"])
+
+
+def compose_predict(tmp_path: Path, ckpt: Path, inputs: Path, output: Path):
+    return make_cfg(tmp_path / "predict_run", [f"ckpt={ckpt}", f"inputs={inputs}", f"output={output}"],
+                    config_name="predict")
+
+
+def test_a_run_that_delivers_its_best_checkpoint_exports_and_serves_that_one(tmp_path):
+    from tl.evaluate import evaluate
+
+    run = tmp_path / "run"
+    results, _ = train(make_cfg(run, [*LEARN, "trainer.max_epochs=2", "snapshots.cycles=2",
+                                      "snapshots.deliver=best"]))
+    assert results["delivered"] == {"model": "best", "deliver": "best", "reason": "snapshots.deliver=best",
+                                    "ensemble_val_acc": results["ensemble/val/acc"],
+                                    "best_val_acc": pytest.approx(results["val/acc"])}
+    assert "best/test/acc" not in results and 0 <= results["ensemble/test/acc"] <= 1
+    meta = json.loads((run / "export" / "model.json").read_text())
+    assert meta["onnx"]["members"] == 1
+    scored, _ = evaluate(make_cfg(tmp_path / "eval", [f"ckpt={run}"], config_name="evaluate"))
+    assert [Path(m).name for m in scored["members"]] == [Path(results["best_ckpt"]).name]
+    assert scored["test/acc"] == pytest.approx(results["test/acc"])
 
 
 def test_without_onnx_a_run_still_finishes_and_onnx_required_fails_before_training(tmp_path, monkeypatch):

@@ -113,6 +113,9 @@ AUTO_RULES: list[Rule] = [
     ("scenario.probe_enough_samples", lambda v: _integer(v) and v >= 2, "an integer >= 2 (training images probed)"),
     ("scenario.budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
     ("scenario.small_budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
+    ("scenario.small_snapshots", _optional(lambda v: _integer(v) and v >= 0),
+     "null or 0 (no snapshot ensemble) or a number of cosine cycles >= 2, e.g. 3"),
+    ("scenario.small_deliver", lambda v: v in ("val", "ensemble", "best"), "ensemble, val or best (snapshots.deliver)"),
 ]
 
 RULES: list[Rule] = [
@@ -149,6 +152,8 @@ RULES: list[Rule] = [
     ("snapshots.ensemble_last", lambda v: v is None or (_integer(v) and v >= 1), "null (all) or an integer >= 1"),
     ("snapshots.first_cycle", lambda v: v is None or (_number(v) and 0 < v < 1),
      "null (equal cycles) or the first cycle's share of the run, in (0, 1)"),
+    ("snapshots.deliver", lambda v: v in ("val", "ensemble", "best"),
+     "val (the ensemble unless the best checkpoint scores higher on validation), ensemble or best"),
     ("seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
     # Switches: a typo'd value must not read as true (overwrite=tru would delete the previous run's artifacts).
     *((key, _boolean, "true or false")

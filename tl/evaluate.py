@@ -1,8 +1,8 @@
 """`python -m tl.evaluate ckpt=PATH`: a checkpoint, or a run's snapshot ensemble, on the test split.
 
-1. what to evaluate: `ckpt=RUN/checkpoints/X.ckpt` (one model), `ckpt=RUN` (its snapshot ensemble,
-   RUN/checkpoints/snapshots/*.ckpt, the last `ensemble.last`; without snapshots, its best checkpoint) or an exported
-   model directory (with `data=...`);
+1. what to evaluate: `ckpt=RUN/checkpoints/X.ckpt` (one model), `ckpt=RUN` (the model the run delivered: its snapshot
+   ensemble or its best checkpoint, results.json `delivered`; `ensemble.last=K`: the last K snapshots) or an
+   exported model directory (with `data=...`);
 2. the data: the run's own data config (RUN/config.yaml or RUN/.hydra/config.yaml) and seed, so the test split is
    the one training held out; `data=NAME ...` on the command line evaluates on other data instead;
 3. per batch and member, the mean softmax over the test-time views (`tta=none|flip|multicrop`), then the mean over
@@ -27,6 +27,7 @@ from tl.errors import TLError
 from tl.inference import (
     CKPT_HINT,
     TTA_CHOICES,
+    delivered,
     evaluate_members,
     load_classifier,
     resolve_device,
@@ -60,7 +61,13 @@ def resolve_members(ckpt: str, last: int | None) -> list[Path]:
         if last is not None and not 1 <= int(last) <= len(snapshots):
             raise TLError(f"ensemble.last={last} but {str(path)!r} has {len(snapshots)} snapshots: use 1.."
                           f"{len(snapshots)}, or null for all")
-        return snapshots[-int(last):] if last is not None else snapshots
+        if last is not None:
+            return snapshots[-int(last):]
+        model, members = delivered(path)  # what the run delivered: its ensemble, or its best checkpoint
+        if model == "ensemble":
+            return members
+        if model is None:  # a run from before snapshots.deliver: all its snapshots
+            return snapshots
     results = path / "results.json"
     try:
         best = json.loads(results.read_text()).get("best_ckpt") if results.is_file() else None

@@ -253,6 +253,29 @@ def snapshot_paths(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints" / "snapshots").glob("*.ckpt"), key=cycle)
 
 
+def delivered(run_dir: Path) -> tuple[str | None, list[Path]]:
+    """What a training run delivered as its model (results.json `delivered`, written when it had snapshots):
+    ("ensemble", its member checkpoints, found by name in its own folder), ("best", []), or (None, []) for a run
+    that says nothing (no snapshots, or written before `snapshots.deliver`)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None, []
+    choice = results.get("delivered") if isinstance(results, dict) else None
+    model = choice.get("model") if isinstance(choice, dict) else None
+    if model != "ensemble":
+        return ("best" if model == "best" else None), []
+    names = [Path(s["path"]).name for s in results.get("snapshots") or []
+             if isinstance(s, dict) and isinstance(s.get("path"), str)]
+    paths = [run_dir / "checkpoints" / "snapshots" / name for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise TLError(f"{str(run_dir)!r} delivered a snapshot ensemble, but its members are missing "
+                      f"({', '.join(missing[:2]) or 'none listed in results.json'}): give one checkpoint, "
+                      "ckpt=RUN/checkpoints/<name>.ckpt")
+    return "ensemble", paths
+
+
 # -- scoring -------------------------------------------------------------------------------------------------------
 def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, class_names: list[str],
                            uncalibrated: torch.Tensor | None = None) -> dict[str, Any]:
@@ -281,13 +304,14 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, class_nam
 
 
 def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
-                     device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """Test metrics of the mean softmax of `members` (one model or a snapshot ensemble) on `datamodule`'s test split.
+                     device: torch.device | str = "cpu", split: str = "test") -> tuple[dict, dict]:
+    """Test metrics of the mean softmax of `members` (one model or a snapshot ensemble) on `datamodule`'s test split
+    (`split`: another split, its metrics under the same `test/` names).
 
     The data module must be set up; its preprocessing is replaced by the members' own. The whole test split is
     scored in this process (a plain loader, never a distributed sampler's shard, even when the data module is
     attached to a DDP trainer). Returns (metrics, objects: ensemble probs (N, C), member_probs (M, N, C),
-    targets (N)).
+    logits (M, N, C: each member's, the mean over the TTA views), targets (N)).
     """
     first = members[0]
     if any(m.class_names != first.class_names or m.preprocess != first.preprocess for m in members[1:]):
@@ -314,8 +338,8 @@ def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
     temperatures = [m.temperature for m in members]
     calibrated = any(t != 1.0 for t in temperatures)
     started = time.perf_counter()
-    chunks, raw_chunks, targets = [], [], []
-    loader = DataLoader(datamodule.dataset("test"), batch_size=datamodule.eval_batch_size,
+    chunks, raw_chunks, logit_chunks, targets = [], [], [], []
+    loader = DataLoader(datamodule.dataset(split), batch_size=datamodule.eval_batch_size,
                         num_workers=datamodule._workers(), collate_fn=collate_readable)
     for batch in loader:
         if batch is None:  # every file of the batch unreadable since the scan (counted by the dataset)
@@ -323,10 +347,13 @@ def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
         x, y = batch
         logits = member_logits([m.model for m in members], x.to(device), tta)
         chunks.append(probs_from_logits(logits, temperatures).cpu())
+        logit_chunks.append(logits.float().mean(dim=1).cpu())
         if calibrated:
             raw_chunks.append(probs_from_logits(logits).cpu())
         targets.append(y)
     seconds = time.perf_counter() - started
+    if not targets:
+        raise TLError(f"the {split} split has no readable images to score")
     per_member, targets = torch.cat(chunks, dim=1), torch.cat(targets)  # (members, N, C), (N,)
     probs = per_member.mean(dim=0)  # the ensemble: mean of the members' softmaxes
     raw = torch.cat(raw_chunks, dim=1).mean(dim=0) if calibrated else probs
@@ -338,18 +365,77 @@ def evaluate_members(members: list[Classifier], datamodule, tta: str = "none",
     if len(members) > 1:
         results["member_acc"] = [multiclass_accuracy(p, targets, first.num_classes, average="micro").item()
                                  for p in per_member]
-    return results, {"probs": probs, "member_probs": per_member, "targets": targets}
+    return results, {"probs": probs, "member_probs": per_member, "logits": torch.cat(logit_chunks, dim=1),
+                     "targets": targets}
 
 
-def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule) -> dict[str, Any]:
-    """Test accuracy of each snapshot (`SnapshotEnsemble.snapshots`) and of the mean softmax of the last `last`
-    (all when None), on the whole test split of `datamodule`."""
+DELIVER_CHOICES = ("best", "ensemble", "val")
+
+
+def choose_delivery(deliver: str, ensemble_val_acc: float | None, best_val_acc: float | None,
+                    size: int) -> tuple[str, str]:
+    """(model, reason): what a snapshot-ensemble run delivers, "ensemble" or "best" (`snapshots.deliver`)."""
+    if deliver != "val":
+        return deliver, f"snapshots.deliver={deliver}"
+    if ensemble_val_acc is None or best_val_acc is None:
+        return "best", "no validation split to compare them on: the best checkpoint, as with deliver=best"
+    model = "ensemble" if ensemble_val_acc >= best_val_acc else "best"
+    return model, (f"validation accuracy: the ensemble of {size} snapshots {ensemble_val_acc:.4f} "
+                   f"{'>=' if model == 'ensemble' else '<'} the best checkpoint {best_val_acc:.4f}")
+
+
+def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule, deliver: str = "best",
+                             best_val_acc: float | None = None, calibrate: bool = True) -> dict[str, Any]:
+    """Score the snapshot ensemble (`SnapshotEnsemble.snapshots`: the mean softmax of the last `last`, all when None)
+    on the whole test split of `datamodule`, and decide what the run delivers (`snapshots.deliver`):
+
+    - `best`: the best single checkpoint; the ensemble is scored beside it (`ensemble/test/acc`).
+    - `ensemble`: the ensemble.
+    - `val`: whichever scores higher on the validation split, the ensemble on a tie (averaging snapshots does not
+      make a model worse on unseen data as often as one checkpoint picked among ties does). `best_val_acc` is the
+      best checkpoint's accuracy on the whole validation split (`tl.report`).
+
+    With `calibrate`, each member gets its own temperature fitted on the validation split (stored in its checkpoint,
+    as the best checkpoint's is), so the ensemble averages calibrated probabilities wherever it is used. Returns
+    results.json keys; `ensemble_metrics` holds the ensemble's test metrics (`test/...`) for the caller to report
+    when the ensemble is delivered."""
+    from tl.report import fit_temperature, write_calibration
+
+    if deliver not in DELIVER_CHOICES:
+        raise TLError(f"snapshots.deliver={deliver!r} is unknown: use one of {', '.join(DELIVER_CHOICES)}")
     members = snapshots[-last:] if last else snapshots
-    metrics, _ = evaluate_members([load_classifier(s["path"]) for s in members], datamodule)
+    classifiers = [load_classifier(s["path"]) for s in members]
+    has_val = len(datamodule.split_indices.get("val", [])) > 0
+    val_acc: float | None = None
+    member_val: list[float | None] = [None] * len(members)
+    if has_val and (calibrate or deliver == "val"):
+        _, val = evaluate_members(classifiers, datamodule, split="val")
+        logits, y = val["logits"], val["targets"]
+        for i, (clf, snapshot) in enumerate(zip(classifiers, members, strict=True)):
+            member_val[i] = float((logits[i].argmax(dim=1) == y).double().mean())
+            if calibrate:
+                fitted = fit_temperature(logits[i], y)
+                clf.temperature = fitted["temperature"]
+                write_calibration(Path(snapshot["path"]), {**fitted, "fitted_on": "val"})
+        ensemble = probs_from_logits(logits.unsqueeze(1), [c.temperature for c in classifiers]).mean(dim=0)
+        val_acc = float((ensemble.argmax(dim=1) == y).double().mean())
+    metrics, _ = evaluate_members(classifiers, datamodule)
     member_acc = metrics.get("member_acc", [metrics["test/acc"]])
-    return {"ensemble/test/acc": metrics["test/acc"], "ensemble/size": len(members),
-            "ensemble/best_member_test_acc": max(member_acc),
-            "snapshots": [{**s, "test/acc": acc} for s, acc in zip(members, member_acc, strict=True)]}
+    out: dict[str, Any] = {
+        "ensemble/test/acc": metrics["test/acc"], "ensemble/size": len(members),
+        "ensemble/best_member_test_acc": max(member_acc),
+        "snapshots": [{**s, "test/acc": acc, **({"val/acc": v} if v is not None else {}),
+                       **({"calibration/temperature": c.temperature} if calibrate and has_val else {})}
+                      for s, acc, v, c in zip(members, member_acc, member_val, classifiers, strict=True)]}
+    if val_acc is not None:
+        out["ensemble/val/acc"] = val_acc
+    model, reason = choose_delivery(deliver, val_acc, best_val_acc, len(members))
+    out["delivered"] = {"model": model, "deliver": deliver, "reason": reason,
+                        **({"ensemble_val_acc": val_acc} if val_acc is not None else {}),
+                        **({"best_val_acc": best_val_acc} if best_val_acc is not None else {})}
+    out["ensemble_metrics"] = {k: v for k, v in metrics.items()
+                               if k.startswith("test/") or k in ("per_class_acc", "confusion_matrix")}
+    return out
 
 
 # -- speed ----------------------------------------------------------------------------------------------------------

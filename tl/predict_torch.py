@@ -4,6 +4,8 @@ workers, batched under `torch.inference_mode` (BatchNorm folded, channels-last: 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl.data.images import open_image
 from tl.data.transforms import decode_side, eval_transform
-from tl.inference import load_classifier, optimize_for_inference, resolve_device
+from tl.errors import TLError
+from tl.inference import EXPORT_CONFIG, delivered, load_classifier, optimize_for_inference, resolve_device
 from tl.onnx_runtime import check_regular, read_error
+
+log = logging.getLogger("tl.predict")
 
 
 class FileDataset(Dataset):
@@ -59,12 +64,23 @@ def auto_threads(workers: int, device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def batch_probs(model: torch.nn.Module, loader: DataLoader, device: torch.device,
-                temperature: float = 1.0) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Per batch: calibrated probabilities (N, C) and the read errors ('' for a file that was read)."""
+def batch_probs(models: list[torch.nn.Module], loader: DataLoader, device: torch.device,
+                temperatures: list[float]) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Per batch: calibrated probabilities (N, C), the mean over `models` (a snapshot ensemble's members, or one
+    model), and the read errors ('' for a file that was read)."""
     for x, errors in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        yield (model(x).float() / temperature).softmax(dim=-1).cpu().numpy(), list(errors)
+        probs = torch.stack([(m(x).float() / t).softmax(dim=-1) for m, t in zip(models, temperatures, strict=True)])
+        yield probs.mean(dim=0).cpu().numpy(), list(errors)
+
+
+def _onnx_members(export: Path) -> int:
+    """How many models an export folder's model.onnx averages (1 when it says nothing)."""
+    try:
+        members = json.loads((export / EXPORT_CONFIG).read_text()).get("onnx", {}).get("members", 1)
+        return int(members) if isinstance(members, int) else 1
+    except (OSError, ValueError, AttributeError):
+        return 1
 
 
 class TorchPredictor:
@@ -74,8 +90,22 @@ class TorchPredictor:
 
     def __init__(self, ckpt: str, device: str, optimize: bool = True):
         self.device = resolve_device(device)
-        self.clf = load_classifier(ckpt, self.device)
-        self.class_names, self.temperature, self.source = self.clf.class_names, self.clf.temperature, self.clf.source
+        run = Path(ckpt).expanduser()
+        model, members = delivered(run) if run.is_dir() else (None, [])
+        # a run that delivered its snapshot ensemble is served as that ensemble (its export's ONNX graph is the same)
+        self.members = [load_classifier(p, self.device) for p in members] if model == "ensemble" else \
+            [load_classifier(ckpt, self.device)]
+        self.clf = self.members[-1]
+        if any(m.class_names != self.clf.class_names or m.preprocess != self.clf.preprocess for m in self.members):
+            raise TLError(f"ckpt={ckpt!r}: the members of its ensemble disagree on classes or preprocessing")
+        export = Path(self.clf.source)
+        if model != "ensemble" and export.is_dir() and _onnx_members(export) > 1:
+            log.warning("%s: model.safetensors is the run's best single checkpoint, and model.onnx the snapshot "
+                        "ensemble it delivered; for the ensemble give ckpt=%s or the training run's folder",
+                        export, export / "model.onnx")
+        temperatures = [m.temperature for m in self.members]
+        self.class_names, self.source = self.clf.class_names, str(run) if model == "ensemble" else self.clf.source
+        self.temperature = temperatures[0] if len(temperatures) == 1 else temperatures
         self.optimize = optimize
 
     def settings(self, n_files: int, batch_size: int, workers: int | None, threads: int | None) -> tuple[int, int]:
@@ -84,7 +114,8 @@ class TorchPredictor:
 
     def run(self, paths: list[Path], batch_size: int, workers: int, threads: int) -> Iterator:
         clf = self.clf
-        model = optimize_for_inference(clf.model, clf.preprocess["input_size"]) if self.optimize else clf.model
+        models = [optimize_for_inference(m.model, clf.preprocess["input_size"]) if self.optimize else m.model
+                  for m in self.members]
         dataset = FileDataset(paths, eval_transform(clf.preprocess), clf.preprocess["input_size"],
                               decode_side(clf.preprocess), str(clf.preprocess.get("interpolation") or "bicubic"))
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
@@ -92,6 +123,6 @@ class TorchPredictor:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            yield from batch_probs(model, loader, self.device, self.temperature)
+            yield from batch_probs(models, loader, self.device, [m.temperature for m in self.members])
         finally:
             torch.set_num_threads(previous)

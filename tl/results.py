@@ -33,7 +33,9 @@ def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningMo
     ckpt = trainer.checkpoint_callback
     best_score = ckpt.best_model_score if ckpt is not None else None
     monitor = ckpt.monitor if ckpt is not None else None
-    if best_score is not None and monitor == "val/acc":
+    if (extra.get("delivered") or {}).get("model") == "ensemble" and "ensemble/val/acc" in extra:
+        val_acc = extra["ensemble/val/acc"]  # the delivered model's
+    elif best_score is not None and monitor == "val/acc":
         val_acc = best_score
     else:  # the tested weights' own validation accuracy (tl.report), else the last validation's
         val_acc = extra.get("val/acc", trainer.callback_metrics.get("val/acc", float("nan")))

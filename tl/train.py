@@ -97,12 +97,13 @@ def onnx_formats(cfg: DictConfig) -> tuple[str, str | None]:
 
 
 def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: list[dict] | None,
-               tested_ckpt: str | None) -> dict[str, Any]:
+               tested_ckpt: str | None, delivered_model: str | None = None) -> dict[str, Any]:
     """RUN/export: the tested weights (safetensors; with EMA or SWA, the average the run tested) and, where onnx is
-    installed, model.onnx checked on validation images; a snapshot-ensemble run's ONNX graph is its ensemble (the
-    last `snapshots.ensemble_last` members, as `ensemble/test/acc` scored them: `snapshots` holds exactly those)."""
+    installed, model.onnx checked on validation images; when the run delivered its snapshot ensemble
+    (`delivered_model`), the ONNX graph is that ensemble (the last `snapshots.ensemble_last` members, as
+    `ensemble/test/acc` scored them: `snapshots` holds exactly those)."""
     formats, skipped = onnx_formats(cfg)
-    ensemble = bool(snapshots) and formats == "all"
+    ensemble = bool(snapshots) and formats == "all" and delivered_model == "ensemble"
     members = ensemble_members([s["path"] for s in snapshots]) if ensemble else None
     started = time.perf_counter()
     averaging = OmegaConf.select(cfg, "callbacks.weight_averaging._target_")
@@ -127,6 +128,19 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: li
         if skipped != "onnx.enabled=false":
             log.info("model.onnx not written: %s", skipped)
     return info
+
+
+def deliver(ensemble: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """results.json keys from a scored snapshot ensemble (`snapshot_ensemble_scores`): when the ensemble is what the
+    run delivers, its test metrics become the run's (`test/acc`, ...; `val/acc` its validation accuracy) and the
+    best checkpoint's stay beside them as `best/test/acc` and `best/val/acc`."""
+    out = {k: v for k, v in ensemble.items() if k != "ensemble_metrics"}
+    if out["delivered"]["model"] == "ensemble":
+        out["best/test/acc"], out["best/val/acc"] = extra.get("test/acc"), extra.get("val/acc")
+        out.update(ensemble["ensemble_metrics"])
+        if "ensemble/val/acc" in out:
+            out["val/acc"] = out["ensemble/val/acc"]
+    return out
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -217,17 +231,21 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
                                     best_ckpt=best or None))
         snapshots = next((c.snapshots for c in trainer.callbacks if isinstance(c, SnapshotEnsemble)), [])
         if snapshots and trainer.is_global_zero:  # the whole test split, on one process
-            ensemble = snapshot_ensemble_scores(snapshots, cfg.snapshots.ensemble_last, datamodule)
+            ensemble = snapshot_ensemble_scores(snapshots, cfg.snapshots.ensemble_last, datamodule,
+                                                cfg.snapshots.get("deliver", "best"), extra.get("val/acc"),
+                                                calibrate=cfg.report.calibrate)
+            extra.update(deliver(ensemble, extra))
             for logger in trainer.loggers:
-                logger.log_metrics({k: v for k, v in ensemble.items() if k.startswith("ensemble/")},
+                logger.log_metrics({**{k: v for k, v in extra.items() if k.startswith("ensemble/")},
+                                    "delivered/ensemble": float(extra["delivered"]["model"] == "ensemble")},
                                    step=trainer.global_step)
-            extra.update(ensemble)
     export_error = None
     if cfg.export and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
         try:
             tested = ((trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None) or None
                       if cfg.test else None)  # without a test, the module holds the last weights
-            extra.update(export_run(cfg, module, datamodule, run_dir, extra.get("snapshots"), tested))
+            extra.update(export_run(cfg, module, datamodule, run_dir, extra.get("snapshots"), tested,
+                                    (extra.get("delivered") or {}).get("model")))
         except TLError as e:  # optional: the results of the finished training are written all the same
             export_error = extra["export_error"] = str(e)
 
