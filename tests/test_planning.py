@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tl.data.sources import ImageSet
-from tl.planning import FINISH_S, fit_budget, forward_seconds, native_side, small_budget, small_side
+from tl.inference import choose_delivery
+from tl.planning import ENSEMBLE_EXPORT_S, FINISH_S, fit_budget, forward_seconds, native_side, small_budget, small_side
 from tl.scenarios import decide
 from tl.train import train
 
@@ -56,6 +57,26 @@ def test_the_budget_cuts_validation_then_epochs_then_the_side():
     assert smaller["epochs"] == 15 and smaller["side"] < 224 and smaller["estimated_s"] <= 60
     impossible = fit_budget(15.0, **common, can_shrink=False)
     assert not impossible["fits"] and (impossible["epochs"], impossible["side"]) == (15, 224)
+
+
+def test_a_snapshot_ensemble_costs_its_members_scoring_and_export():
+    common = {"spent_s": 10.0, "per_image_s": 0.01, "n_train": 100, "n_val": 300, "n_test": 100, "epochs": 30,
+              "side": 224, "backbone_side": 224, "can_shrink": False}
+    one, three = fit_budget(None, **common), fit_budget(None, **common, members=3)
+    # three members: each scores val and test once more, and the export holds two more models
+    assert three["estimated_s"] - one["estimated_s"] == pytest.approx(0.01 * 3 * 400 + 2 * ENSEMBLE_EXPORT_S)
+
+
+@pytest.mark.parametrize(("deliver", "ensemble_val", "best_val", "expected"), [
+    ("val", 0.90, 0.90, "ensemble"),  # a tie: the ensemble (the best checkpoint's score is the max of many looks)
+    ("val", 0.90, 0.92, "best"),
+    ("val", None, 0.92, "best"),      # no validation split: nothing to compare on
+    ("ensemble", 0.50, 0.92, "ensemble"),
+    ("best", 0.99, 0.92, "best"),
+])
+def test_what_a_snapshot_run_delivers(deliver, ensemble_val, best_val, expected):
+    model, reason = choose_delivery(deliver, ensemble_val, best_val, 3)
+    assert model == expected and reason
 
 
 def test_the_default_small_data_budget_grows_with_examples_per_class():
@@ -130,6 +151,13 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     plan = free.scenario.evidence.plan
     assert free.scenario.name == "small_different" and free.data.image_size == plan.side == 128  # 32 px images
     assert free.trainer.max_epochs == plan.epochs == plan.preset_epochs and plan.fits
+    assert free.snapshots.cycles == 0 and "snapshot" not in plan.reason  # off by default (measured: README)
+    # asked for: a snapshot ensemble inside those epochs (one cycle per epoch at most: TINY's 2), delivered
+    snap = auto_cfg(*common, "scenario.small_snapshots=3", "scenario.small_deliver=val")
+    assert (snap.snapshots.cycles, snap.snapshots.deliver) == (2, "val")
+    assert "snapshot ensemble of 2 cosine cycles" in snap.scenario.evidence.plan.reason
+    # the command line's snapshots stand
+    assert auto_cfg(*common, "scenario.small_snapshots=3", "snapshots.cycles=0").snapshots.cycles == 0
     # small data is bounded by default (scenario.small_budget_minutes), and says so
     assert plan.budget_minutes == 4.5 and plan.budget_from.startswith("scenario.small_budget_minutes")
     tight = auto_cfg(*common, "scenario.small_budget_minutes=0.01").scenario.evidence.plan
@@ -143,8 +171,11 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     assert not plan.fits and cfg.trainer.max_epochs == plan.epochs == 2  # the command line's epochs (TINY) stand
     assert cfg.data.image_size == plan.side == 64 and cfg.trainer.check_val_every_n_epoch == 5
     assert "does not fit" in plan.reason
-    given = auto_cfg(*common, "data.image_size=48", "trainer.max_epochs=3", "scenario.budget_minutes=0.01")
+    given = auto_cfg(*common, "data.image_size=48", "trainer.max_epochs=3", "scenario.budget_minutes=0.01",
+                     "scenario.small_snapshots=3")
     assert given.data.image_size == 48 and given.trainer.max_epochs == 3  # the command line wins over the plan
     results, _ = train(given)
     saved = json.loads((tmp_path / "results.json").read_text())["scenario_evidence"]["plan"]
     assert results["epochs"] == 3 and saved["side"] == 48 and "budget" in saved["reason"]
+    assert results["delivered"]["model"] == "ensemble" and results["ensemble/size"] == 3
+    assert results["test/acc"] == results["ensemble/test/acc"]

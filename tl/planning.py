@@ -30,6 +30,7 @@ MIN_SIDE = 64
 VAL_EVERY = (1, 2, 3, 5)
 TRAIN_FORWARDS = 4  # a training step costs about this many forward passes per image (backward, optimizer, augmentation)
 FINISH_S = 25.0     # process start-up and the export (ONNX and its parity check), outside the per-image cost
+ENSEMBLE_EXPORT_S = 7.0  # each snapshot-ensemble member past the first in the ONNX export (3 members: +14 s, measured)
 
 
 def native_side(images, indices: np.ndarray, limit: int = 200) -> int:
@@ -85,20 +86,25 @@ def forward_seconds(model: torch.nn.Module, side: int, batch: int = 16, repeats:
 
 def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_train: int, n_val: int, n_test: int,
                epochs: int, side: int, backbone_side: int, can_shrink: bool, epochs_fixed: bool = False,
-               train_per_image_s: float | None = None, features_cached: bool = False) -> dict:
+               train_per_image_s: float | None = None, features_cached: bool = False, members: int = 1) -> dict:
     """The schedule (epochs, validation interval, side) that fits `budget_s`, with its estimated cost.
     `per_image_s`: a forward pass as validation and test run it (float32); `train_per_image_s`: as training steps
     run it (bfloat16 under trainer.precision=bf16-mixed; default: the same). `can_shrink`: the side is the plan's to
     choose; `epochs_fixed`: the epochs are the user's; `features_cached`: a linear probe on cached features (every
-    image goes through the backbone once; the epochs train the head alone, next to free)."""
+    image goes through the backbone once; the epochs train the head alone, next to free); `members`: a snapshot
+    ensemble of this many members is scored on val and test and exported (each member one more forward pass per
+    val and test image, and one more model in the ONNX export: ENSEMBLE_EXPORT_S each)."""
     train_s = per_image_s if train_per_image_s is None else train_per_image_s
+
+    extra = max(0, members - 1) * ENSEMBLE_EXPORT_S if members > 1 else 0.0
+    scored = members * (n_val + n_test) if members > 1 else 0
 
     def cost(e: int, every: int, s: int) -> float:
         scale = (s / backbone_side) ** 2
         if features_cached:
             return FINISH_S + scale * per_image_s * (n_train + n_val + 3 * n_test)
-        return FINISH_S + scale * (train_s * e * TRAIN_FORWARDS * n_train
-                                   + per_image_s * (math.ceil(e / every) * n_val + n_val + 2 * n_test))
+        return FINISH_S + extra + scale * (train_s * e * TRAIN_FORWARDS * n_train + per_image_s * (
+            math.ceil(e / every) * n_val + n_val + 2 * n_test + scored))
 
     plan = {"epochs": epochs, "val_every": 1, "side": side}
     if budget_s is None:

@@ -202,13 +202,19 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
         budget_from = "scenario.small_budget_minutes (small data" + (
             f", x{scale:g} for {m['examples_per_class']:g} examples per class)" if scale > 1 else ")")
     fixed_epochs = "trainer.max_epochs" in given
+    # small data fine-tuned: a snapshot ensemble inside the same epochs, unless the command line set the snapshots
+    cycles = int(cfg.scenario.get("small_snapshots") or 0)
+    # (the cosine schedule's restarts end at the snapshots: another schedule has no snapshot ensemble)
+    snapshot_plan = small and final.scenario.name != "small_similar" and cycles > 1 and not any(
+        k.startswith("snapshots.") for k in given) and OmegaConf.select(final, "scheduler.cycles") is not None
     schedule = fit_budget(None if budget is None else 60.0 * float(budget), spent_s,
                           float(m["forward_ms_per_image"]) / 1000, m["n_train"], m["n_val"], m["n_test"],
                           int(final.trainer.max_epochs), side, backbone_side, can_shrink=choose_side,
                           epochs_fixed=fixed_epochs,  # the user's epochs stand
                           train_per_image_s=float(m.get("forward_ms_per_image_bf16", m["forward_ms_per_image"]))
                           / 1000 if str(final.trainer.get("precision")) in BF16_MIXED else None,
-                          features_cached=feature_cache_applies(final))
+                          features_cached=feature_cache_applies(final),
+                          members=cycles if snapshot_plan else int(final.snapshots.get("cycles") or 0) or 1)
     out: list[str] = []
     if choose_side:
         out.append(f"data.small_data_image_size={schedule['side']}")
@@ -216,12 +222,19 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
         out.append(f"trainer.max_epochs={schedule['epochs']}")
     if schedule["val_every"] != 1 and "trainer.check_val_every_n_epoch" not in given:
         out.append(f"trainer.check_val_every_n_epoch={schedule['val_every']}")
+    cycles = min(cycles, int(schedule["epochs"] if not fixed_epochs else final.trainer.max_epochs))
+    snapshot_plan = snapshot_plan and cycles > 1  # at most one cycle per epoch
+    if snapshot_plan:
+        out += [f"snapshots.cycles={cycles}", f"snapshots.deliver={cfg.scenario.get('small_deliver', 'ensemble')}"]
     side_why = " (the side the probe was measured at)" if probe_side else ""
     if choose_side:
         side_why = f" (images {m['native_side']} px: 4x native, within {MIN_SIDE}..{backbone_side}" + (
             ")" if schedule["side"] == side else f", is {side} px; smaller to fit the budget)")
     why = [f"train at {schedule['side']} px" + side_why,
-           f"{schedule['epochs']} epochs, validating every {schedule['val_every']}",
+           f"{schedule['epochs']} epochs, validating every {schedule['val_every']}" + (
+               f", a snapshot ensemble of {cycles} cosine cycles delivered as "
+               f"snapshots.deliver={cfg.scenario.get('small_deliver', 'ensemble')} (scenario.small_snapshots)"
+               if snapshot_plan else ""),
            f"estimated {schedule['estimated_s'] / 60:.1f} min" + (
                "" if budget is None else f" of a {float(budget):g} min budget ({budget_from})" +
                ("" if schedule["fits"] else " (does not fit: the smallest schedule runs; raise "
