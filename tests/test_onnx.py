@@ -244,6 +244,9 @@ def test_a_delivered_snapshot_ensemble_is_the_runs_model_everywhere(tmp_path, im
                                             "snapshots.deliver=ensemble"]))
     assert results["delivered"]["model"] == "ensemble" and results["test/acc"] == results["ensemble/test/acc"]
     assert 0 <= results["best/test/acc"] <= 1 and results["val/acc"] == results["ensemble/val/acc"]
+    # every test metric is the ensemble's; the best checkpoint's moved under best/
+    assert "test/loss" not in results and "best/test/loss" in results and "best/test/ece" in results
+    assert results["test/nll"] != results["best/test/nll"] and len(results["test/per_class"]) == 4
     meta = json.loads((run / "export" / "model.json").read_text())
     assert meta["onnx"]["members"] == 2 and meta["safetensors"]["members"] == 1
     assert results["onnx"]["parity"]["max_abs_prob_diff"] < 1e-4

@@ -391,9 +391,9 @@ def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule
 
     - `best`: the best single checkpoint; the ensemble is scored beside it (`ensemble/test/acc`).
     - `ensemble`: the ensemble.
-    - `val`: whichever scores higher on the validation split, the ensemble on a tie (averaging snapshots does not
-      make a model worse on unseen data as often as one checkpoint picked among ties does). `best_val_acc` is the
-      best checkpoint's accuracy on the whole validation split (`tl.report`).
+    - `val`: whichever scores higher on the validation split, the ensemble on a tie. `best_val_acc` is the best
+      checkpoint's accuracy on the whole validation split (`tl.report`); picked as the best of many validations, it
+      reads high, so this leans toward the best checkpoint (README, "auto across datasets").
 
     With `calibrate`, each member gets its own temperature fitted on the validation split (stored in its checkpoint,
     as the best checkpoint's is), so the ensemble averages calibrated probabilities wherever it is used. Returns
@@ -408,7 +408,7 @@ def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule
     has_val = len(datamodule.split_indices.get("val", [])) > 0
     val_acc: float | None = None
     member_val: list[float | None] = [None] * len(members)
-    if has_val and (calibrate or deliver == "val"):
+    if has_val:
         _, val = evaluate_members(classifiers, datamodule, split="val")
         logits, y = val["logits"], val["targets"]
         for i, (clf, snapshot) in enumerate(zip(classifiers, members, strict=True)):

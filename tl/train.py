@@ -131,12 +131,16 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: li
 
 
 def deliver(ensemble: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """results.json keys from a scored snapshot ensemble (`snapshot_ensemble_scores`): when the ensemble is what the
-    run delivers, its test metrics become the run's (`test/acc`, ...; `val/acc` its validation accuracy) and the
-    best checkpoint's stay beside them as `best/test/acc` and `best/val/acc`."""
-    out = {k: v for k, v in ensemble.items() if k != "ensemble_metrics"}
+    """`extra` with a scored snapshot ensemble's keys (`snapshot_ensemble_scores`). When the ensemble is what the run
+    delivers, its test metrics become the run's (`test/acc`, ...; `val/acc` its validation accuracy) and every test
+    metric of the best checkpoint moves beside them under `best/` (`best/test/acc`, `best/test/loss`, ...;
+    `best/val/acc`), so no `test/` key describes a model the run does not deliver."""
+    out = {**extra, **{k: v for k, v in ensemble.items() if k != "ensemble_metrics"}}
     if out["delivered"]["model"] == "ensemble":
-        out["best/test/acc"], out["best/val/acc"] = extra.get("test/acc"), extra.get("val/acc")
+        for key in [k for k in out if k.startswith("test/") or k in ("per_class_acc", "confusion_matrix")]:
+            out[f"best/{key}"] = out.pop(key)
+        if "val/acc" in out:
+            out["best/val/acc"] = out["val/acc"]
         out.update(ensemble["ensemble_metrics"])
         if "ensemble/val/acc" in out:
             out["val/acc"] = out["ensemble/val/acc"]
@@ -234,7 +238,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
             ensemble = snapshot_ensemble_scores(snapshots, cfg.snapshots.ensemble_last, datamodule,
                                                 cfg.snapshots.get("deliver", "best"), extra.get("val/acc"),
                                                 calibrate=cfg.report.calibrate)
-            extra.update(deliver(ensemble, extra))
+            extra = deliver(ensemble, extra)
             for logger in trainer.loggers:
                 logger.log_metrics({**{k: v for k, v in extra.items() if k.startswith("ensemble/")},
                                     "delivered/ensemble": float(extra["delivered"]["model"] == "ensemble")},
