@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("snapshots.ensemble_last=0", "snapshots.ensemble_last=0 is invalid"),
     ("snapshots.deliver=ensmble", "snapshots.deliver='ensmble' is invalid"),
     ("scenario=auto scenario.small_snapshots=-1", "scenario.small_snapshots=-1 is invalid"),
+    ("scenario=auto scenario.small_snapshots=1", "scenario.small_snapshots=1 is invalid"),
     ("finetune.label_smoothing=1.5", "finetune.label_smoothing=1.5 is invalid"),
     ("finetune.strategy=half", "finetune.strategy='half' is invalid"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0 is invalid"),

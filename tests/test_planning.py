@@ -156,6 +156,8 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     snap = auto_cfg(*common, "scenario.small_snapshots=3", "scenario.small_deliver=val")
     assert (snap.snapshots.cycles, snap.snapshots.deliver) == (2, "val")
     assert "snapshot ensemble of 2 cosine cycles" in snap.scenario.evidence.plan.reason
+    # a schedule without the snapshots' restarts gets none (scheduler=warm_restarts has cycles of its own)
+    assert auto_cfg(*common, "scenario.small_snapshots=3", "scheduler=warm_restarts").snapshots.cycles == 0
     # the command line's snapshots stand
     assert auto_cfg(*common, "scenario.small_snapshots=3", "snapshots.cycles=0").snapshots.cycles == 0
     # small data is bounded by default (scenario.small_budget_minutes), and says so

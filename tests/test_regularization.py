@@ -104,3 +104,26 @@ def test_swa_averages_from_the_last_quarter(tiny_cfg, tmp_path):
     # before averaging began a checkpoint holds the raw weights, not an empty average; after, the average
     assert "averaging_state" not in torch.load(by_epoch[0], weights_only=True)
     assert int(torch.load(by_epoch[3], weights_only=True)["averaging_state"]["n_averaged"]) == per_epoch
+
+
+def test_a_run_from_another_runs_checkpoint_keeps_its_own_snapshots(tiny_cfg, tmp_path):
+    """Its checkpoint lists the other run's snapshots: they are not this run's members, and are left untouched."""
+    import hashlib
+
+    first, _ = train(tiny_cfg("trainer.max_epochs=4", "snapshots.cycles=2", run_dir=tmp_path / "a"))
+    digests = {s["path"]: hashlib.md5(open(s["path"], "rb").read()).hexdigest() for s in first["snapshots"]}
+    ckpt = tmp_path / "a" / "checkpoints" / "snapshots" / "snapshot_cycle1.ckpt"
+    results, _ = train(tiny_cfg("trainer.max_epochs=4", "snapshots.cycles=2", f"ckpt_path={ckpt}",
+                                run_dir=tmp_path / "b"))
+    assert [s["cycle"] for s in results["snapshots"]] == [2]  # its own cycle 2; cycle 1 was the other run's
+    assert all(str(tmp_path / "b") in s["path"] for s in results["snapshots"])
+    assert {p: hashlib.md5(open(p, "rb").read()).hexdigest() for p in digests} == digests
+
+
+def test_without_a_test_the_run_still_decides_what_it_delivers(tiny_cfg, tmp_path):
+    from tl.evaluate import resolve_members
+
+    results, _ = train(tiny_cfg("trainer.max_epochs=2", "snapshots.cycles=2", "test=false", "export=false"))
+    assert results["delivered"]["model"] == "ensemble" and "ensemble/test/acc" not in results
+    assert "test/acc" not in results and 0 <= results["ensemble/val/acc"] <= 1
+    assert [p.name for p in resolve_members(str(tmp_path), None)] == ["snapshot_cycle1.ckpt", "snapshot_cycle2.ckpt"]

@@ -113,7 +113,7 @@ AUTO_RULES: list[Rule] = [
     ("scenario.probe_enough_samples", lambda v: _integer(v) and v >= 2, "an integer >= 2 (training images probed)"),
     ("scenario.budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
     ("scenario.small_budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
-    ("scenario.small_snapshots", _optional(lambda v: _integer(v) and v >= 0),
+    ("scenario.small_snapshots", _optional(lambda v: _integer(v) and (v == 0 or v >= 2)),
      "null or 0 (no snapshot ensemble) or a number of cosine cycles >= 2, e.g. 3"),
     ("scenario.small_deliver", lambda v: v in ("val", "ensemble", "best"), "ensemble, val or best (snapshots.deliver)"),
 ]

@@ -57,17 +57,17 @@ def resolve_members(ckpt: str, last: int | None) -> list[Path]:
     if path.is_file() or (path / "model.json").is_file():
         return [path]
     snapshots = snapshot_paths(path)
-    if snapshots:
-        if last is not None and not 1 <= int(last) <= len(snapshots):
-            raise TLError(f"ensemble.last={last} but {str(path)!r} has {len(snapshots)} snapshots: use 1.."
-                          f"{len(snapshots)}, or null for all")
-        if last is not None:
-            return snapshots[-int(last):]
-        model, members = delivered(path)  # what the run delivered: its ensemble, or its best checkpoint
+    if last is None:
+        model, members = delivered(path)  # what the run delivered: its ensemble (its members must be there), or best
         if model == "ensemble":
             return members
-        if model is None:  # a run from before snapshots.deliver: all its snapshots
+        if model is None and snapshots:  # a run from before snapshots.deliver: all its snapshots
             return snapshots
+    elif snapshots:
+        if not 1 <= int(last) <= len(snapshots):
+            raise TLError(f"ensemble.last={last} but {str(path)!r} has {len(snapshots)} snapshots: use 1.."
+                          f"{len(snapshots)}, or null for all")
+        return snapshots[-int(last):]
     results = path / "results.json"
     try:
         best = json.loads(results.read_text()).get("best_ckpt") if results.is_file() else None

@@ -265,7 +265,8 @@ def delivered(run_dir: Path) -> tuple[str | None, list[Path]]:
     model = choice.get("model") if isinstance(choice, dict) else None
     if model != "ensemble":
         return ("best" if model == "best" else None), []
-    names = [Path(s["path"]).name for s in results.get("snapshots") or []
+    listed = results.get("snapshots")
+    names = [Path(s["path"]).name for s in (listed if isinstance(listed, list) else [])
              if isinstance(s, dict) and isinstance(s.get("path"), str)]
     paths = [run_dir / "checkpoints" / "snapshots" / name for name in names]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -385,7 +386,8 @@ def choose_delivery(deliver: str, ensemble_val_acc: float | None, best_val_acc: 
 
 
 def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule, deliver: str = "best",
-                             best_val_acc: float | None = None, calibrate: bool = True) -> dict[str, Any]:
+                             best_val_acc: float | None = None, calibrate: bool = True,
+                             score_test: bool = True) -> dict[str, Any]:
     """Score the snapshot ensemble (`SnapshotEnsemble.snapshots`: the mean softmax of the last `last`, all when None)
     on the whole test split of `datamodule`, and decide what the run delivers (`snapshots.deliver`):
 
@@ -398,7 +400,7 @@ def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule
     With `calibrate`, each member gets its own temperature fitted on the validation split (stored in its checkpoint,
     as the best checkpoint's is), so the ensemble averages calibrated probabilities wherever it is used. Returns
     results.json keys; `ensemble_metrics` holds the ensemble's test metrics (`test/...`) for the caller to report
-    when the ensemble is delivered."""
+    when the ensemble is delivered. `score_test=False` (a run with test=false): validation and the decision only."""
     from tl.report import fit_temperature, write_calibration
 
     if deliver not in DELIVER_CHOICES:
@@ -416,17 +418,23 @@ def snapshot_ensemble_scores(snapshots: list[dict], last: int | None, datamodule
             if calibrate:
                 fitted = fit_temperature(logits[i], y)
                 clf.temperature = fitted["temperature"]
-                write_calibration(Path(snapshot["path"]), {**fitted, "fitted_on": "val"})
+                try:
+                    write_calibration(Path(snapshot["path"]), {**fitted, "fitted_on": "val"})
+                except TLError as e:  # a full disk: the scores stand; the member file keeps no temperature
+                    log.warning("%s", e)
+                    clf.temperature = 1.0
         ensemble = probs_from_logits(logits.unsqueeze(1), [c.temperature for c in classifiers]).mean(dim=0)
         val_acc = float((ensemble.argmax(dim=1) == y).double().mean())
-    metrics, _ = evaluate_members(classifiers, datamodule)
-    member_acc = metrics.get("member_acc", [metrics["test/acc"]])
+    metrics, _ = evaluate_members(classifiers, datamodule) if score_test else ({}, None)
+    member_acc = metrics.get("member_acc", [metrics.get("test/acc")]) if score_test else [None] * len(members)
     out: dict[str, Any] = {
-        "ensemble/test/acc": metrics["test/acc"], "ensemble/size": len(members),
-        "ensemble/best_member_test_acc": max(member_acc),
-        "snapshots": [{**s, "test/acc": acc, **({"val/acc": v} if v is not None else {}),
+        "ensemble/size": len(members),
+        "snapshots": [{**s, **({"test/acc": acc} if acc is not None else {}),
+                       **({"val/acc": v} if v is not None else {}),
                        **({"calibration/temperature": c.temperature} if calibrate and has_val else {})}
                       for s, acc, v, c in zip(members, member_acc, member_val, classifiers, strict=True)]}
+    if score_test:
+        out["ensemble/test/acc"], out["ensemble/best_member_test_acc"] = metrics["test/acc"], max(member_acc)
     if val_acc is not None:
         out["ensemble/val/acc"] = val_acc
     model, reason = choose_delivery(deliver, val_acc, best_val_acc, len(members))

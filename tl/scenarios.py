@@ -206,7 +206,8 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     cycles = int(cfg.scenario.get("small_snapshots") or 0)
     # (the cosine schedule's restarts end at the snapshots: another schedule has no snapshot ensemble)
     snapshot_plan = small and final.scenario.name != "small_similar" and cycles > 1 and not any(
-        k.startswith("snapshots.") for k in given) and OmegaConf.select(final, "scheduler.cycles") is not None
+        k.startswith("snapshots.") for k in given) and (OmegaConf.to_container(final.scheduler, resolve=False) or {}
+                                                        ).get("cycles") == "${snapshots.cycles}"
     schedule = fit_budget(None if budget is None else 60.0 * float(budget), spent_s,
                           float(m["forward_ms_per_image"]) / 1000, m["n_train"], m["n_val"], m["n_test"],
                           int(final.trainer.max_epochs), side, backbone_side, can_shrink=choose_side,

@@ -104,6 +104,9 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: li
     `ensemble/test/acc` scored them: `snapshots` holds exactly those)."""
     formats, skipped = onnx_formats(cfg)
     ensemble = bool(snapshots) and formats == "all" and delivered_model == "ensemble"
+    if delivered_model == "ensemble" and not ensemble:
+        log.warning("the run delivered its snapshot ensemble, but %s: RUN/export holds the best checkpoint alone "
+                    "(tl.predict ckpt=RUN serves the ensemble from the run's snapshots)", skipped or "no ONNX")
     members = ensemble_members([s["path"] for s in snapshots]) if ensemble else None
     started = time.perf_counter()
     averaging = OmegaConf.select(cfg, "callbacks.weight_averaging._target_")
@@ -233,16 +236,19 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
             extra.update(report_run(module, datamodule, fit_data, run_dir, trainer.loggers, trainer.global_step,
                                     calibrate=cfg.report.calibrate, top_losses=cfg.report.top_losses,
                                     best_ckpt=best or None))
-        snapshots = next((c.snapshots for c in trainer.callbacks if isinstance(c, SnapshotEnsemble)), [])
-        if snapshots and trainer.is_global_zero:  # the whole test split, on one process
-            ensemble = snapshot_ensemble_scores(snapshots, cfg.snapshots.ensemble_last, datamodule,
-                                                cfg.snapshots.get("deliver", "best"), extra.get("val/acc"),
-                                                calibrate=cfg.report.calibrate)
-            extra = deliver(ensemble, extra)
-            for logger in trainer.loggers:
-                logger.log_metrics({**{k: v for k, v in extra.items() if k.startswith("ensemble/")},
-                                    "delivered/ensemble": float(extra["delivered"]["model"] == "ensemble")},
-                                   step=trainer.global_step)
+    snapshots = next((c.snapshots for c in trainer.callbacks if isinstance(c, SnapshotEnsemble)), [])
+    if snapshots and trainer.is_global_zero:  # the whole val and test splits, on one process
+        if "val/acc" not in extra and OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor") == "val/acc" and \
+                trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
+            extra["val/acc"] = float(trainer.checkpoint_callback.best_model_score)  # test=false: no report
+        ensemble = snapshot_ensemble_scores(snapshots, cfg.snapshots.ensemble_last, datamodule,
+                                            cfg.snapshots.get("deliver", "best"), extra.get("val/acc"),
+                                            calibrate=cfg.report.calibrate, score_test=bool(cfg.test))
+        extra = deliver(ensemble, extra)
+        for logger in trainer.loggers:
+            logger.log_metrics({**{k: v for k, v in extra.items() if k.startswith("ensemble/")},
+                                "delivered/ensemble": float(extra["delivered"]["model"] == "ensemble")},
+                               step=trainer.global_step)
     export_error = None
     if cfg.export and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
         try:

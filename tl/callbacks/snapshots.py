@@ -61,6 +61,11 @@ class SnapshotEnsemble(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         # A resumed fit starts empty and takes the saved list. Lightning also restores callback state when testing
         # with ckpt_path=best after fitting: a best checkpoint from an earlier cycle must not drop later snapshots.
-        by_cycle = {s["cycle"]: s for s in state_dict.get("snapshots", [])}
+        saved = state_dict.get("snapshots", [])
+        if self.dirpath is not None:  # set up: snapshots are this run's files, found here by name (a moved run), or
+            # dropped (a checkpoint of another run: its snapshots are not this run's, and this run saves its own)
+            here = [(s, self.dirpath / Path(s["path"]).name) for s in saved]
+            saved = [{**s, "path": str(p)} for s, p in here if p.is_file()]
+        by_cycle = {s["cycle"]: s for s in saved}
         by_cycle.update({s["cycle"]: s for s in self.snapshots})
         self.snapshots = [by_cycle[c] for c in sorted(by_cycle)]
