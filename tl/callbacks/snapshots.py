@@ -9,6 +9,7 @@ time the last `ensemble_last` snapshots vote by averaging their softmax outputs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -62,10 +63,14 @@ class SnapshotEnsemble(Callback):
         # A resumed fit starts empty and takes the saved list. Lightning also restores callback state when testing
         # with ckpt_path=best after fitting: a best checkpoint from an earlier cycle must not drop later snapshots.
         saved = state_dict.get("snapshots", [])
-        if self.dirpath is not None:  # set up: snapshots are this run's files, found here by name (a moved run), or
-            # dropped (a checkpoint of another run: its snapshots are not this run's, and this run saves its own)
-            here = [(s, self.dirpath / Path(s["path"]).name) for s in saved]
-            saved = [{**s, "path": str(p)} for s, p in here if p.is_file()]
+        if self.dirpath is not None:  # set up: snapshots are this run's, recorded here or found here by name (a
+            # moved run); a checkpoint of another run lists that run's, which this run neither uses nor rewrites (it
+            # saves its own). Decided from the recorded folder first: every DDP rank must decide alike, since each
+            # snapshot it then saves is a collective call.
+            here = os.path.abspath(self.dirpath)
+            names = [(s, Path(s["path"]).name) for s in saved]
+            saved = [{**s, "path": os.path.join(here, name)} for s, name in names
+                     if os.path.abspath(Path(s["path"]).parent) == here or (Path(here) / name).is_file()]
         by_cycle = {s["cycle"]: s for s in saved}
         by_cycle.update({s["cycle"]: s for s in self.snapshots})
         self.snapshots = [by_cycle[c] for c in sorted(by_cycle)]
