@@ -96,7 +96,7 @@ def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_tra
     val and test image, and one more model in the ONNX export: ENSEMBLE_EXPORT_S each)."""
     train_s = per_image_s if train_per_image_s is None else train_per_image_s
 
-    extra = max(0, members - 1) * ENSEMBLE_EXPORT_S if members > 1 else 0.0
+    extra = (members - 1) * ENSEMBLE_EXPORT_S if members > 1 else 0.0
     scored = members * (n_val + n_test) if members > 1 else 0
 
     def cost(e: int, every: int, s: int) -> float:

@@ -27,6 +27,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def selected_val_acc(trainer: pl.Trainer) -> float | None:
+    """The validation accuracy the checkpoint callback selected the best checkpoint by (None: it monitors another
+    metric, or has not scored one)."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None or ckpt.monitor != "val/acc" or ckpt.best_model_score is None:
+        return None
+    return float(ckpt.best_model_score)
+
+
 def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, datamodule, feature_cache: bool,
                     extra: dict[str, Any]) -> dict[str, Any]:
     """The run's results as flat JSON-ready keys (the interface contract's keys among them)."""
@@ -35,8 +44,8 @@ def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningMo
     monitor = ckpt.monitor if ckpt is not None else None
     if (extra.get("delivered") or {}).get("model") == "ensemble" and "ensemble/val/acc" in extra:
         val_acc = extra["ensemble/val/acc"]  # the delivered model's
-    elif best_score is not None and monitor == "val/acc":
-        val_acc = best_score
+    elif selected_val_acc(trainer) is not None:
+        val_acc = selected_val_acc(trainer)
     else:  # the tested weights' own validation accuracy (tl.report), else the last validation's
         val_acc = extra.get("val/acc", trainer.callback_metrics.get("val/acc", float("nan")))
     results: dict[str, Any] = {k: _plain(v) for k, v in extra.items()}

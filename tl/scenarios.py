@@ -223,7 +223,7 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
         out.append(f"trainer.max_epochs={schedule['epochs']}")
     if schedule["val_every"] != 1 and "trainer.check_val_every_n_epoch" not in given:
         out.append(f"trainer.check_val_every_n_epoch={schedule['val_every']}")
-    cycles = min(cycles, int(schedule["epochs"] if not fixed_epochs else final.trainer.max_epochs))
+    cycles = min(cycles, int(schedule["epochs"]))  # the user's epochs when fixed
     snapshot_plan = snapshot_plan and cycles > 1  # at most one cycle per epoch
     if snapshot_plan:
         out += [f"snapshots.cycles={cycles}", f"snapshots.deliver={cfg.scenario.get('small_deliver', 'ensemble')}"]

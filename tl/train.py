@@ -41,7 +41,7 @@ from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
 from tl.models.probe_head import init_head_from_probe
 from tl.report import report_run
-from tl.results import collect_results
+from tl.results import collect_results, selected_val_acc
 from tl.rundir import claim_run_dir, own_resume
 from tl.scenarios import resolve
 from tl.utils import build, ensure_writable, print_config, print_results, run_terminated, user_errors, write_json
@@ -238,9 +238,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
                                     best_ckpt=best or None))
     snapshots = next((c.snapshots for c in trainer.callbacks if isinstance(c, SnapshotEnsemble)), [])
     if snapshots and trainer.is_global_zero:  # the whole val and test splits, on one process
-        if "val/acc" not in extra and OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor") == "val/acc" and \
-                trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
-            extra["val/acc"] = float(trainer.checkpoint_callback.best_model_score)  # test=false: no report
+        if "val/acc" not in extra and selected_val_acc(trainer) is not None:  # test=false: no report
+            extra["val/acc"] = selected_val_acc(trainer)
         ensemble = snapshot_ensemble_scores(snapshots, cfg.snapshots.ensemble_last, datamodule,
                                             cfg.snapshots.get("deliver", "best"), extra.get("val/acc"),
                                             calibrate=cfg.report.calibrate, score_test=bool(cfg.test))
