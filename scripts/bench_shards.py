@@ -106,21 +106,32 @@ def loader_throughput(datamodule) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def model_throughput(steps: int = 8, batch: int = 64, side: int = 64) -> float:
+def model_throughput(steps: int = 8, batch: int = 64, side: int = 64, device: str = "cpu") -> float:
+    """Training images/s of EfficientNet-Lite0 at the default run's shape on `device` (on a GPU: bf16 autocast, as
+    trainer=gpu, and more steps)."""
     import timm
     import torch
 
-    model = timm.create_model("efficientnet_lite0", num_classes=10).to(memory_format=torch.channels_last)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    steps = steps * 8 if cuda else steps
+    model = timm.create_model("efficientnet_lite0", num_classes=10).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 3, side, side).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, side, side, device=dev).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=dev)
     model.train()
-    for i in range(steps + 2):
-        if i == 2:
+    for i in range(steps + 5):
+        if i == 5:
+            if cuda:
+                torch.cuda.synchronize(dev)
             started = time.perf_counter()
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
+    if cuda:
+        torch.cuda.synchronize(dev)
     return steps * batch / (time.perf_counter() - started)
 
 
@@ -130,6 +141,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--repeats", type=int, default=3, help="full loader epochs per source, alternated")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--model-device", default="cpu", help="where the model's appetite is measured: cpu | cuda | auto")
     args = ap.parse_args()
     from benchlib import machine, write_report
 
@@ -173,11 +185,17 @@ def main() -> None:
     for _ in range(args.repeats):  # alternated: the machine's load drifts
         runs["shards"].append(loader_throughput(TransferDataModule(ShardSource(str(args.work / f"shards_{n}")), **kw)))
         runs["folder"].append(loader_throughput(TransferDataModule(ImageFolderSource(args.work / f"images_{n}"), **kw)))
-    model_ips = model_throughput()
+    import torch
+
+    model_device = args.model_device
+    if model_device == "auto":
+        model_device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_ips = model_throughput(device=model_device)
     shards_ips, folder_ips = float(np.median(runs["shards"])), float(np.median(runs["folder"]))
     report["loader"] = {"shards_img_s": [round(x, 1) for x in runs["shards"]],
                         "folder_img_s": [round(x, 1) for x in runs["folder"]],
-                        "model_train_img_s": round(model_ips, 1), "workers": min(8, os.cpu_count() or 1),
+                        "model_train_img_s": round(model_ips, 1), "model_device": model_device,
+                        "workers": min(8, os.cpu_count() or 1),
                         "shards_vs_folder": round(shards_ips / folder_ips, 2),
                         "shards_vs_model": round(shards_ips / model_ips, 2)}
     print(json.dumps(report, indent=1))
@@ -186,7 +204,8 @@ def main() -> None:
     lo = report["loader"]
     print(f"loader (median of {args.repeats} epochs): shards {np.median(lo['shards_img_s']):.0f} img/s, folder "
           f"{np.median(lo['folder_img_s']):.0f} img/s "
-          f"({lo['shards_vs_folder']:.2f}x, target >= 1); model consumes {lo['model_train_img_s']:.0f} img/s "
+          f"({lo['shards_vs_folder']:.2f}x, target >= 1); model consumes {lo['model_train_img_s']:.0f} img/s on "
+          f"{lo['model_device']} "
           f"({lo['shards_vs_model']:.2f}x, target >= 3)")
     write_report(args.json, report)
 
