@@ -11,7 +11,8 @@ For each model, on the same device, batch size, input size, precision and memory
 
 Inputs are random tensors held in (pinned) host memory as whole batches, copied to the device each step, so the
 numbers measure the model step and the framework around it, not JPEG decoding. Timing: `warmup` steps first (cuDNN
-autotuning, compilation, allocator), then `steps` timed steps between two `torch.cuda.synchronize()` calls. Without a CUDA GPU everything runs on the CPU and says so.
+autotuning, compilation, allocator), then `steps` timed steps between two `torch.cuda.synchronize()` calls. Without a
+CUDA GPU everything runs on the CPU and says so.
 
     python scripts/bench_throughput.py                                  # efficientnet_lite0 and resnet50, 224 px
     python scripts/bench_throughput.py --batch-size 128 --compile --out logs/bench/throughput.json

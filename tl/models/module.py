@@ -108,23 +108,28 @@ class TransferModule(pl.LightningModule):
         self.register_buffer("class_weights", weights, persistent=False)  # rebuilt from hparams, not in state_dict
         self.calibration: dict | None = None  # {"temperature": T, ...} once fitted on val (tl.report)
         self.mixup = None
+        self._loss_checks: list[tuple[torch.cuda.Event, torch.Tensor, int]] = []  # deferred on a GPU (_step)
         if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
             self.mixup = Mixup(
                 mixup_alpha=mixup.get("mixup_alpha") or 0.0, cutmix_alpha=mixup.get("cutmix_alpha") or 0.0,
                 prob=mixup.get("prob", 1.0), switch_prob=mixup.get("switch_prob", 0.5),
                 label_smoothing=label_smoothing, num_classes=num_classes)
             self.soft_criterion = SoftTargetCrossEntropy()
+        # validate_args=False: the labels come from tl's data module, and each update's checks would sync a GPU
         self.metrics = nn.ModuleDict({
-            f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro") for stage in ("train", "val", "test")})
+            f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+            for stage in ("train", "val", "test")})
         for stage in ("val", "test"):
-            self.metrics[f"{stage}_balanced_acc"] = MulticlassAccuracy(num_classes, average="macro")
-            self.metrics[f"{stage}_macro_f1"] = MulticlassF1Score(num_classes, average="macro")
+            self.metrics[f"{stage}_balanced_acc"] = MulticlassAccuracy(num_classes, average="macro",
+                                                                       validate_args=False)
+            self.metrics[f"{stage}_macro_f1"] = MulticlassF1Score(num_classes, average="macro", validate_args=False)
             # fed probabilities (see _step); on test the raw model's: tl.report adds the calibrated test/ece
             self.metrics["val_ece" if stage == "val" else "test_ece_uncalibrated"] = MulticlassCalibrationError(
-                num_classes, n_bins=15)
+                num_classes, n_bins=15, validate_args=False)
         if num_classes > 5:
-            self.metrics.update({f"{stage}_acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro")
-                                 for stage in ("val", "test")})
+            self.metrics.update({
+                f"{stage}_acc_top5": MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
+                for stage in ("val", "test")})
 
     def load_pretrained(self) -> str:
         """Load the backbone's pretrained weights (`pretrained`) into the model, head excluded; return their source."""
@@ -178,12 +183,8 @@ class TransferModule(pl.LightningModule):
                                        label_smoothing=self.hparams.label_smoothing)
             else:  # val/test losses stay unweighted: comparable across balance settings
                 loss = self.criterion(logits, y)
-        if stage == "train" and not torch.isfinite(loss):
-            lr = (self.hparams.optimizer or {}).get("lr", "?")
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): likely a "
-                f"learning rate too high (optimizer.lr={lr}; try 10x lower) or bad input (NaN/inf pixels); "
-                "checkpoints from earlier epochs are kept")
+        if stage == "train":
+            self._check_finite_loss(loss)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=stage != "train")
@@ -197,6 +198,42 @@ class TransferModule(pl.LightningModule):
                     else:
                         metric.update(logits, y)
         return loss
+
+    def _check_finite_loss(self, loss: torch.Tensor) -> None:
+        """Stop training at a NaN or infinite loss. On the CPU the loss is checked at once, before the step's update.
+        On a GPU, reading it now would make the host wait for the step's forward pass every step, so the next step's
+        kernels could not be queued while this one's run (measured on an H200: tl 0.79-0.87x timm's own loop with
+        this and torchmetrics' argument checks syncing each step). There the verdict is copied to pinned host memory
+        without waiting and read at a later step, once the device has got there (`_loss_checks`): the bad
+        step's update is applied, and the run stops a step or two later, still before any checkpoint of the epoch
+        (the epoch's end reads every pending verdict, in `_check_finite_weights`)."""
+        if loss.device.type != "cuda":
+            if not torch.isfinite(loss):
+                self._raise_nonfinite_loss(loss.item(), self.global_step)
+            return
+        self._read_loss_checks(wait=False)
+        value = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        value.copy_(loss.detach(), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._loss_checks.append((done, value, self.global_step))
+
+    def _read_loss_checks(self, wait: bool) -> None:
+        """Read the deferred loss verdicts the device has finished (all of them with `wait`)."""
+        pending = self._loss_checks
+        while pending and (wait or pending[0][0].query()):
+            done, value, step = pending.pop(0)
+            done.synchronize()
+            if not math.isfinite(value.item()):
+                pending.clear()
+                self._raise_nonfinite_loss(value.item(), step)
+
+    def _raise_nonfinite_loss(self, value: float, step: int) -> None:
+        lr = (self.hparams.optimizer or {}).get("lr", "?")
+        raise NonFiniteLossError(
+            f"training loss is {value} at step {step} (epoch {self.current_epoch}): likely a learning rate too high "
+            f"(optimizer.lr={lr}; try 10x lower) or bad input (NaN/inf pixels); checkpoints from earlier epochs are "
+            "kept")
 
     def _log_metrics(self, stage: str) -> None:
         """Log the stage's accuracy metrics for the epoch (computed over every process's updates) and reset them."""
@@ -217,6 +254,7 @@ class TransferModule(pl.LightningModule):
         """Stop before any checkpoint of this epoch is written if an update left a weight (or a BatchNorm statistic)
         NaN or infinite: the step's loss was finite, so the per-step loss check could not see it, and `last.ckpt`
         must keep the last good state. Runs where the module hooks run, before Lightning's checkpoint callbacks."""
+        self._read_loss_checks(wait=True)  # a NaN loss found late (on a GPU) is the more telling message
         tensors = [t.detach() for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
@@ -230,6 +268,7 @@ class TransferModule(pl.LightningModule):
         self._log_metrics("test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._read_loss_checks(wait=True)  # never save the state after a NaN loss that a GPU has not reported yet
         if self.calibration is not None:
             checkpoint["calibration"] = dict(self.calibration)
 
