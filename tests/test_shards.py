@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, make_cfg, synthetic_pil
 from distributed_helpers import DDP_CPU, REPO, TESTS, run_tl
 from PIL import Image
@@ -112,6 +113,47 @@ def test_image_folder_round_trip_labels_counts_pixels_and_skipped_files(tmp_path
     assert json.loads((out / MANIFEST).read_text()) == manifest
     shard(shard_cfg(tmp_path, "data=imagefolder", f"data.root={folder}", f"output={out}", "overwrite=true"))
     assert sum(json.loads((out / MANIFEST).read_text())["sizes"].values()) == 25
+
+
+def test_large_jpegs_decode_reduced_and_identical_from_shards_and_their_folder(tmp_path):
+    """Shards decode a record as the folder's loader decodes its file (tl.data.images.decode): a large JPEG at a
+    reduced DCT scale, then resized to what the transform needs; the same pixels at the same cost either way."""
+    from skimage import data as skdata
+
+    from tl.data.images import decode
+    from tl.data.transforms import decode_side
+    from tl.shard import shard
+
+    photo = skdata.astronaut()  # a real 512x512 photograph
+    folder = tmp_path / "photos"
+    for c in range(2):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(photo[24 * i:24 * i + 240, 96 * c:96 * c + 320]).save(folder / f"c{c}" / f"{i}.jpg")
+    out = tmp_path / "shards"
+    shard(shard_cfg(tmp_path, "data=imagefolder", f"data.root={folder}", f"output={out}"))
+    kw = {"preprocess": backbone_preprocess("efficientnet_lite0"), "image_size": 32, "crop_pct": 1.0,
+          "batch_size": 4, "num_workers": 0, "seed": 42}
+    dm = TransferDataModule(ShardSource(str(out)), **kw)
+    dm.setup("fit")
+    side = decode_side(dm.preprocess)  # 32: every 240x320 file is reduced
+    store = dm.images.store
+    for j in range(12):
+        from_shards = store.open(j, side)
+        from_folder, reduced = decode(folder / store.name(j), side)
+        assert reduced and min(from_shards.size) == side == min(from_folder.size)
+        assert np.array_equal(np.asarray(from_shards), np.asarray(from_folder))
+    # Evaluation batches are equal from either source; training streams records through the same reduced decoding
+    direct = TransferDataModule(ImageFolderSource(folder), **kw)
+    direct.setup("fit")
+    x_shards = {store.name(int(j)): x for (x, _), j in zip(dm.val_dataloader().dataset, dm.split_indices["val"],
+                                                             strict=True)}
+    x_folder = {os.path.relpath(direct.images.paths[int(j)], folder): x
+                for (x, _), j in zip(direct.val_dataloader().dataset, direct.split_indices["val"], strict=True)}
+    assert x_shards.keys() == x_folder.keys() and all(torch.equal(x_shards[k], x_folder[k]) for k in x_shards)
+    sample = dm.train_dataloader().dataset.transform  # LitData keeps a list of transforms
+    sample = sample[0] if isinstance(sample, list) else sample
+    assert sample.min_side == decode_side(dm.preprocess, dm.augment) and sample.min_side is not None
 
 
 def test_interrupted_conversion_never_looks_complete_and_keeps_the_earlier_dataset(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ from PIL import Image
 
 from tl.cli import launch
 from tl.data.audit import _digest as digest  # the digest the duplicate audit compares
-from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, decode, is_remote, meta_name
+from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, is_remote, meta_name
 from tl.errors import Terminated, TLError
 from tl.utils import atomic_write_text, check_required, terminate_as_exception, user_errors
 
@@ -340,8 +340,13 @@ def write_split(inputs: list[tuple], folder: Path, chunk_size: int, workers: int
         if int(record["id"]) != spec[0] or int(record["label"]) != spec[1]:
             raise TLError(f"{str(folder)!r}: record {i} is image {record['id']}, expected {spec[0]} (LitData did not "
                           "keep the input order): nothing was installed; rerun python -m tl.shard")
-        with decode(record, str(folder)) as img:  # size from the header; the content was decoded at the scan
-            w, h = img.size
+        try:  # the size from the header; the content was decoded at the scan
+            with Image.open(io.BytesIO(bytes(record["image"]))) as img:
+                w, h = img.size
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+            raise TLError(f"{str(folder)!r}: record {i} ({record.get('name')!r}) does not open ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:120]}): nothing was installed; rerun python -m tl.shard"
+                          ) from e
         meta["labels"][i], meta["ids"][i] = spec[1], spec[0]
         meta["digests"][i] = digest(bytes(record["image"]))
         meta["heights"][i], meta["widths"][i] = h, w

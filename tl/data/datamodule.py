@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tl.data.audit import audit_splits
 from tl.data.balance import balanced_sampler, class_weights, imbalance_ratio, resolve_balance
-from tl.data.images import decode, to_rgb
+from tl.data.images import decode
 from tl.data.sources import ImageSet
 from tl.data.splits import make_splits, subset_per_class
 from tl.data.transforms import decode_side, eval_transform, train_transform
@@ -69,7 +69,7 @@ class ImageDataset(Dataset):
     def load_image(self, i: int) -> Image.Image:
         j = int(self.indices[i])
         if self.set.store is not None:  # LitData shards (tl.data.shards): damaged records stop with one line
-            return to_rgb(self.set.store.open(j))
+            return self.set.store.open(j, self.min_side, self.interpolation)
         if self.set.images is not None:
             arr = self.set.images[j].permute(1, 2, 0).numpy()
             img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
@@ -298,7 +298,9 @@ class TransferDataModule(pl.LightningDataModule):
 
         store = self.images.store
         tf = train_transform(self.preprocess, self.augment, self.mirror_invariant)
-        stream = store.stream(ShardSample(tf, store.root), self.seed)
+        side = decode_side(self.preprocess, self.augment)
+        interpolation = str(self.preprocess.get("interpolation") or "bicubic")
+        stream = store.stream(ShardSample(tf, store.root, side, interpolation), self.seed)
         return StreamingDataLoader(stream, batch_size=self.batch_size, num_workers=self._workers(),
                                    pin_memory=torch.cuda.is_available())
 

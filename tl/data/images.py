@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -115,10 +116,10 @@ def shrink(img: Image.Image, min_side: int | None, interpolation: str = "bicubic
     return img.resize(size, RESAMPLE.get(interpolation, Image.BICUBIC))
 
 
-def decode(path: str | os.PathLike, min_side: int | None = None,
+def decode(path: str | os.PathLike | IO[bytes], min_side: int | None = None,
            interpolation: str = "bicubic") -> tuple[Image.Image, bool]:
-    """(the file at `path` as `to_rgb` makes it, its shorter side resized to `min_side` where it is at least twice
-    that; whether it was): see the module docstring."""
+    """(the file at `path` (or an open binary file: a shard record's bytes) as `to_rgb` makes it, its shorter side
+    resized to `min_side` where it is at least twice that; whether it was): see the module docstring."""
     with Image.open(path) as f:
         reduced = bool(min_side) and min(f.size) >= 2 * int(min_side)
         if reduced and f.format == "JPEG":

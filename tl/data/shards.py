@@ -10,7 +10,7 @@ A shard dataset is a folder:
                              the source it came from and its fingerprint
 
 Images keep their own encoding (a JPEG stays the same bytes; in-memory sources such as digits are stored as PNG, so
-nothing is lost) and are decoded by the same code as an image folder (`tl.data.images.to_rgb`): a model sees the
+nothing is lost) and are decoded by the same code as an image folder (`tl.data.images.decode`): a model sees the
 same pixels from shards as from the folder they came from. The splits are made once, at conversion, by tl's own
 seeded stratified recipe (`tl.data.splits`), so every run on the shards trains, selects and tests on the same
 examples. Train is written in a seeded random order: LitData shuffles chunks and records within chunks, which mixes
@@ -35,7 +35,7 @@ import numpy as np
 from litdata import StreamingDataset
 from PIL import Image
 
-from tl.data.images import to_rgb
+from tl.data.images import decode as decode_image
 from tl.errors import TLError
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,10 @@ class ShardStore:
         except Exception as e:  # noqa: BLE001 - a damaged chunk surfaces as struct, index or decode errors
             raise _damaged(self.root, f"record {i} of {split}", e) from e
 
-    def open(self, j: int) -> Image.Image:
-        """The record's image as decoded (any mode), for `to_rgb`."""
-        return decode(self.record(j), self.root)
+    def open(self, j: int, min_side: int | None = None, interpolation: str = "bicubic") -> Image.Image:
+        """The record's image as an image folder's loader makes it (`tl.data.images.decode`: RGB, a large one
+        reduced to `min_side`)."""
+        return decode(self.record(j), self.root, min_side, interpolation)
 
     def name(self, j: int) -> str:
         return str(self.record(j)["name"])
@@ -163,11 +164,12 @@ class ShardStream(StreamingDataset):
             raise _damaged(root, f"record {getattr(index, 'index', index)}", e) from e
 
 
-def decode(record: dict, where: str = "") -> Image.Image:
+def decode(record: dict, where: str = "", min_side: int | None = None, interpolation: str = "bicubic") -> Image.Image:
+    """The record's image decoded by the image folder's code (`tl.data.images.decode`: RGB, and no larger than the
+    transform needs: a large JPEG decoded at a reduced scale, then resized to `min_side`), so that shards and the
+    folder they came from give a model the same pixels at the same cost."""
     try:
-        img = Image.open(io.BytesIO(bytes(record["image"])))
-        img.load()
-        return img
+        return decode_image(io.BytesIO(bytes(record["image"])), min_side, interpolation)[0]
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         raise TLError(f"shard dataset {where!r}: image {record.get('name')!r} (id {record.get('id')}) does not decode "
                       f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): the shard is damaged; "
@@ -179,11 +181,13 @@ class ShardSample:
     loader's worker processes). The id is the record's index in the source (`manifest.json`: ids), so a run's sample
     sequence can be compared across runs."""
 
-    def __init__(self, transform, where: str):
+    def __init__(self, transform, where: str, min_side: int | None = None, interpolation: str = "bicubic"):
         self.transform, self.where = transform, where
+        self.min_side, self.interpolation = min_side, interpolation
 
     def __call__(self, record: dict):
-        return self.transform(to_rgb(decode(record, self.where))), int(record["label"]), int(record["id"])
+        image = decode(record, self.where, self.min_side, self.interpolation)
+        return self.transform(image), int(record["label"]), int(record["id"])
 
 
 # -- the source: a shard dataset as tl data ------------------------------------------------------------------------
