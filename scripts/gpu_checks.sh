@@ -8,12 +8,12 @@
 # Environment: OUT (where logs and JSON go; default logs/gpu), DATA (a folder holding the image folders of
 # scripts/make_datasets.py; default: built with it, which needs the Debian font packages), TIMM_BENCHMARK
 # (benchmark.py of a pytorch-image-models checkout: a third throughput reference), STEPS (timed steps per throughput
-# figure; default 40), BATCH (their batch size; default 128), EXTRA (overrides added to every tl.train). Each
-# section runs under a time limit, so a hang costs one section, not the whole call.
+# figure; default 40), BATCH (their batch size; default 128), EXTRA (overrides added to every tl.train, split at
+# spaces). Each section runs under a time limit, so a hang costs one section, not the whole call.
 # Without a CUDA GPU it still runs (the throughput figures then only show that the scripts work).
 set -u
+OUT=$(realpath -m "${OUT:-$(dirname "$0")/../logs/gpu}")  # relative to where it is called from
 cd "$(dirname "$0")/.."
-OUT=${OUT:-logs/gpu}
 RUNS=${RUNS:-/tmp/tl_gpu_runs}
 STEPS=${STEPS:-40}
 BATCH=${BATCH:-128}
@@ -22,6 +22,7 @@ mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=0
 PY=${PYTHON:-python3}
 LOG="$OUT/gpu_checks.log"
+: >"$LOG"; : >"$OUT/timings.txt"  # this call's figures only
 SECTIONS=${*:-env throughput e2e ddp shards}
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 GPU_TRAINER=$([ "$CUDA" = 1 ] && echo "trainer=gpu" || echo "trainer=cpu")
@@ -119,4 +120,4 @@ for name in ("fonts_predict.csv",):
         print(name, len(rows) - 1, "rows")
 (out / "e2e.json").write_text(json.dumps(summary, indent=1))
 EOF
-cat "$OUT/timings.txt"
+[ -s "$OUT/timings.txt" ] && cat "$OUT/timings.txt"

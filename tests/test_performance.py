@@ -87,3 +87,42 @@ def test_bench_throughput_runs_on_cpu(tmp_path):
     assert report["device"] == "cpu" and "no CUDA GPU" in proc.stdout
     assert {r["runner"] for r in report["results"]} == {"tl", "timm-loop"}
     assert all(r["images_per_s"] > 0 for r in report["results"])
+
+
+def test_progress_bar_reads_metrics_every_batch_on_the_cpu_and_shows_the_step_loss():
+    """tl's RichProgressBar (the default) reads the logged metrics every `metrics_every` batches on a GPU only; on the
+    CPU, where a read costs no device sync, every batch, as Lightning's own."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tl.callbacks.performance import RichProgressBar
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            loss = torch.nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Counting(RichProgressBar):
+        reads: list = []
+
+        def get_metrics(self, trainer, pl_module):
+            metrics = super().get_metrics(trainer, pl_module)
+            self.reads.append(dict(metrics))
+            return metrics
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(24, 4, generator=g), torch.randint(0, 2, (24,), generator=g)),
+                      batch_size=4)
+    bar = Counting(metrics_every=3)
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[bar],
+               enable_model_summary=False).fit(Tiny(), data)
+    assert len(bar.reads) >= 6 and "train/loss" in bar.reads[-1]
+    assert len({r["train/loss"] for r in bar.reads[:6]}) > 1  # a fresh value each batch, not one held for 3

@@ -117,6 +117,14 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             # them too), which would abort this save half-way: the run is ending, their deaths are expected
             with contextlib.suppress(ValueError, AttributeError):  # not the main thread; no SIGCHLD (Windows)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # A NaN loss a GPU had not yet reported: nothing to save (and nothing may be raised here: Lightning's
+            # shutdown, which stops the DDP processes and exits, runs after this hook)
+            read = getattr(pl_module, "_read_loss_checks", None)
+            bad = read() if read is not None else None
+            if bad is not None:
+                log.warning("No interrupted.ckpt: the training loss was %s at step %s before the interruption; the "
+                            "last good checkpoints are kept", *bad)
+                return
             super().on_exception(trainer)
 
 

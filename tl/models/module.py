@@ -33,6 +33,10 @@ def check_calibration(entry, where: str) -> dict | None:
     return dict(entry)
 
 
+# On a GPU the training loss's NaN check is read this many steps late (Module._check_finite_loss)
+LOSS_CHECK_LAG = 2
+
+
 class NonFiniteLossError(TLError):
     """Training diverged: stop at once rather than train on NaNs (the last good checkpoints stay as they are)."""
 
@@ -203,30 +207,34 @@ class TransferModule(pl.LightningModule):
         """Stop training at a NaN or infinite loss. On the CPU the loss is checked at once, before the step's update.
         On a GPU, reading it now would make the host wait for the step's forward pass every step, so the next step's
         kernels could not be queued while this one's run (measured on an H200: tl 0.79-0.87x timm's own loop with
-        this and torchmetrics' argument checks syncing each step). There the verdict is copied to pinned host memory
-        without waiting and read at a later step, once the device has got there (`_loss_checks`): the bad
-        step's update is applied, and the run stops a step or two later, still before any checkpoint of the epoch
-        (the epoch's end reads every pending verdict, in `_check_finite_weights`)."""
+        this and torchmetrics' argument checks syncing each step). There the loss is copied to pinned host memory
+        without waiting (`_loss_checks`) and read `LOSS_CHECK_LAG` steps later, when the device is long past it: a
+        fixed lag, so that under DDP every rank reads the same step's verdict at the same step. The bad step's
+        update is applied and the run stops two steps later, before any checkpoint: the epoch's end and every
+        checkpoint save read all pending verdicts first."""
         if loss.device.type != "cuda":
             if not torch.isfinite(loss):
                 self._raise_nonfinite_loss(loss.item(), self.global_step)
             return
-        self._read_loss_checks(wait=False)
+        bad = self._read_loss_checks(upto=self.global_step - LOSS_CHECK_LAG)
+        if bad is not None:
+            self._raise_nonfinite_loss(*bad)
         value = torch.empty((), dtype=loss.dtype, pin_memory=True)
         value.copy_(loss.detach(), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         self._loss_checks.append((done, value, self.global_step))
 
-    def _read_loss_checks(self, wait: bool) -> None:
-        """Read the deferred loss verdicts the device has finished (all of them with `wait`)."""
-        pending = self._loss_checks
-        while pending and (wait or pending[0][0].query()):
-            done, value, step = pending.pop(0)
+    def _read_loss_checks(self, upto: int | None = None) -> tuple[float, int] | None:
+        """Read the deferred loss verdicts of steps up to `upto` (all with None), waiting for the device where it has
+        not got there; the first NaN or infinite one as (value, step), else None. Read verdicts are dropped."""
+        bad = None
+        while self._loss_checks and (upto is None or self._loss_checks[0][2] <= upto):
+            done, value, step = self._loss_checks.pop(0)
             done.synchronize()
-            if not math.isfinite(value.item()):
-                pending.clear()
-                self._raise_nonfinite_loss(value.item(), step)
+            if bad is None and not math.isfinite(value.item()):
+                bad = (value.item(), step)
+        return bad
 
     def _raise_nonfinite_loss(self, value: float, step: int) -> None:
         lr = (self.hparams.optimizer or {}).get("lr", "?")
@@ -234,6 +242,10 @@ class TransferModule(pl.LightningModule):
             f"training loss is {value} at step {step} (epoch {self.current_epoch}): likely a learning rate too high "
             f"(optimizer.lr={lr}; try 10x lower) or bad input (NaN/inf pixels); checkpoints from earlier epochs are "
             "kept")
+
+    def __getstate__(self) -> dict:
+        # CUDA events cannot be pickled or deep-copied (EMA/SWA copy the module); pending verdicts stay with the run
+        return {**super().__getstate__(), "_loss_checks": []}
 
     def _log_metrics(self, stage: str) -> None:
         """Log the stage's accuracy metrics for the epoch (computed over every process's updates) and reset them."""
@@ -254,21 +266,27 @@ class TransferModule(pl.LightningModule):
         """Stop before any checkpoint of this epoch is written if an update left a weight (or a BatchNorm statistic)
         NaN or infinite: the step's loss was finite, so the per-step loss check could not see it, and `last.ckpt`
         must keep the last good state. Runs where the module hooks run, before Lightning's checkpoint callbacks."""
-        self._read_loss_checks(wait=True)  # a NaN loss found late (on a GPU) is the more telling message
+        bad_loss = self._read_loss_checks()  # a NaN loss not yet reported (on a GPU): the more telling message
         tensors = [t.detach() for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+        # one decision for every rank (a rank that raised alone would leave the others waiting in a collective)
+        if not self.trainer.strategy.reduce_boolean_decision(finite and bad_loss is None, all=True):
+            if bad_loss is not None:
+                self._raise_nonfinite_loss(*bad_loss)
             lr = (self.hparams.optimizer or {}).get("lr", "?")
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {self.global_step} (epoch {self.current_epoch}) while "
-                f"the loss stayed finite: likely a learning rate too high (optimizer.lr={lr}; try 10x lower); no "
-                "checkpoint of this epoch is written, last.ckpt keeps the previous epoch's state")
+                f"the loss stayed finite (or another process's loss did not): likely a learning rate too high "
+                f"(optimizer.lr={lr}; try 10x lower); no checkpoint of this epoch is written, last.ckpt keeps the "
+                "previous epoch's state")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._read_loss_checks(wait=True)  # never save the state after a NaN loss that a GPU has not reported yet
+        bad = self._read_loss_checks()  # never save the state after a NaN loss that a GPU has not reported yet
+        if bad is not None:
+            self._raise_nonfinite_loss(*bad)
         if self.calibration is not None:
             checkpoint["calibration"] = dict(self.calibration)
 
@@ -276,6 +294,7 @@ class TransferModule(pl.LightningModule):
         self.calibration = check_calibration(checkpoint.get("calibration"), "the checkpoint")
 
     def on_fit_start(self) -> None:
+        self._loss_checks.clear()  # verdicts left by an earlier fit that ended otherwise (a reused module)
         self.calibration = None  # training moves the weights: a temperature fitted to earlier ones no longer holds
 
     def on_train_start(self) -> None:
