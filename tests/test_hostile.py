@@ -159,6 +159,22 @@ def test_a_second_run_into_a_finished_run_is_refused_before_anything_is_written(
     assert checksums(run_dir) == before  # RUN/.hydra and config.yaml included
 
 
+def test_a_weights_file_as_ckpt_path_is_refused_before_overwrite_empties_the_run(victim, tmp_path, monkeypatch,
+                                                                                 capfd):
+    """Found by a hostile tester: a plain state_dict (or any torch.save'd dict) loads with weights_only=True but is
+    no training checkpoint; Lightning failed on it with a traceback after overwrite=true had emptied the run."""
+    import torch
+
+    run_dir, before = victim
+    weights = tmp_path / "weights.pth"
+    ckpt = torch.load(json.loads((run_dir / "results.json").read_text())["best_ckpt"], weights_only=True)
+    torch.save(ckpt["state_dict"], weights)
+    code, lines = entry("tl.train", "scenario=large_similar", f"hydra.run.dir={run_dir}", "overwrite=true",
+                        f"ckpt_path={weights}", monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "holds weights, not a training checkpoint")
+    assert checksums(run_dir) == before
+
+
 def test_a_live_lock_is_refused_at_the_command_line(victim, monkeypatch, capfd):
     import socket
 

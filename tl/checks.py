@@ -337,18 +337,36 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
                       "leaves too little to train on: keep their sum below 0.9")
 
 
+def load_training_checkpoint(ckpt_path: str) -> dict:
+    """The checkpoint at `ckpt_path` (memory-mapped, tensors and plain values only: cheap, and never runs code), if it
+    is a Lightning training checkpoint; else one line. Checked before the run directory is touched."""
+    import torch
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError for junk
+        raise TLError(f"ckpt_path={ckpt_path!r} is not a checkpoint that loads with weights_only=True "
+                      f"({type(e).__name__}); resume from the run's checkpoints/last.ckpt") from e
+    # A weights file (a plain state_dict, a timm .pth, torch.save of anything) loads above but holds no training
+    # state: Lightning would fail on it with a traceback, after the run directory was rewritten.
+    missing = [k for k in ("state_dict", "epoch", "global_step", "pytorch-lightning_version")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt.get("state_dict"), dict):
+        raise TLError(f"ckpt_path={ckpt_path!r} holds weights, not a training checkpoint (no "
+                      f"{', '.join(missing) or 'state_dict'}): resume from a run's checkpoints/last.ckpt; to start "
+                      "from these weights use model.pretrained=PATH")
+    if not isinstance(ckpt.get("hyper_parameters") or {}, dict):
+        raise TLError(f"ckpt_path={ckpt_path!r} has no readable hyper_parameters: resume from a tl run's "
+                      "checkpoints/last.ckpt")
+    return ckpt
+
+
 def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished: bool = False,
                  planned: bool = False) -> None:
     """A checkpoint to resume from must be a tl checkpoint of the same architecture and classes as the run, with
     epochs left to train, checked before anything in the run directory is rewritten."""
-    import torch
-
-    try:  # memory-mapped, tensors and plain values only: cheap, and never runs code
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        hp = ckpt.get("hyper_parameters") or {}
-    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError for junk, AttributeError for a non-dict
-        raise TLError(f"ckpt_path={ckpt_path!r} is not a checkpoint that loads with weights_only=True "
-                      f"({type(e).__name__}); resume from the run's checkpoints/last.ckpt") from e
+    ckpt = load_training_checkpoint(ckpt_path)
+    hp = ckpt.get("hyper_parameters") or {}
     from tl.models.module import check_calibration
 
     check_calibration(ckpt.get("calibration"), f"ckpt_path={ckpt_path!r}")

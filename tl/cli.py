@@ -294,6 +294,15 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
     given = [a.lstrip("+").split("=", 1)[0] for a in argv if a.lstrip("+").startswith(("hydra.sweep.dir=",
                                                                                          "hydra.run.dir="))]
     asks_help = bool({"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"} & set(argv))
+    ckpt = values.get("ckpt_path", "").strip("'\"")
+    if config_name == "train" and ckpt not in ("", "last", "auto", "null", "None") \
+            and Path(ckpt).expanduser().is_file():
+        from tl.checks import load_training_checkpoint
+
+        try:  # a weights file or junk: one line before Hydra rewrites the run's record (train() checks it again)
+            load_training_checkpoint(str(Path(ckpt).expanduser()))
+        except TLError as e:
+            _fail(str(e))
     if ("hydra.sweep.dir" if multirun else "hydra.run.dir") not in given and not asks_help:  # default: logs/ here
         _check_default_logs()
     for raw in argv:

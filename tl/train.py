@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tl.callbacks.snapshots import SnapshotEnsemble
-from tl.checks import check_resume, validate
+from tl.checks import check_resume, load_training_checkpoint, validate
 from tl.cli import launch
 from tl.data.datamodule import build_datamodule
 from tl.data.features import FeatureCache, FeatureDataModule, feature_cache_applies
@@ -165,6 +165,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     onnx_formats(cfg)  # onnx.enabled=true without onnx installed: refused now, not after training
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if ckpt_path is not None:
+        load_training_checkpoint(ckpt_path)  # a weights file or junk: one line, before the run directory is touched
     # another run's checkpoint starts a new run here: refused over a finished one unless overwrite=true
     with claim_run_dir(run_dir, resuming=ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir),
                        overwrite=cfg.overwrite):
