@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -118,6 +120,21 @@ def test_a_run_from_another_runs_checkpoint_keeps_its_own_snapshots(tiny_cfg, tm
     assert [s["cycle"] for s in results["snapshots"]] == [2]  # its own cycle 2; cycle 1 was the other run's
     assert all(str(tmp_path / "b") in s["path"] for s in results["snapshots"])
     assert {p: hashlib.md5(open(p, "rb").read()).hexdigest() for p in digests} == digests
+
+
+def test_resuming_a_snapshot_run_on_another_schedule_is_refused(tiny_cfg, tmp_path):
+    """Found by a hostile tester: resumed with more epochs, the new cycle ends moved, the old snapshots counted as
+    taken, and the run delivered the old ensemble (exit 0). Now one line; the run's files are unchanged."""
+    import hashlib
+
+    from tl.errors import TLError
+
+    first, _ = train(tiny_cfg("trainer.max_epochs=2", "snapshots.cycles=2", "export=false"))
+    files = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in (tmp_path / "checkpoints").rglob("*.ckpt")}
+    with pytest.raises(TLError, match=r"took its snapshots at steps .* its 2 LR cycles end at steps"):
+        train(tiny_cfg("trainer.max_epochs=4", "snapshots.cycles=2", "export=false", "ckpt_path=last"))
+    assert {p: hashlib.md5(p.read_bytes()).hexdigest() for p in (tmp_path / "checkpoints").rglob("*.ckpt")} == files
+    assert json.loads((tmp_path / "results.json").read_text())["snapshots"] == first["snapshots"]
 
 
 def test_without_a_test_the_run_still_decides_what_it_delivers(tiny_cfg, tmp_path):

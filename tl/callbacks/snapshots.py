@@ -37,6 +37,22 @@ class SnapshotEnsemble(Callback):
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "checkpoints" / "snapshots"
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run must end its cycles where the run it continues did: snapshots taken on another schedule
+        (another trainer.max_epochs, snapshots.cycles or first_cycle, or other data) would be skipped as taken and
+        the ensemble would keep the old weights (every rank decides alike: the same list and schedule)."""
+        if self.cycles <= 0 or not self.snapshots:
+            return
+        ends = run_cycle_ends(trainer, self.cycles, self.first_cycle)
+        moved = [s for s in self.snapshots if s["cycle"] > len(ends) or ends[s["cycle"] - 1] != s["step"]]
+        if moved:
+            from tl.errors import TLError
+
+            raise TLError(f"the run being resumed took its snapshots at steps {[s['step'] for s in self.snapshots]}, "
+                          f"but with these settings its {self.cycles} LR cycles end at steps {ends} (trainer."
+                          "max_epochs, snapshots.cycles or snapshots.first_cycle changed, or the data): resume with "
+                          "the run's own settings (its config.yaml), or start a new run in another hydra.run.dir")
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # The LRs this step will use (the scheduler steps after the optimizer, so read them before).
         self._lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
