@@ -144,3 +144,12 @@ def test_without_a_test_the_run_still_decides_what_it_delivers(tiny_cfg, tmp_pat
     assert results["delivered"]["model"] == "ensemble" and "ensemble/test/acc" not in results
     assert "test/acc" not in results and 0 <= results["ensemble/val/acc"] <= 1
     assert [p.name for p in resolve_members(str(tmp_path), None)] == ["snapshot_cycle1.ckpt", "snapshot_cycle2.ckpt"]
+    # A garbled results.json (which records the delivery) is one line for evaluate, export and predict alike: they
+    # must not each fall back to a different model
+    from tl.errors import TLError
+    from tl.inference import delivered
+
+    (tmp_path / "results.json").write_text((tmp_path / "results.json").read_text()[:200])
+    for read in (lambda: delivered(tmp_path), lambda: resolve_members(str(tmp_path), None)):
+        with pytest.raises(TLError, match="results.json' cannot be read"):
+            read()

@@ -257,11 +257,18 @@ def delivered(run_dir: Path) -> tuple[str | None, list[Path]]:
     """What a training run delivered as its model (results.json `delivered`, written when it had snapshots):
     ("ensemble", its member checkpoints, found by name in its own folder), ("best", []), or (None, []) for a run
     that says nothing (no snapshots, or written before `snapshots.deliver`)."""
+    path = run_dir / "results.json"
     try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
+        results = json.loads(path.read_text())
+    except FileNotFoundError:  # a run that has not finished: it delivered nothing yet
         return None, []
-    choice = results.get("delivered") if isinstance(results, dict) else None
+    except (OSError, ValueError) as e:  # tl.predict, tl.evaluate and tl.export must not each guess otherwise
+        raise TLError(f"{str(path)!r} cannot be read ({type(e).__name__}): it records which model the run "
+                      "delivered; restore it, or give one checkpoint, ckpt=RUN/checkpoints/<name>.ckpt") from e
+    if not isinstance(results, dict):
+        raise TLError(f"{str(path)!r} is not a results object: restore it, or give one checkpoint, "
+                      "ckpt=RUN/checkpoints/<name>.ckpt")
+    choice = results.get("delivered")
     model = choice.get("model") if isinstance(choice, dict) else None
     if model != "ensemble":
         return ("best" if model == "best" else None), []
