@@ -100,6 +100,7 @@ def one_line(code: int, lines: list[str], culprit: str) -> None:
     (["data.crop_pct=1.5"], "data.crop_pct=1.5 is invalid"),
     (["data.eval_batch_size=0"], "data.eval_batch_size=0 is invalid"),
     (["data.mirror_invariant=maybe"], "data.mirror_invariant='maybe' is invalid: use true or false"),
+    (["hydra.run.dir=/tmp/tl $HOME/x"], "holds a '$': Lightning's TensorBoard logger expands $NAME"),
 ])
 def test_train_inputs_are_checked_in_one_line(argv, culprit, tmp_path, monkeypatch, capfd):
     run = tmp_path / "run"
@@ -895,6 +896,16 @@ def test_predict_lists_that_are_binary_or_name_urls_are_refused(tmp_path):
         list_inputs(urls)
     with pytest.raises(TLError, match="is not a regular file or a folder"):
         list_inputs("/dev/zero")
+
+
+def test_predict_lists_with_a_byte_order_mark_and_quoted_paths_read_as_meant(tmp_path):
+    """Found by a hostile tester: a list saved by a Windows editor (BOM, CRLF) lost its first path, and paths as
+    Explorer's "Copy as path" writes them (in double quotes) were not found."""
+    from tl.predict import list_inputs
+
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b'\xef\xbb\xbf/data/a.png\r\n"/data/my photos/b.png"\r\n\'c.png\'\r\n')
+    assert list_inputs(listed) == [Path("/data/a.png"), Path("/data/my photos/b.png"), tmp_path / "c.png"]
 
 
 def test_predict_fails_when_no_input_could_be_read(finished, tmp_path, monkeypatch, capfd):

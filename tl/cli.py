@@ -312,6 +312,9 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
             if not target.strip().strip("'\""):
                 _fail(f"{setting} is empty (an unset variable in a script?): give a folder, or leave it out for "
                       "logs/ under the current folder")
+            if "$" in target and config_name == "train":  # a shell that did not expand it (quoted): Lightning would
+                _fail(f"{setting}={target!r} holds a '$': Lightning's TensorBoard logger expands $NAME in its folder "
+                      "as an environment variable and would write the logs elsewhere; choose a folder name without $")
             _check_creatable(setting, Path(target).expanduser())
         if arg.startswith("hydra.run.dir="):
             target = Path(arg.split("=", 1)[1]).expanduser()

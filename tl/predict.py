@@ -66,7 +66,8 @@ def list_inputs(inputs: str | Path) -> list[Path]:
         if "\x00" in text:
             raise TLError(f"inputs={str(inputs)!r} is not a text list of paths (it holds NUL bytes: a binary file "
                           "named .txt?): write one image path per line")
-        lines = [line.strip() for line in text.splitlines()]
+        text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors and PowerShell write first
+        lines = [_unquote(line.strip()) for line in text.splitlines()]
         listed = [(n, line) for n, line in enumerate(lines, 1) if line and not line.startswith("#")]
         for n, line in listed:
             if URL.match(line):
@@ -82,6 +83,13 @@ def list_inputs(inputs: str | Path) -> list[Path]:
         raise TLError(f"inputs={str(inputs)!r} is not a regular file or a folder (a device, a pipe, ...): give an "
                       "image file, a folder of images or a .txt list of files")
     raise TLError(f"inputs={str(inputs)!r} not found: give an image file, a folder of images or a .txt list of files")
+
+
+def _unquote(line: str) -> str:
+    """A path as Windows' "Copy as path" writes it, in double quotes (or in single quotes): without them."""
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+        return line[1:-1].strip()
+    return line
 
 
 def write_csv(path: Path, rows: list[dict], topk: int, abstain: bool = False) -> None:
