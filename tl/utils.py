@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -322,9 +323,21 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
+def _strict(value: Any) -> Any:
+    """NaN and infinities as null: strict JSON readers (jq, JavaScript, most languages' parsers) refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a reader never sees half a file, a failed write keeps the previous one."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    """Write JSON atomically (a reader never sees half a file, a failed write keeps the previous one), strict: a NaN
+    or infinite figure (a metric of a run with one example per class, a diverged loss) is written as null."""
+    atomic_write_text(path, json.dumps(_strict(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 @rank_zero_only
