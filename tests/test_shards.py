@@ -349,6 +349,17 @@ def test_resuming_on_other_shards_is_refused(synthetic_shards, tmp_path):
     with pytest.raises(TLError, match="other shards"):
         dm.load_state_dict({"shards_fingerprint": "0" * 64})
 
+    # tl.evaluate compares too (found by a hostile tester: it reported on re-converted shards in silence)
+    import torch
+
+    from tl.evaluate import check_same_shards
+
+    for fingerprint, name in ((dm.images.store.fingerprint, "same.ckpt"), ("0" * 64, "other.ckpt")):
+        torch.save({"state_dict": {}, "TransferDataModule": {"shards_fingerprint": fingerprint}}, tmp_path / name)
+    check_same_shards([tmp_path / "same.ckpt"], dm)
+    with pytest.raises(TLError, match="was trained on other shards .* evaluate on the shards it was trained on"):
+        check_same_shards([tmp_path / "same.ckpt", tmp_path / "other.ckpt"], dm)
+
 
 @pytest.mark.parametrize(("classes", "says"), [
     (["class_0", "class_1"], "labels run outside its 2 classes"),

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tl.checks import EVALUATE_RULES, check_rules
@@ -113,6 +114,27 @@ def data_config(cfg: DictConfig, member: Path) -> tuple[DictConfig, int]:
     return data, int(seed)
 
 
+def check_same_shards(paths: list[Path], datamodule) -> None:
+    """A checkpoint trained on shards (its datamodule state records their manifest's fingerprint) is evaluated on the
+    same shards: converted again from other input, their test split may hold the run's training images."""
+    store = datamodule.images.store if datamodule.images is not None else None
+    if store is None:
+        return
+    for path in paths:
+        if Path(path).suffix != ".ckpt":
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - load_classifier read it already; nothing more to learn here
+            continue
+        state = ckpt.get(type(datamodule).__qualname__) if isinstance(ckpt, dict) else None
+        expected = state.get("shards_fingerprint") if isinstance(state, dict) else None
+        if expected and expected != store.fingerprint:
+            raise TLError(f"{str(path)!r} was trained on other shards than data.root={store.root!r} holds now "
+                          "(converted again from other input, or another dataset): its test split there may hold "
+                          "the run's training images; evaluate on the shards it was trained on")
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     """Evaluate as `cfg` says; write the JSON and return (results, objects with probabilities and targets)."""
     check_required(cfg)
@@ -134,6 +156,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     data, seed = data_config(cfg, paths[0])
     datamodule = build_datamodule(data, members[0].preprocess, augment=None, seed=seed)  # the model's own inputs
     datamodule.setup("test")
+    check_same_shards(paths, datamodule)
     metrics, objects = evaluate_members(members, datamodule, tta, device)
 
     results = {"tool": "tl.evaluate", "ckpt": str(cfg.ckpt), **metrics}
