@@ -101,6 +101,7 @@ def one_line(code: int, lines: list[str], culprit: str) -> None:
     (["data.eval_batch_size=0"], "data.eval_batch_size=0 is invalid"),
     (["data.mirror_invariant=maybe"], "data.mirror_invariant='maybe' is invalid: use true or false"),
     (["hydra.run.dir=/tmp/tl $HOME/x"], "holds a '$': Lightning's TensorBoard logger expands $NAME"),
+    (["data.val_fraction=null"], "data.val_fraction=None is invalid: use a fraction in (0, 1)"),
 ])
 def test_train_inputs_are_checked_in_one_line(argv, culprit, tmp_path, monkeypatch, capfd):
     run = tmp_path / "run"

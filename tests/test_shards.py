@@ -338,6 +338,18 @@ def test_slurm_shard_template_converts_with_the_allocated_cpus(tmp_path):
     assert (tmp_path / "logs" / "slurm" / "4242-shard" / ".hydra" / "config.yaml").is_file()
 
 
+def test_split_settings_given_with_shards_are_refused(synthetic_shards, tmp_path):
+    """Found by a hostile tester: data.val_fraction=0.4 with data=shards was ignored in silence (the splits are the
+    conversion's)."""
+    from tl.checks import validate
+
+    common = [*TINY, "scenario=large_similar", "data=shards", f"data.root={synthetic_shards}"]
+    cfg = make_cfg(tmp_path, [*common, "data.val_fraction=0.4"])
+    with pytest.raises(TLError, match="data.val_fraction=0.4 does not apply to data=shards"):
+        validate(cfg)
+    validate(make_cfg(tmp_path, common))
+
+
 def test_resuming_on_other_shards_is_refused(synthetic_shards, tmp_path):
     """A checkpoint records the shards' fingerprint: shards converted again from other input (other splits) are
     refused in one line instead of resuming silently on different data."""

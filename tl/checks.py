@@ -137,8 +137,9 @@ RULES: list[Rule] = [
     ("trainer.max_epochs", lambda v: _integer(v) and 1 <= v <= 100_000, "an integer from 1 to 100000"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.samples_per_class", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
-    ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
-    ("data.test_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
+    # null only with data=shards (whose splits were made at conversion; checked in _check_shard_splits)
+    ("data.val_fraction", lambda v: v is None or (_number(v) and 0 < v < 1), "a fraction in (0, 1)"),
+    ("data.test_fraction", lambda v: v is None or (_number(v) and 0 < v < 1), "a fraction in (0, 1)"),
     ("data.on_bad_file", lambda v: v in ("skip", "error"), "skip or error"),
     ("data.balance", lambda v: v in ("none", "weights", "sampler", "auto"),
      "none, weights (class-weighted loss), sampler (class-balanced sampler) or auto"),
@@ -332,7 +333,15 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
         raise TLError(f"lr_find={lr_find!r}: use false, true (suggest and plot) or apply (also train with it)")
     if lr_find and (str(cfg.trainer.get("devices", 1)) != "1" or int(cfg.trainer.get("num_nodes", 1)) != 1):
         raise TLError("lr_find runs on one device: run it with trainer.devices=1, then train with optimizer.lr=<lr>")
-    if (cfg.data.val_fraction + cfg.data.test_fraction) >= 0.9:
+    shards = OmegaConf.select(cfg, "data.source._target_") == "tl.data.shards.ShardSource"
+    for key in ("val_fraction", "test_fraction"):
+        value = cfg.data.get(key)
+        if shards and value is not None:
+            raise TLError(f"data.{key}={value} does not apply to data=shards: its splits were made at conversion; "
+                          f"convert again with python -m tl.shard ... data.{key}={value} (or leave it out)")
+        if not shards and value is None:
+            raise TLError(f"data.{key}=None is invalid: use a fraction in (0, 1)")
+    if not shards and (cfg.data.val_fraction + cfg.data.test_fraction) >= 0.9:
         raise TLError(f"data.val_fraction + data.test_fraction = {cfg.data.val_fraction + cfg.data.test_fraction:g} "
                       "leaves too little to train on: keep their sum below 0.9")
 
