@@ -115,7 +115,8 @@ def audit_splits(images: ImageSet, splits: dict[str, np.ndarray]) -> dict:
         named = [[f"{_name(images, i)} ({classes[int(images.targets[i])]})" for i in group] for group in conflicts]
         report["same_image_two_classes_first"] = named[:10]
         log.warning("%d image(s) appear byte for byte under more than one class (e.g. %s): at most one label can be "
-                    "right; remove the wrong copies", len(conflicts), " = ".join(named[0]))
+                    "right; remove the wrong copies", len(conflicts),
+                    " = ".join(named[0][:4]) + (f" and {len(named[0]) - 4} more" if len(named[0]) > 4 else ""))
     return report
 
 

@@ -97,6 +97,7 @@ class SyntheticSource:
 # Verdicts of _is_readable_image by (path, size, mtime): a process that loads the same folder twice (scenario=auto
 # measures before the run trains) decodes each file once; a file that changed gets a new key.
 _READABLE: dict[tuple[str, int, int], bool] = {}
+_WHY: dict[str, str] = {}  # why a file was found unreadable (for the messages)
 # Above this size a PNG is checked by its chunks' CRCs (a truncated or damaged file fails them) rather than decoded:
 # decoding a 3000x2000 PNG took 0.5 s on the 2-core CPU, and the loader decodes it again anyway.
 LARGE_PNG_PIXELS = 4_000_000
@@ -119,9 +120,15 @@ def _is_readable_image(path: Path) -> bool:
                         img.draft(None, (1, 1))
                     img.load()
             _READABLE[key] = True
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             _READABLE[key] = False
+            _WHY[str(path)] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
     return _READABLE[key]
+
+
+def unreadable_examples(bad: list[str], n: int = 3) -> str:
+    """The first `n` unreadable files, each with why it was refused (a truncated file, a decompression bomb...)."""
+    return ", ".join(f"{b!r} ({_WHY[b]})" if b in _WHY else repr(b) for b in bad[:n])
 
 
 def _readable_all(files: list[Path]) -> list[bool]:
@@ -311,10 +318,11 @@ class ImageFolderSource:
                 targets += [index[class_dir.name]] * len(good)
                 split_of += [split] * len(good)
         if bad and self.on_bad_file == "error":
-            raise TLError(f"{len(bad)} unreadable image file(s) under data.root, first: {bad[0]!r}: remove "
-                          "them or set data.on_bad_file=skip")
+            raise TLError(f"{len(bad)} unreadable image file(s) under data.root, first: {unreadable_examples(bad, 1)}: "
+                          "remove them or set data.on_bad_file=skip")
         if bad:
-            log.warning("Skipped %d unreadable image file(s) under %s, e.g. %s", len(bad), root, bad[:3])
+            log.warning("Skipped %d unreadable image file(s) under %s, e.g. %s", len(bad), root,
+                        unreadable_examples(bad))
         if ignored:
             log.warning("Ignored %d file(s) under %s whose names are not images' (%s, ...), e.g. %s: an image saved "
                         "under another extension is used once renamed", len(ignored), root,
