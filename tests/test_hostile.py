@@ -517,7 +517,8 @@ def test_resuming_into_fewer_epochs_than_were_trained_is_refused(tmp_path):
     from tl.checks import check_resume
 
     ckpt = tmp_path / "e5.ckpt"
-    torch.save({"epoch": 5, "hyper_parameters": {}}, ckpt)
+    torch.save({"epoch": 5, "global_step": 60, "pytorch-lightning_version": "2.6.6", "state_dict": {},
+                "hyper_parameters": {}}, ckpt)
     with pytest.raises(TLError, match="was saved in epoch 6 but trainer.max_epochs=3") as e:
         check_resume(str(ckpt), SimpleNamespace(hparams={}), max_epochs=3)
     assert "\n" not in str(e.value)

@@ -262,12 +262,17 @@ def delivered(run_dir: Path) -> tuple[str | None, list[Path]]:
         results = json.loads(path.read_text())
     except FileNotFoundError:  # a run that has not finished: it delivered nothing yet
         return None, []
-    except (OSError, ValueError) as e:  # tl.predict, tl.evaluate and tl.export must not each guess otherwise
-        raise TLError(f"{str(path)!r} cannot be read ({type(e).__name__}): it records which model the run "
-                      "delivered; restore it, or give one checkpoint, ckpt=RUN/checkpoints/<name>.ckpt") from e
-    if not isinstance(results, dict):
-        raise TLError(f"{str(path)!r} is not a results object: restore it, or give one checkpoint, "
-                      "ckpt=RUN/checkpoints/<name>.ckpt")
+    except (OSError, ValueError) as e:
+        results, error = None, type(e).__name__
+    else:
+        error = None if isinstance(results, dict) else "not a results object"
+    if error is not None:
+        if not any((run_dir / "checkpoints" / "snapshots").glob("*.ckpt")):
+            return None, []  # a run without snapshots delivers its best checkpoint: the callers find it by name
+        # with snapshots, only results.json says whether the ensemble or the best checkpoint was delivered:
+        # tl.predict, tl.evaluate and tl.export must not each guess otherwise
+        raise TLError(f"{str(path)!r} cannot be read ({error}): it records which model this snapshot-ensemble run "
+                      "delivered; restore it, or give one checkpoint, ckpt=RUN/checkpoints/<name>.ckpt")
     choice = results.get("delivered")
     model = choice.get("model") if isinstance(choice, dict) else None
     if model != "ensemble":

@@ -271,9 +271,9 @@ class TransferDataModule(pl.LightningDataModule):
         # cores. A GPU consumes images faster than one process augments them (the default digits run on an H200 took
         # 85 s to fit, 180 images/s from the main process, with the GPU mostly idle), so there they get workers,
         # the cores shared among the node's GPUs.
-        trainer = self.trainer
-        if trainer is not None and trainer.strategy.root_device.type == "cuda":
-            return max(1, min(8, cores // max(1, trainer.num_devices)))
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        if getattr(device, "type", None) == "cuda":
+            return max(1, min(8, cores // max(1, int(getattr(self.trainer, "num_devices", 1) or 1))))
         return 0
 
     @property
