@@ -105,6 +105,14 @@ class LogEpoch(pl.Callback):
         pl_module.log("epoch_index", float(trainer.current_epoch))
 
 
+class LogConstant(pl.Callback):
+    """Injected like LogEpoch: logs the same validation score every epoch (`constant_score`), a monitor whose every
+    checkpoint ties."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("constant_score", 0.5)
+
+
 def synthetic_pil(samples_per_class: int = 3, seed: int = 1) -> list:
     """Images like TINY runs' (4 synthetic classes, 32 px; another seed than theirs) as RGB PIL images."""
     from PIL import Image

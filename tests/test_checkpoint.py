@@ -20,6 +20,20 @@ BY_EPOCH = ["+callbacks.epoch_index._target_=conftest.LogEpoch", "callbacks.mode
             "callbacks.model_checkpoint.filename=epoch\\{epoch:03d\\}"]
 
 
+@pytest.mark.parametrize(("ties", "epoch"), [("first", 0), ("last", 2)])
+def test_equal_scores_keep_the_first_or_take_the_last_checkpoint(ties, epoch, tiny_cfg, tmp_path):
+    """callbacks.model_checkpoint.ties: among equally scored checkpoints, the earliest (Lightning's rule) or the
+    latest."""
+    results, objects = train(tiny_cfg("trainer.max_epochs=3", "+callbacks.constant._target_=conftest.LogConstant",
+                                      "callbacks.model_checkpoint.monitor=constant_score",
+                                      "callbacks.model_checkpoint.mode=max", f"callbacks.model_checkpoint.ties={ties}",
+                                      "callbacks.model_checkpoint.filename=epoch\\{epoch:03d\\}", "export=false"))
+    steps_per_epoch = objects["trainer"].global_step // 3
+    best = tmp_path / "checkpoints" / results["best_ckpt"]
+    assert _step(best) == (epoch + 1) * steps_per_epoch and best.name == f"epoch{epoch:03d}.ckpt"
+    assert len(list((tmp_path / "checkpoints").glob("epoch*.ckpt"))) == 1  # top-1: the other was removed
+
+
 def test_last_links_to_a_best_saved_at_the_same_step_and_a_later_epoch_writes_its_own_file(tiny_cfg, tmp_path):
     # Best = lowest epoch index: the first epoch, so epoch 0 links and epochs 1-2 write last.ckpt.
     results, objects = train(tiny_cfg("trainer.max_epochs=3", *BY_EPOCH, "callbacks.model_checkpoint.mode=min",

@@ -265,6 +265,9 @@ def check_monitor(callbacks) -> None:
     ckpt = callbacks.get("model_checkpoint")
     if ckpt is None or ckpt.get("monitor") is None:
         return
+    if ckpt.get("ties", "first") not in ("first", "last"):
+        raise TLError(f"callbacks.model_checkpoint.ties={ckpt.get('ties')!r} is invalid: use first (the earliest of "
+                      "equally scored checkpoints) or last (the latest)")
     monitor, mode = ckpt.monitor, ckpt.get("mode", "min")
     if not str(monitor).startswith("val"):
         return  # e.g. a metric a callback of the user's own logs (val/..., val_... would be a typo of tl's own)

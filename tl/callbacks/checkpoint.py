@@ -34,6 +34,29 @@ from tl.checkpoint_io import AtomicCheckpointIO
 log = logging.getLogger(__name__)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (model selection on the monitored metric), with a rule for ties: `first` keeps the
+    earliest checkpoint among equal scores (Lightning's own rule), `last` takes the latest. On a small validation
+    split accuracy moves in steps of 1/n, so equal scores are common; under a decaying learning rate the later of two
+    equally scored checkpoints has trained longer at a lower rate."""
+
+    def __init__(self, *args, ties: str = "first", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if ties not in ("first", "last"):
+            raise ValueError(f"ties={ties!r}: use first or last")
+        self.ties = ties
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current=None) -> bool:
+        if self.ties == "first" or current is None or self.save_top_k == -1 \
+                or len(self.best_k_models) < self.save_top_k:
+            return super().check_monitor_top_k(trainer, current)
+        import torch
+
+        monitor_op = {"min": torch.le, "max": torch.ge}[self.mode]  # an equal score replaces the kept one
+        better = bool(monitor_op(current, self.best_k_models[self.kth_best_model_path]))
+        return trainer.strategy.reduce_boolean_decision(better)  # every rank alike
+
+
 class LastCheckpoint(ModelCheckpoint):
     """`last.ckpt` at every epoch's end and, with `every_n_steps`, also every that many optimizer steps within an
     epoch (Lightning's own `every_n_train_steps` would replace the epoch-end save). A mid-epoch `last.ckpt` is what a
