@@ -131,10 +131,12 @@ def test_resuming_a_snapshot_run_on_another_schedule_is_refused(tiny_cfg, tmp_pa
 
     first, _ = train(tiny_cfg("trainer.max_epochs=2", "snapshots.cycles=2", "export=false"))
     files = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in (tmp_path / "checkpoints").rglob("*.ckpt")}
+    config = (tmp_path / "config.yaml").read_text()
     with pytest.raises(TLError, match=r"took its snapshots at steps .* its 2 LR cycles end at steps"):
         train(tiny_cfg("trainer.max_epochs=4", "snapshots.cycles=2", "export=false", "ckpt_path=last"))
     assert {p: hashlib.md5(p.read_bytes()).hexdigest() for p in (tmp_path / "checkpoints").rglob("*.ckpt")} == files
     assert json.loads((tmp_path / "results.json").read_text())["snapshots"] == first["snapshots"]
+    assert (tmp_path / "config.yaml").read_text() == config  # "its config.yaml" still holds the run's settings
 
 
 def test_without_a_test_the_run_still_decides_what_it_delivers(tiny_cfg, tmp_path):

@@ -371,6 +371,10 @@ def test_resuming_on_other_shards_is_refused(synthetic_shards, tmp_path):
     check_same_shards([tmp_path / "same.ckpt"], dm)
     with pytest.raises(TLError, match="was trained on other shards .* evaluate on the shards it was trained on"):
         check_same_shards([tmp_path / "same.ckpt", tmp_path / "other.ckpt"], dm)
+    # a linear probe trains on cached features: their data module carries the image data module's state
+    torch.save({"state_dict": {}, "FeatureDataModule": {"shards_fingerprint": "0" * 64}}, tmp_path / "probe.ckpt")
+    with pytest.raises(TLError, match="was trained on other shards"):
+        check_same_shards([tmp_path / "probe.ckpt"], dm)
 
 
 @pytest.mark.parametrize(("classes", "says"), [

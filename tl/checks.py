@@ -268,6 +268,9 @@ def check_monitor(callbacks) -> None:
     if ckpt.get("ties", "first") not in ("first", "last"):
         raise TLError(f"callbacks.model_checkpoint.ties={ckpt.get('ties')!r} is invalid: use first (the earliest of "
                       "equally scored checkpoints) or last (the latest)")
+    if ckpt.get("ties", "first") == "last" and ckpt.get("save_top_k", 1) != 1:
+        raise TLError(f"callbacks.model_checkpoint.ties=last needs save_top_k=1 (it is "
+                      f"{ckpt.get('save_top_k')}): among several kept checkpoints Lightning names the earliest best")
     monitor, mode = ckpt.monitor, ckpt.get("mode", "min")
     if not str(monitor).startswith("val"):
         return  # e.g. a metric a callback of the user's own logs (val/..., val_... would be a typo of tl's own)

@@ -17,6 +17,7 @@ import difflib
 import errno
 import inspect
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -312,7 +313,8 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
             if not target.strip().strip("'\""):
                 _fail(f"{setting} is empty (an unset variable in a script?): give a folder, or leave it out for "
                       "logs/ under the current folder")
-            if "$" in target and config_name == "train":  # a shell that did not expand it (quoted): Lightning would
+            # a $NAME the shell did not expand (quoted); Hydra resolves its own ${...} before anyone sees the path
+            if re.search(r"\$(?!\{)", target) and config_name == "train":
                 _fail(f"{setting}={target!r} holds a '$': Lightning's TensorBoard logger expands $NAME in its folder "
                       "as an environment variable and would write the logs elsewhere; choose a folder name without $")
             _check_creatable(setting, Path(target).expanduser())

@@ -127,8 +127,11 @@ def check_same_shards(paths: list[Path], datamodule) -> None:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - load_classifier read it already; nothing more to learn here
             continue
-        state = ckpt.get(type(datamodule).__qualname__) if isinstance(ckpt, dict) else None
-        expected = state.get("shards_fingerprint") if isinstance(state, dict) else None
+        # trained on images, or on cached features of them
+        states = [ckpt.get(name) for name in ("TransferDataModule", "FeatureDataModule")] if isinstance(ckpt, dict) \
+            else []
+        expected = next((s["shards_fingerprint"] for s in states
+                         if isinstance(s, dict) and s.get("shards_fingerprint")), None)
         if expected and expected != store.fingerprint:
             raise TLError(f"{str(path)!r} was trained on other shards than data.root={store.root!r} holds now "
                           "(converted again from other input, or another dataset): its test split there may hold "
@@ -156,7 +159,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     data, seed = data_config(cfg, paths[0])
     datamodule = build_datamodule(data, members[0].preprocess, augment=None, seed=seed)  # the model's own inputs
     datamodule.setup("test")
-    check_same_shards(paths, datamodule)
+    if cfg.get("data") is None:  # the run's own data; shards named on the command line are the user's choice
+        check_same_shards(paths, datamodule)
     metrics, objects = evaluate_members(members, datamodule, tta, device)
 
     results = {"tool": "tl.evaluate", "ckpt": str(cfg.ckpt), **metrics}

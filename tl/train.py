@@ -44,7 +44,16 @@ from tl.report import report_run
 from tl.results import collect_results, selected_val_acc
 from tl.rundir import claim_run_dir, own_resume
 from tl.scenarios import resolve
-from tl.utils import build, ensure_writable, print_config, print_results, run_terminated, user_errors, write_json
+from tl.utils import (
+    atomic_write_bytes,
+    build,
+    ensure_writable,
+    print_config,
+    print_results,
+    run_terminated,
+    user_errors,
+    write_json,
+)
 
 log = logging.getLogger("tl.train")
 
@@ -173,6 +182,23 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         return _train(cfg, run_dir, ckpt_path)
 
 
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _resumed_step(ckpt_path: str | None) -> int | None:
+    """The global step the checkpoint was saved at (the step a resume starts from)."""
+    import torch
+
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - checked readable before; nothing to compare then
+        return None
+
+
 def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict, dict]:
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -194,7 +220,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     head_init = None
     if cfg.finetune.head_init == "probe" and ckpt_path is None:  # LP-FT: start from the best linear probe
         module.head_init = head_init = init_head_from_probe(module, datamodule, cfg.paths.cache_dir, cfg.seed)
-    print_config(cfg, save_to=run_dir / "config.yaml")  # only now: a refused resume leaves the run's config as it was
+    # only now: a resume refused above leaves the run's config as it was (one refused once fitting has started, e.g.
+    # a snapshot schedule that moved, puts it back: see the fit below)
+    previous_config = _read_bytes(run_dir / "config.yaml") if ckpt_path is not None else None
+    print_config(cfg, save_to=run_dir / "config.yaml")
 
     # 4. trainer
     trainer = build_trainer(cfg)
@@ -204,7 +233,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     if feature_cache_applies(cfg):  # the backbone runs once per image, not once per image per epoch
         features = FeatureCache(cfg.paths.cache_dir).get(module.model, classifier_names(module.model), datamodule)
         fit_data = FeatureDataModule(features, datamodule.batch_size, datamodule.eval_batch_size,
-                                     train_sampler=datamodule.train_sampler)
+                                     train_sampler=datamodule.train_sampler, source=datamodule)
     lr_found: dict[str, Any] = {}
     if cfg.lr_find and ckpt_path is None:  # a resumed run keeps its optimizer state
         from tl.callbacks.lr_finder import find_lr
@@ -224,6 +253,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
     except RuntimeError as e:  # SIGTERM to the loader processes too (a scheduler, a process group): saved as SIGTERM
         if run_terminated(e, trainer):
             raise SIGTERMException() from None
+        raise
+    except TLError:
+        if previous_config is not None and trainer.global_step == _resumed_step(ckpt_path) and trainer.is_global_zero:
+            atomic_write_bytes(run_dir / "config.yaml", previous_config)  # refused before a step: the run as it was
         raise
     fit_seconds = time.perf_counter() - started
 

@@ -323,6 +323,12 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """`path.write_bytes(data)`, atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def _strict(value: Any) -> Any:
     """NaN and infinities as null: strict JSON readers (jq, JavaScript, most languages' parsers) refuse them."""
     if isinstance(value, float) and not math.isfinite(value):

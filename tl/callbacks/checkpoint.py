@@ -46,6 +46,12 @@ class BestCheckpoint(ModelCheckpoint):
             raise ValueError(f"ties={ties!r}: use first or last")
         self.ties = ties
 
+    @property
+    def state_key(self) -> str:
+        # Lightning files a callback's state under its class name: under ModelCheckpoint's, so that checkpoints
+        # written before this class (or with a plain ModelCheckpoint) resume with their best-model tracking
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def check_monitor_top_k(self, trainer: pl.Trainer, current=None) -> bool:
         if self.ties == "first" or current is None or self.save_top_k == -1 \
                 or len(self.best_k_models) < self.save_top_k:

@@ -204,10 +204,19 @@ class FeatureDataModule(pl.LightningDataModule):
     same batch size and `drop_last`), so a head trained here sees exactly the batches it would see on images.
     """
 
-    def __init__(self, features: Mapping, batch_size: int, eval_batch_size: int, train_sampler=None):
+    def __init__(self, features: Mapping, batch_size: int, eval_batch_size: int, train_sampler=None, source=None):
         super().__init__()
         self.features, self.batch_size, self.eval_batch_size = features, batch_size, eval_batch_size
         self.train_sampler = train_sampler  # (trainer) -> the image data module's training sampler, or None
+        self.source = source  # the image data module the features came from: its state goes into checkpoints
+
+    def state_dict(self) -> dict:
+        """The image data module's (which shards a run trained on), so a resume or tl.evaluate can compare."""
+        return self.source.state_dict() if self.source is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.source is not None:
+            self.source.load_state_dict(state)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         from tl.data.datamodule import eval_sampler
