@@ -137,7 +137,7 @@ RULES: list[Rule] = [
     ("trainer.max_epochs", lambda v: _integer(v) and 1 <= v <= 100_000, "an integer from 1 to 100000"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.samples_per_class", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
-    # null only with data=shards (whose splits were made at conversion; checked in _check_shard_splits)
+    # null only with data=shards (whose splits were made at conversion; checked in validate)
     ("data.val_fraction", lambda v: v is None or (_number(v) and 0 < v < 1), "a fraction in (0, 1)"),
     ("data.test_fraction", lambda v: v is None or (_number(v) and 0 < v < 1), "a fraction in (0, 1)"),
     ("data.on_bad_file", lambda v: v in ("skip", "error"), "skip or error"),

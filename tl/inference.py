@@ -263,7 +263,7 @@ def delivered(run_dir: Path) -> tuple[str | None, list[Path]]:
     except FileNotFoundError:  # a run that has not finished: it delivered nothing yet
         return None, []
     except (OSError, ValueError) as e:
-        results, error = None, type(e).__name__
+        error = type(e).__name__
     else:
         error = None if isinstance(results, dict) else "not a results object"
     if error is not None:

@@ -174,12 +174,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     onnx_formats(cfg)  # onnx.enabled=true without onnx installed: refused now, not after training
     run_dir = ensure_writable(Path(cfg.paths.output_dir))
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    if ckpt_path is not None:
-        load_training_checkpoint(ckpt_path)  # a weights file or junk: one line, before the run directory is touched
+    # a weights file or junk: one line, before the run directory is touched
+    resumed_step = load_training_checkpoint(ckpt_path)["global_step"] if ckpt_path is not None else None
     # another run's checkpoint starts a new run here: refused over a finished one unless overwrite=true
     with claim_run_dir(run_dir, resuming=ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir),
                        overwrite=cfg.overwrite):
-        return _train(cfg, run_dir, ckpt_path)
+        return _train(cfg, run_dir, ckpt_path, resumed_step)
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -189,17 +189,8 @@ def _read_bytes(path: Path) -> bytes | None:
         return None
 
 
-def _resumed_step(ckpt_path: str | None) -> int | None:
-    """The global step the checkpoint was saved at (the step a resume starts from)."""
-    import torch
-
-    try:
-        return int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # noqa: BLE001 - checked readable before; nothing to compare then
-        return None
-
-
-def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict, dict]:
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: object = None
+           ) -> tuple[dict, dict]:
     pl.seed_everything(cfg.seed, workers=True)
 
     # 2. data
@@ -255,7 +246,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> tuple[dict,
             raise SIGTERMException() from None
         raise
     except TLError:
-        if previous_config is not None and trainer.global_step == _resumed_step(ckpt_path) and trainer.is_global_zero:
+        if previous_config is not None and trainer.global_step == resumed_step and trainer.is_global_zero:
             atomic_write_bytes(run_dir / "config.yaml", previous_config)  # refused before a step: the run as it was
         raise
     fit_seconds = time.perf_counter() - started
