@@ -910,6 +910,18 @@ def test_predict_lists_with_a_byte_order_mark_and_quoted_paths_read_as_meant(tmp
     assert list_inputs(listed) == [Path("/data/a.png"), Path("/data/my photos/b.png"), tmp_path / "c.png"]
 
 
+def test_predict_lists_in_utf16_and_quoted_hash_names_read_as_meant(tmp_path):
+    """Found by a hostile tester: a list saved as UTF-16 (Notepad's "Unicode", PowerShell 5's `>`) was refused as a
+    binary file, and a quoted path whose name starts with # was taken for a comment."""
+    from tl.predict import list_inputs
+
+    for encoding in ("utf-16", "utf-16-be"):
+        listed = tmp_path / f"{encoding}.txt"
+        body = '# mine\r\n/data/a.png\r\n"#2 b.png"\r\n'.encode(encoding)
+        listed.write_bytes(body if encoding == "utf-16" else b"\xfe\xff" + body)
+        assert list_inputs(listed) == [Path("/data/a.png"), tmp_path / "#2 b.png"]
+
+
 def test_predict_fails_when_no_input_could_be_read(finished, tmp_path, monkeypatch, capfd):
     run_dir, results = finished
     bad = tmp_path / "in"

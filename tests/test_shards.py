@@ -206,6 +206,30 @@ def test_output_folder_of_other_files_is_refused(tmp_path):
     assert (out / "thesis.tex").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
 
+@pytest.mark.parametrize("disk, says", [
+    ("full", r"1 MiB free there, the shards need about \d+ MiB: free space or choose another output"),
+    ("read-only", "is on a read-only file system"),
+    ("virtual", "is not on a disk"),
+])
+def test_an_output_that_cannot_hold_the_shards_is_refused_before_writing(disk, says, tmp_path, monkeypatch):
+    """LitData's writer processes hang on a full disk: a conversion that cannot fit is refused up front, and a
+    read-only or virtual file system (which report 0 bytes free) is named as such."""
+    import tl.shard as tl_shard
+
+    usage = shutil.disk_usage(tmp_path)
+    if disk == "full":
+        monkeypatch.setattr(tl_shard.shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    elif disk == "virtual":
+        monkeypatch.setattr(tl_shard.shutil, "disk_usage", lambda p: usage._replace(total=0, used=0, free=0))
+    else:
+        flags = os.statvfs(tmp_path).f_flag | os.ST_RDONLY
+        monkeypatch.setattr(tl_shard.os, "statvfs", lambda p: type("V", (), {"f_flag": flags})())
+    out = tmp_path / "out" / "shards"
+    with pytest.raises(TLError, match=says):
+        tl_shard.shard(shard_cfg(tmp_path, "data=synthetic", f"output={out}"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_shard_is_one_line_naming_it(tmp_path, synthetic_shards):
     damaged = tmp_path / "damaged"
     shutil.copytree(synthetic_shards, damaged)

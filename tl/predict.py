@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import logging
 import re
@@ -62,13 +63,18 @@ def list_inputs(inputs: str | Path) -> list[Path]:
         return files
     if root.is_file() and root.suffix.lower() == ".txt":
         # a file name that is not valid UTF-8 keeps its bytes (and is reported on its row if it cannot be read)
-        text = root.read_text(encoding="utf-8", errors="surrogateescape")
+        raw = root.read_bytes()
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Notepad's "Unicode", PowerShell 5's `>`
+            text = raw.decode("utf-16", errors="replace")
+        else:
+            text = raw.decode("utf-8", errors="surrogateescape")
         if "\x00" in text:
             raise TLError(f"inputs={str(inputs)!r} is not a text list of paths (it holds NUL bytes: a binary file "
                           "named .txt?): write one image path per line")
         text = text.removeprefix("\ufeff")  # the byte-order mark Windows editors and PowerShell write first
-        lines = [_unquote(line.strip()) for line in text.splitlines()]
-        listed = [(n, line) for n, line in enumerate(lines, 1) if line and not line.startswith("#")]
+        # a comment is a line that starts with # as written; a quoted "#1.png" is a path
+        lines = [("" if line.strip().startswith("#") else _unquote(line.strip())) for line in text.splitlines()]
+        listed = [(n, line) for n, line in enumerate(lines, 1) if line]
         for n, line in listed:
             if URL.match(line):
                 raise TLError(f"inputs={str(inputs)!r} line {n} is a URL ({line[:80]}): tl.predict reads local "

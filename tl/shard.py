@@ -216,7 +216,15 @@ def check_space(out: Path, images, chunk: int) -> None:
     probe = out
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    with suppress(OSError):
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:  # a read-only mount also reports 0 bytes free
+            raise TLError(f"output={str(out)!r} is on a read-only file system ({probe}): choose another output; "
+                          "nothing was written")
+    usage = shutil.disk_usage(probe)
+    if usage.total == 0:  # /proc, /sys, ...: nothing can be stored there
+        raise TLError(f"output={str(out)!r} is not on a disk ({probe} is a virtual file system): choose another "
+                      "output; nothing was written")
+    free = usage.free
     if free < need:
         raise TLError(f"output={str(out)!r}: {free / 2**20:.0f} MiB free there, the shards need about "
                       f"{need / 2**20:.0f} MiB: free space or choose another output; nothing was written")
