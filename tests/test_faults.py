@@ -174,9 +174,12 @@ def test_sigterm_to_the_loader_processes_too_is_an_interruption_not_a_crash(tmp_
     assert not (run / "results.json").exists()
 
 
-def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_says_so(tiny_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("surfaces_as", ["OSError", "RuntimeError"])
+def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_says_so(surfaces_as, tiny_cfg, tmp_path,
+                                                                         monkeypatch):
     """The device fills while last.ckpt is being written: one line, the previous last.ckpt intact under its name,
-    no partial file left behind (tl.checkpoint_io writes beside the name, then renames)."""
+    no partial file left behind (tl.checkpoint_io writes beside the name, then renames). torch.save reports a full
+    disk as a RuntimeError ("unexpected pos") raised while handling the OSError (found by a hostile tester)."""
     import errno
     import hashlib
 
@@ -188,14 +191,44 @@ def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_says_so(tiny_cfg
     def full_disk(obj, f, *args, **kwargs):
         if "last.ckpt" in str(getattr(f, "name", f)):
             f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            finally:
+                if surfaces_as == "RuntimeError":
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 21500096")
         return original(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(TLError, match="no space left on the device writing .*last.ckpt.*intact") as e:
+    with pytest.raises(TLError, match="no space left writing .*last.ckpt.*No space left on device.*intact") as e:
         train(tiny_cfg("trainer.max_epochs=2", "ckpt_path=last", "export=false",
                        "callbacks.last_checkpoint.link_same_step=false"))
     assert "\n" not in str(e.value)
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
+
+
+def test_a_file_size_limit_mid_run_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+    """Found by a hostile tester: a run under `ulimit -f` (writes past the limit fail with EFBIG) ended in a
+    traceback. Real limit, real torch.save: one line naming the file, exit 2, the earlier last.ckpt whole."""
+    import hashlib
+    import resource
+
+    run = tmp_path / "run"
+    first = subprocess.run([*TRAIN, "trainer.max_epochs=1", f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    limit = last.stat().st_size // 2
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    resumed = subprocess.run([*TRAIN, "trainer.max_epochs=2", "ckpt_path=last", f"hydra.run.dir={run}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("tl: error:")]
+    assert resumed.returncode == 2 and len(errors) == 1, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr and "File too large" in errors[0] and "ckpt" in errors[0]
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    assert not list(last.parent.glob(".*.tmp"))

@@ -9,7 +9,6 @@ renamed over it (`os.replace`, atomic within one filesystem). Remote paths (s3:/
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from tl.errors import TLError
+from tl.errors import NO_SPACE, TLError, os_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,10 +37,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except Exception as e:
             tmp.unlink(missing_ok=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TLError(f"no space left on the device writing {str(path)!r}: the checkpoints written before are "
-                              "intact; free space, then resume with the same hydra.run.dir and ckpt_path=auto") from e
+            cause = os_error(e)  # torch.save on a full disk raises a RuntimeError while handling the OSError
+            if cause is not None and cause.errno in NO_SPACE:
+                raise TLError(f"no space left writing {str(path)!r} ({cause.strerror}): the checkpoints written before "
+                              "are intact; free space, then resume with the same hydra.run.dir and ckpt_path=auto"
+                              ) from e
+            if cause is not None:
+                raise TLError(f"could not write {str(path)!r} ({cause.strerror or cause}): fix permissions there; the "
+                              "checkpoints written before are intact; resume with the same hydra.run.dir and "
+                              "ckpt_path=auto") from e
             raise
         return None

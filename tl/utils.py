@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tl.errors import Interrupted, Terminated, TLError
+from tl.errors import ENVIRONMENT, NO_SPACE, Interrupted, Terminated, TLError, os_error
 
 log = logging.getLogger("tl")
 
@@ -140,13 +140,38 @@ def user_errors(fn: Callable) -> Callable:
             sys.exit(128 + signal.SIGINT)
         except (KeyboardInterrupt, Terminated, RuntimeError) as e:  # outside fitting: what was being written goes
             if isinstance(e, RuntimeError) and not worker_terminated(e):
+                _exit_if_environment(e)
                 raise
             name = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
             print(f"tl: interrupted by {name}: files being written were discarded, earlier ones are unchanged",
                   file=sys.stderr)
             sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM))
+        except Exception as e:
+            _exit_if_environment(e)
+            raise
 
     return wrapper
+
+
+def _exit_if_environment(e: Exception) -> None:
+    """A failure of the environment that no code path turned into a TLError (a full disk, a file size limit, a
+    read-only folder, met by a library's write): one line naming it and exit status 2, the traceback going to the run's
+    log file only. Anything else is a bug and keeps its traceback."""
+    cause = os_error(e)
+    if cause is None or cause.errno not in ENVIRONMENT:
+        return
+    with suppress(Exception):  # best effort: the disk may be full
+        record = logging.LogRecord("tl", logging.ERROR, __file__, 0, "failed: %s", (cause,),
+                                   (type(e), e, e.__traceback__))
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    where = f" ({cause.filename})" if cause.filename else ""
+    fix = ("free space there" if cause.errno in NO_SPACE else "fix permissions there or choose another folder")
+    print(f"tl: error: {cause.strerror or cause}{where}: {fix}, then run again (a training run resumes from its last "
+          "checkpoint with the same hydra.run.dir and ckpt_path=auto; the traceback is in the run's log)",
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:
@@ -309,11 +334,12 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     except BaseException as e:
         with suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError):
+        cause = os_error(e) if isinstance(e, Exception) and not isinstance(e, TLError) else None
+        if cause is not None:  # (torch.save raises a RuntimeError over the OSError)
             fix = ("a part of that path is a file, not a folder: move it away"
-                   if e.errno in (errno.ENOTDIR, errno.EISDIR) else "free space or fix permissions there")
-            raise TLError(f"could not write {str(path)!r} ({e.strerror or e}): {fix}; its previous version, if any, "
-                          "is unchanged") from e
+                   if cause.errno in (errno.ENOTDIR, errno.EISDIR) else "free space or fix permissions there")
+            raise TLError(f"could not write {str(path)!r} ({cause.strerror or cause}): {fix}; its previous version, "
+                          "if any, is unchanged") from e
         raise
 
 
