@@ -10,6 +10,7 @@ renamed over it (`os.replace`, atomic within one filesystem). Remote paths (s3:/
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` whose local saves are write-to-temporary, fsync, rename (see the module docstring)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        checkpoint["tl_saved_ns"] = time.time_ns()  # which state is the latest: ckpt_path=auto (tl.train)
         fs, local = fsspec.core.url_to_fs(str(path))
         if storage_options is not None or not isinstance(fs, LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)

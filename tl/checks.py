@@ -8,6 +8,7 @@ Unknown group options (optimizer=foo, scenario=bar) are caught earlier, on the c
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Callable
@@ -63,8 +64,9 @@ def _devices(v) -> bool:
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
-              "transformer-engine-float16", "32", "16", "bf16", "64", 32, 16, 64)
+# not 64-true: images, metrics and the loss are float32 (it failed with a Float/Double mismatch after the first step)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", 32, 16)
 DEVICES_HINT = "auto, a number of devices (-1: all), a list of indices [0,1], or a string '0,1'"
 
 # Values Lightning would otherwise reject with a traceback or accept as nonsense; the same in every entry point.
@@ -72,7 +74,7 @@ TRAINER_RULES: list[Rule] = [
     ("trainer.accelerator", lambda v: v in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
     ("trainer.devices", _devices, DEVICES_HINT),
     ("trainer.num_nodes", _count1, "an integer >= 1"),
-    ("trainer.precision", lambda v: v in PRECISIONS, "32-true, bf16-mixed, 16-mixed (GPU), bf16-true or 64-true"),
+    ("trainer.precision", lambda v: v in PRECISIONS, "32-true, bf16-mixed, 16-mixed (GPU) or bf16-true"),
     ("trainer.accumulate_grad_batches", _count1, "an integer >= 1"),
     ("trainer.gradient_clip_val", _optional(lambda v: _number(v) and v >= 0), "null (off) or a number >= 0"),
     ("trainer.log_every_n_steps", _count1, "an integer >= 1"),
@@ -122,6 +124,10 @@ RULES: list[Rule] = [
     # above 10 no optimizer trains (and float32 overflows past 3e38): a typo's exponent, not a learning rate
     ("optimizer.lr", lambda v: _number(v) and 0 < v <= 10, "a positive number up to 10, e.g. 1e-3"),
     ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 (null or 0: none)"),
+    ("optimizer.betas", lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) == 2
+     and all(_number(b) and 0 <= b < 1 for b in v), "two coefficients in [0, 1), e.g. [0.9, 0.999]"),
+    ("callbacks.lr_monitor.logging_interval", _optional(lambda v: v in ("step", "epoch")),
+     "step, epoch or null (both)"),
     ("model.drop_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
     ("model.drop_path_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
     ("model.head_init_std", lambda v: _number(v) and v > 0, "a positive number, e.g. 0.01"),
@@ -257,7 +263,7 @@ def check_hardware(trainer: DictConfig) -> None:
 # What model selection and early stopping can monitor (logged every validation by TransferModule), and which way is
 # better.
 MONITORS = {"val/acc": "max", "val/balanced_acc": "max", "val/macro_f1": "max", "val/acc_top5": "max",
-            "val/loss": "min", "val/ece": "min"}
+            "val/loss": "min", "val/ece": "min", "train/acc": "max", "train/loss": "min"}
 
 
 def check_monitor(callbacks) -> None:
@@ -271,17 +277,27 @@ def check_monitor(callbacks) -> None:
     if ckpt.get("ties", "first") == "last" and ckpt.get("save_top_k", 1) != 1:
         raise TLError(f"callbacks.model_checkpoint.ties=last needs save_top_k=1 (it is "
                       f"{ckpt.get('save_top_k')}): among several kept checkpoints Lightning names the earliest best")
-    monitor, mode = ckpt.monitor, ckpt.get("mode", "min")
-    if not str(monitor).startswith("val"):
-        return  # e.g. a metric a callback of the user's own logs (val/..., val_... would be a typo of tl's own)
+    for name in ("model_checkpoint", "early_stopping"):
+        watcher = callbacks.get(name)
+        if watcher is not None and watcher.get("monitor") is not None:
+            _check_watched(name, str(watcher.monitor), watcher.get("mode", "min"))
+
+
+def _check_watched(name: str, monitor: str, mode: str) -> None:
+    """A metric tl logs (MONITORS), in its better direction. Any other name fails in one line now, not after the first
+    epoch; only a namespaced name outside tl's own (`mine/score`, logged by a callback of the user's) is let through."""
     if monitor not in MONITORS:
-        raise TLError(f"callbacks.model_checkpoint.monitor={monitor!r} is not logged: use one of "
-                      f"{', '.join(MONITORS)}")
+        if "/" in monitor and monitor.split("/")[0] not in ("val", "train", "test") and not monitor.startswith("val"):
+            return
+        close = difflib.get_close_matches(monitor, MONITORS, n=1, cutoff=0.5) or \
+            [m for m in MONITORS if m.endswith("/" + monitor)][:1]
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise TLError(f"callbacks.{name}.monitor={monitor!r} is not logged by tl: {hint}use one of "
+                      f"{', '.join(MONITORS)} (test/ metrics exist only after training)")
     if mode != MONITORS[monitor]:
         better = "higher" if MONITORS[monitor] == "max" else "lower"
-        raise TLError(f"callbacks.model_checkpoint.monitor={monitor} is better when {better} but "
-                      f"callbacks.model_checkpoint.mode={mode}: add "
-                      f"callbacks.model_checkpoint.mode={MONITORS[monitor]}")
+        raise TLError(f"callbacks.{name}.monitor={monitor} is better when {better} but callbacks.{name}.mode={mode}: "
+                      f"add callbacks.{name}.mode={MONITORS[monitor]}")
 
 
 # Top-level groups of settings that the run reads key by key: null would fail deep inside, after the data is measured.

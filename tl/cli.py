@@ -269,6 +269,22 @@ def check_syntax(argv: list[str]) -> None:
                   "shell: \"" + key + "='" + value + "'\")")
 
 
+LABELS = ("augment", "scenario")  # groups whose `name` only names the preset chosen (results.json, the plan)
+
+
+def check_labels(argv: list[str]) -> None:
+    """`augment.name=light` changed only the label recorded in results.json while the strong policy trained: the
+    preset is chosen with `augment=light`."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        group = key.rsplit(".", 1)[0]
+        if key.endswith(".name") and group in LABELS and _:
+            options = group_options(group)
+            fix = (f"choose the preset with {group}={value}" if value in options
+                   else f"choose a preset with {group}=NAME ({', '.join(options)})")
+            _fail(f"{arg}: {group}.name only names the {group} preset in use and changes nothing else; {fix}")
+
+
 def check_values(argv: list[str]) -> None:
     """The training config's values (tl.checks.validate), before Hydra makes the run directory: a refused run leaves
     no folder behind. (train() validates the final config again: auto's choice, edits from Python.)"""
@@ -415,6 +431,8 @@ def launch(hydra_main, config_name: str) -> None:
     check_syntax(argv)
     check_sweeper(argv)
     check_group_choices(argv)
+    if config_name == "train":
+        check_labels(argv)
     check_run_dir(argv, config_name)
     if not {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"} & set(argv):
         check_override_keys(argv, config_name)

@@ -126,8 +126,12 @@ def _check_previous_run(run_dir: Path, resuming: bool, overwrite: bool) -> None:
         raise TLError(f"hydra.run.dir={str(run_dir)!r} holds a finished run (results.json): choose another "
                       "hydra.run.dir, continue it with ckpt_path=last trainer.max_epochs=N, or replace it "
                       "with overwrite=true")
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        raise TLError(f"hydra.run.dir={str(run_dir)!r} holds an unfinished run (checkpoints/last.ckpt): "
+    # any checkpoint: a run stopped in its first epoch has only interrupted.ckpt (or a requeued one hpc_ckpt_N)
+    saved = sorted(p.name for p in [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+                   if p.is_file()) if run_dir.is_dir() else []
+    if saved:
+        name = "last.ckpt" if "last.ckpt" in saved else saved[0]
+        raise TLError(f"hydra.run.dir={str(run_dir)!r} holds an unfinished run (checkpoints/{name}): "
                       "resume it with ckpt_path=auto, choose another hydra.run.dir, or replace it with "
                       "overwrite=true")
 
@@ -149,16 +153,23 @@ def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> Iterator[No
         return
     _take_lock(run_dir / LOCK)
     try:
-        if not resuming and overwrite:
-            _check_previous_run(run_dir, resuming, overwrite)  # a folder that holds no tl run is not emptied
-            for name in RUN_ARTIFACTS:
-                target = run_dir / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-        _check_previous_run(run_dir, resuming, overwrite)
+        _check_previous_run(run_dir, resuming, overwrite)  # with overwrite: a folder holding no tl run is refused
         yield
+
     finally:
         with contextlib.suppress(OSError):
             (run_dir / LOCK).unlink()
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    """overwrite=true: remove the previous run's files from `run_dir` (held by `claim_run_dir`). Called once the new
+    run's data, model and weights have loaded, so that a command refused for its own input leaves the previous run
+    whole."""
+    if rank_zero_only.rank != 0:
+        return
+    for name in RUN_ARTIFACTS:
+        target = run_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()

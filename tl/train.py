@@ -25,6 +25,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -42,7 +43,7 @@ from tl.models.backbone import classifier_names
 from tl.models.probe_head import init_head_from_probe
 from tl.report import report_run
 from tl.results import collect_results, selected_val_acc
-from tl.rundir import claim_run_dir, own_resume
+from tl.rundir import claim_run_dir, clear_previous_run, own_resume
 from tl.scenarios import resolve
 from tl.utils import (
     atomic_write_bytes,
@@ -81,15 +82,29 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
-    if ckpt_path == "auto":  # a requeued or interrupted job: this run dir's newest checkpoint, else start fresh
+    if ckpt_path == "auto":  # a requeued or interrupted job: this run dir's latest saved state, else start fresh
         found = [p for p in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "interrupted.ckpt",
                              *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+        return str(max(found, key=saved_order)) if found else None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if not path.is_file():
-        raise TLError(f"ckpt_path={ckpt_path!r}: no checkpoint at {str(path)!r}; resume with the run's own "
-                      "hydra.run.dir=DIR ckpt_path=last, or give an existing .ckpt path")
+        others = ckpt_path == "last" and (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+        raise TLError(f"ckpt_path={ckpt_path!r}: no checkpoint at {str(path)!r}; " + (
+            "the run was stopped before its first epoch ended: resume it with ckpt_path=auto (its interrupted.ckpt)"
+            if others else "resume with the run's own hydra.run.dir=DIR ckpt_path=auto, or give an existing .ckpt "
+            "path"))
     return str(path)
+
+
+def saved_order(path: Path) -> tuple:
+    """When a checkpoint was saved, as the checkpoint itself records it (tl.checkpoint_io stamps every save), then its
+    step: a folder copied without its timestamps (cp -r) keeps them. Files' times decide only between older
+    checkpoints without the stamp; an unreadable file comes last."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return (1, int(ckpt.get("tl_saved_ns", -1)), int(ckpt.get("global_step", -1)), path.stat().st_mtime)
+    except Exception:  # noqa: BLE001 - damaged: another candidate, or load_training_checkpoint's one line
+        return (0, -1, -1, path.stat().st_mtime)
 
 
 def onnx_formats(cfg: DictConfig) -> tuple[str, str | None]:
@@ -177,9 +192,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     # a weights file or junk: one line, before the run directory is touched
     resumed_step = load_training_checkpoint(ckpt_path)["global_step"] if ckpt_path is not None else None
     # another run's checkpoint starts a new run here: refused over a finished one unless overwrite=true
-    with claim_run_dir(run_dir, resuming=ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir),
-                       overwrite=cfg.overwrite):
-        return _train(cfg, run_dir, ckpt_path, resumed_step)
+    resuming = ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir)
+    with claim_run_dir(run_dir, resuming=resuming, overwrite=cfg.overwrite):
+        return _train(cfg, run_dir, ckpt_path, resumed_step, replace=bool(cfg.overwrite) and not resuming)
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -189,8 +204,9 @@ def _read_bytes(path: Path) -> bytes | None:
         return None
 
 
-def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: object = None
-           ) -> tuple[dict, dict]:
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: object = None,
+           replace: bool = False) -> tuple[dict, dict]:
+    """`replace`: overwrite=true over a previous run, whose files are removed once this run's input has loaded."""
     pl.seed_everything(cfg.seed, workers=True)
 
     # 2. data
@@ -214,6 +230,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
     # only now: a resume refused above leaves the run's config as it was (one refused once fitting has started, e.g.
     # a snapshot schedule that moved, puts it back: see the fit below)
     previous_config = _read_bytes(run_dir / "config.yaml") if ckpt_path is not None else None
+    if replace:  # the data, the model and its weights loaded: only now is the previous run given up
+        clear_previous_run(run_dir)
     print_config(cfg, save_to=run_dir / "config.yaml")
 
     # 4. trainer

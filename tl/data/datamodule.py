@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import multiprocessing as mp
@@ -192,13 +193,39 @@ class TransferDataModule(pl.LightningDataModule):
 
     # -- resuming -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Saved in checkpoints: which shard dataset (its manifest's fingerprint) a run trained on."""
+        """Saved in checkpoints: which shard dataset (its manifest's fingerprint) a run trained on, and a digest of
+        its train/val/test split, so that a resume on another split is refused."""
         store = self.images.store if self.images is not None else None
-        return {"shards_fingerprint": store.fingerprint} if store is not None else {}
+        state = {"shards_fingerprint": store.fingerprint} if store is not None else {}
+        if self.split_indices:
+            state["splits_digest"] = self.splits_digest()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._resumed_shards = state.get("shards_fingerprint")
+        self._resumed_splits = state.get("splits_digest")
         self._check_resumed_shards()
+
+    def splits_digest(self) -> str:
+        """A digest of which examples are in train (the `samples_per_class` subset), val and test, with their labels:
+        files by class folder and name (the data may move), in-memory images and shard records by index. Computed
+        once (checkpoints are saved often; the splits are made once, in setup)."""
+        if getattr(self, "_splits_digest", None) is not None:
+            return self._splits_digest
+        h = hashlib.sha256()
+        names = None
+        if self.images.paths is not None:
+            names = [os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p in self.images.paths]
+        for split in ("train", "val", "test"):
+            idx = np.sort(np.asarray(self.split_indices[split], dtype=np.int64))
+            h.update(f"{split}:{len(idx)}:".encode())
+            h.update(self.images.targets[idx].astype(np.int64).tobytes())
+            if names is None:
+                h.update(idx.tobytes())
+            else:
+                h.update("\n".join(names[i] for i in idx).encode("utf-8", "surrogateescape"))
+        self._splits_digest = h.hexdigest()[:16]
+        return self._splits_digest
 
     def _check_resumed_shards(self) -> None:
         expected = getattr(self, "_resumed_shards", None)
@@ -207,6 +234,12 @@ class TransferDataModule(pl.LightningDataModule):
             raise TLError(f"the checkpoint was trained on other shards than data.root={store.root!r} holds now "
                           "(converted again from other input, or another dataset): resume with the shards it "
                           "started on, or start a new run")
+        splits = getattr(self, "_resumed_splits", None)
+        if splits and self.split_indices and self.splits_digest() != splits:
+            raise TLError("the checkpoint was trained on another split of the data than this run makes (data.root, "
+                          "seed, data.samples_per_class, data.val_fraction or data.test_fraction differ, or files were "
+                          "added or removed): its test split could hold training images; resume with the run's own "
+                          "settings (its config.yaml) and data, or start a new run")
 
     # -- class balance ----------------------------------------------------------------------------------------
     @property
