@@ -982,3 +982,64 @@ def test_batch_limits_that_mean_nothing_are_refused(value, tiny_cfg):
         cfg.trainer.limit_train_batches = float(value) if "." in value else int(value)
     with pytest.raises(TLError, match="trainer.limit_train_batches=.* is invalid"):
         validate(cfg)
+
+
+# -- round 33 (a hostile tester's findings) ---------------------------------------------------------------------------
+def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused_for_its_input(victim, tmp_path):
+    """overwrite=true emptied a finished run, then the new run failed on its own bad weights file: both were lost.
+    Now the previous run is given up only once the new run's data, model and weights have loaded."""
+    run_dir, before = victim
+    with pytest.raises(TLError, match="not found"):
+        train(make_cfg(run_dir, [*TINY, "trainer.max_epochs=1", "scenario=large_similar", "logger=none",
+                                 "overwrite=true", f"model.pretrained={tmp_path / 'missing.pth'}"]))
+    assert checksums(run_dir) == before
+
+
+def test_a_run_stopped_before_its_first_epoch_ended_is_not_started_over(tiny_cfg, tmp_path):
+    """A run stopped by SIGTERM in its first epoch has only checkpoints/interrupted.ckpt: the same command again (no
+    ckpt_path) deleted it and started from scratch. It is an unfinished run now; ckpt_path=last names the fix."""
+    train(tiny_cfg("trainer.max_epochs=1", "export=false", "logger=none"))
+    checkpoints = tmp_path / "checkpoints"
+    os.replace(checkpoints / "last.ckpt", checkpoints / "interrupted.ckpt")
+    for path in checkpoints.glob("epoch*.ckpt"):
+        path.unlink()
+    (tmp_path / "results.json").unlink()
+    saved = hashlib.sha256((checkpoints / "interrupted.ckpt").read_bytes()).hexdigest()
+    with pytest.raises(TLError, match=r"holds an unfinished run \(checkpoints/interrupted.ckpt\): resume it with "
+                                      "ckpt_path=auto"):
+        train(tiny_cfg("trainer.max_epochs=1", "export=false", "logger=none"))
+    with pytest.raises(TLError, match="stopped before its first epoch ended: resume it with ckpt_path=auto"):
+        train(tiny_cfg("trainer.max_epochs=1", "export=false", "logger=none", "ckpt_path=last"))
+    assert hashlib.sha256((checkpoints / "interrupted.ckpt").read_bytes()).hexdigest() == saved
+
+
+def test_ckpt_path_auto_takes_the_latest_state_even_in_a_copy_without_timestamps(tiny_cfg, tmp_path):
+    """ckpt_path=auto chose by file time: in a run folder copied with cp -r (new times, in copy order) it resumed an
+    old interrupted.ckpt over a later last.ckpt. It reads the stamp each checkpoint carries now."""
+    from tl.train import resolve_ckpt_path
+
+    train(tiny_cfg("trainer.max_epochs=2", "export=false", "logger=none"))
+    checkpoints = tmp_path / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] > 0 and last["tl_saved_ns"] > 0
+    older = {**last, "global_step": 1, "tl_saved_ns": last["tl_saved_ns"] - 10**9}
+    torch.save(older, checkpoints / "interrupted.ckpt")  # written after last.ckpt: the newer file, the older state
+    assert (checkpoints / "interrupted.ckpt").stat().st_mtime >= (checkpoints / "last.ckpt").stat().st_mtime
+    assert resolve_ckpt_path("auto", tmp_path) == str(checkpoints / "last.ckpt")
+    (checkpoints / "last.ckpt").write_bytes(b"damaged")  # an unreadable candidate gives way to a readable one
+    assert resolve_ckpt_path("auto", tmp_path) == str(checkpoints / "interrupted.ckpt")
+
+
+@pytest.mark.parametrize("changed", ["seed=7", "data.samples_per_class=8", "data.val_fraction=0.3"])
+def test_a_resume_on_another_split_of_the_data_is_refused(changed, tiny_cfg, tmp_path):
+    """Resuming re-made the splits from the current settings: with another seed, 12 of 18 test images had been
+    trained on, in silence. The checkpoint carries a digest of its splits; another split is refused in one line."""
+    train(tiny_cfg("trainer.max_epochs=1", "export=false", "logger=none", "data.samples_per_class=12"))
+    before = hashlib.sha256((tmp_path / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+    with pytest.raises(TLError, match="trained on another split of the data than this run makes"):
+        train(tiny_cfg("trainer.max_epochs=2", "export=false", "logger=none", "data.samples_per_class=12",
+                       "ckpt_path=last", changed))
+    assert hashlib.sha256((tmp_path / "checkpoints" / "last.ckpt").read_bytes()).hexdigest() == before
+    results, _ = train(tiny_cfg("trainer.max_epochs=2", "export=false", "logger=none", "data.samples_per_class=12",
+                                "ckpt_path=last"))  # the run's own settings resume
+    assert results["epochs"] == 2

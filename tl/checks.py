@@ -284,16 +284,17 @@ def check_monitor(callbacks) -> None:
 
 
 def _check_watched(name: str, monitor: str, mode: str) -> None:
-    """A metric tl logs (MONITORS), in its better direction. Any other name fails in one line now, not after the first
-    epoch; only a namespaced name outside tl's own (`mine/score`, logged by a callback of the user's) is let through."""
+    """A metric tl logs (MONITORS), in its better direction. A name like one of them (`acc`, `val_acc`,
+    `val/balanced_ac`, `test/acc`) fails in one line now, not after the first epoch; any other name is taken for a
+    metric that a callback of the user's own logs."""
     if monitor not in MONITORS:
-        if "/" in monitor and monitor.split("/")[0] not in ("val", "train", "test") and not monitor.startswith("val"):
+        close = [m for m in MONITORS if m.endswith("/" + monitor)][:1] or \
+            difflib.get_close_matches(monitor, MONITORS, n=1, cutoff=0.75)
+        if not close and not monitor.startswith(("val", "train/", "train_", "test/", "test_")):
             return
-        close = difflib.get_close_matches(monitor, MONITORS, n=1, cutoff=0.5) or \
-            [m for m in MONITORS if m.endswith("/" + monitor)][:1]
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise TLError(f"callbacks.{name}.monitor={monitor!r} is not logged by tl: {hint}use one of "
-                      f"{', '.join(MONITORS)} (test/ metrics exist only after training)")
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TLError(f"callbacks.{name}.monitor={monitor!r} is not logged{hint}: use one of {', '.join(MONITORS)} "
+                      "(test/ metrics exist only after training)")
     if mode != MONITORS[monitor]:
         better = "higher" if MONITORS[monitor] == "max" else "lower"
         raise TLError(f"callbacks.{name}.monitor={monitor} is better when {better} but callbacks.{name}.mode={mode}: "
