@@ -232,3 +232,30 @@ def test_a_file_size_limit_mid_run_is_one_line_and_keeps_the_earlier_checkpoints
     assert "Traceback" not in resumed.stderr and "File too large" in errors[0] and "ckpt" in errors[0]
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
     assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_sigterm_after_fitting_is_one_line_and_ckpt_path_auto_finishes_the_run(tiny_cfg, tmp_path, monkeypatch):
+    """Found by a hostile tester: a SIGTERM during the report or the export (Lightning's handler is gone after fit)
+    killed the process outright, leaving the run's lock and the export's scratch folder. Now it raises in the main
+    thread (clean-ups run, the lock is released), says what is left, and ckpt_path=auto finishes the run."""
+    import tl.train as tl_train
+    from tl.errors import Terminated
+
+    real_export = tl_train.export_run
+
+    def export_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM was not raised")
+
+    monkeypatch.setattr(tl_train, "export_run", export_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as e:
+        train(tiny_cfg("trainer.max_epochs=1", "logger=none"))
+    assert "training had finished" in e.value.tl_after and "ckpt_path=auto" in e.value.tl_after
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / ".tl.lock").exists()
+    assert not list((tmp_path).glob("export/.export-*"))
+    monkeypatch.setattr(tl_train, "export_run", real_export)
+    results, _ = train(tiny_cfg("trainer.max_epochs=1", "logger=none", "ckpt_path=auto"))
+    assert results["epochs"] == 1 and (tmp_path / "export" / "model.safetensors").is_file()

@@ -36,7 +36,7 @@ from tl.cli import launch
 from tl.data.datamodule import build_datamodule
 from tl.data.features import FeatureCache, FeatureDataModule, feature_cache_applies
 from tl.data.transforms import backbone_preprocess
-from tl.errors import Interrupted, TLError
+from tl.errors import Interrupted, Terminated, TLError
 from tl.export import ensemble_members, export_model
 from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
@@ -52,6 +52,7 @@ from tl.utils import (
     print_config,
     print_results,
     run_terminated,
+    sigterm_as_exception,
     user_errors,
     write_json,
 )
@@ -268,6 +269,19 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
             atomic_write_bytes(run_dir / "config.yaml", previous_config)  # refused before a step: the run as it was
         raise
     fit_seconds = time.perf_counter() - started
+    try:  # a SIGTERM from here on (Lightning's handler is gone after fit) ends in one line, scratch files removed
+        with sigterm_as_exception():
+            return _finish(cfg, run_dir, trainer, module, datamodule, fit_data, fit_seconds, pretrained, lr_found,
+                           head_init)
+    except (Terminated, KeyboardInterrupt) as e:
+        e.tl_after = ("; training had finished: test, report and export it with the same hydra.run.dir and "
+                      "ckpt_path=auto")
+        raise
+
+
+def _finish(cfg: DictConfig, run_dir: Path, trainer, module, datamodule, fit_data, fit_seconds: float, pretrained,
+            lr_found: dict, head_init) -> tuple[dict, dict]:
+    """After fitting: test the selected weights, report, deliver a snapshot ensemble, export, write results.json."""
 
     extra: dict[str, Any] = {"fit_seconds": round(fit_seconds, 2), "pretrained": pretrained,
                              "precision": str(cfg.trainer.precision), **lr_found}

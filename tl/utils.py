@@ -61,6 +61,18 @@ def terminate_as_exception() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """`terminate_as_exception` for a phase of a longer command (tl.train after fitting: test, report, export, where
+    Lightning's own handler is not installed or only takes note), then the previous handler back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    terminate_as_exception()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def rank_zero_only(fn: Callable) -> Callable:
     """Lightning's `rank_zero_only`, applied at call time so importing this module does not import Lightning."""
 
@@ -143,8 +155,9 @@ def user_errors(fn: Callable) -> Callable:
                 _exit_if_environment(e)
                 raise
             name = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
-            print(f"tl: interrupted by {name}: files being written were discarded, earlier ones are unchanged",
-                  file=sys.stderr)
+            after = getattr(e, "tl_after", "")  # what is left to do, where the command knows (tl.train after fitting)
+            print(f"tl: interrupted by {name}: files being written were discarded, earlier ones are unchanged"
+                  f"{after}", file=sys.stderr)
             sys.exit(128 + (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM))
         except Exception as e:
             _exit_if_environment(e)
