@@ -1043,3 +1043,44 @@ def test_a_resume_on_another_split_of_the_data_is_refused(changed, tiny_cfg, tmp
     results, _ = train(tiny_cfg("trainer.max_epochs=2", "export=false", "logger=none", "data.samples_per_class=12",
                                 "ckpt_path=last"))  # the run's own settings resume
     assert results["epochs"] == 2
+
+
+def test_auto_with_one_image_per_class_says_why_it_cannot_compare_the_probes(auto_cfg):
+    """The reason read "gain +nan < 0.1 -> different": a comparison that is false, and not the real reason."""
+    cfg = auto_cfg("data.samples_per_class=1")
+    evidence = cfg.scenario.evidence
+    assert "cannot be measured with 1 training image(s) in a class" in evidence.reason and "nan" not in evidence.reason
+    assert evidence.feature_gain is None and evidence.domain == "different"
+
+
+def test_predict_says_which_files_of_a_folder_it_does_not_predict(tmp_path, caplog):
+    """Files without an image extension (`scan01`, `b.png ` with a trailing space) were dropped from a folder's
+    predictions with no row, warning or count; training warns about the same files."""
+    import logging
+
+    from tl.predict import list_inputs
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "scan01").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "b.png ").write_bytes((tmp_path / "a.png").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="tl.predict"):
+        assert list_inputs(tmp_path) == [tmp_path / "a.png"]
+    assert "2 file(s) under" in caplog.text and "were not predicted" in caplog.text
+
+
+def test_evaluate_refuses_size_settings_it_would_ignore(finished, tmp_path, monkeypatch, capfd):
+    """`tl.evaluate ... data.image_size=160` reported the model at its own size, in silence."""
+    run_dir, _ = finished
+    code, lines = entry("tl.evaluate", f"ckpt={run_dir}", "data=synthetic", "data.image_size=48",
+                        f"output={tmp_path / 'e.json'}", f"hydra.run.dir={tmp_path / 'out'}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "data.image_size=48 does not apply to tl.evaluate: a model is evaluated on the inputs")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_a_sweep_refuses_hydra_run_dir_it_would_ignore(tmp_path, monkeypatch, capfd):
+    """With -m, hydra.run.dir was ignored in silence and the runs went to ./logs/train/multiruns/."""
+    code, lines = entry("tl.train", "-m", "seed=1,2", f"hydra.run.dir={tmp_path / 'mine'}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "would ignore it: give hydra.sweep.dir=DIR instead")
+    assert not (tmp_path / "mine").exists()

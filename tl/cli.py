@@ -431,6 +431,11 @@ def launch(hydra_main, config_name: str) -> None:
     check_syntax(argv)
     check_sweeper(argv)
     check_group_choices(argv)
+    if {"-m", "--multirun"} & set(argv):
+        given = next((a for a in argv if a.lstrip("+").startswith("hydra.run.dir=")), None)
+        if given is not None:
+            _fail(f"{given} applies to a single run, and -m (a sweep) would ignore it: give "
+                  "hydra.sweep.dir=DIR instead (each job writes to DIR/<job number>)")
     if config_name == "train":
         check_labels(argv)
     check_run_dir(argv, config_name)

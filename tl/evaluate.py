@@ -138,6 +138,15 @@ def check_same_shards(paths: list[Path], datamodule) -> None:
                           "the run's training images; evaluate on the shards it was trained on")
 
 
+def _command_line_keys() -> set[str]:
+    """The keys set on this command line (Hydra's record of the overrides), or none when called from Python."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     """Evaluate as `cfg` says; write the JSON and return (results, objects with probabilities and targets)."""
     check_required(cfg)
@@ -157,6 +166,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
                       inside=[run_dir / d for d in ("checkpoints", "export", ".hydra")] if run_dir is not None else [])
     ensure_writable(output.parent, min_free_mb=1, setting="output=FILE.json")  # now, not after the evaluation
     data, seed = data_config(cfg, paths[0])
+    given_keys = _command_line_keys()
+    if cfg.get("data") is not None:  # size settings given on the command line would be ignored in silence
+        trained = members[0].preprocess
+        for key, value in (("image_size", int(trained["input_size"][-1])), ("crop_pct", trained.get("crop_pct"))):
+            given = data.get(key)
+            if f"data.{key}" in given_keys and given is not None and value is not None and float(given) != float(value):
+                raise TLError(f"data.{key}={given} does not apply to tl.evaluate: a model is evaluated on the inputs "
+                              f"it was trained on ({key} {value}); leave data.{key} out")
     datamodule = build_datamodule(data, members[0].preprocess, augment=None, seed=seed)  # the model's own inputs
     datamodule.setup("test")
     if cfg.get("data") is None:  # the run's own data; shards named on the command line are the user's choice

@@ -54,9 +54,14 @@ def list_inputs(inputs: str | Path) -> list[Path]:
     root = Path(inputs).expanduser()
     if root.is_dir():
         # every entry with an image's name gets a row: a dangling link or a pipe gets one with its error
-        files = sorted(p for p in root.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") or part.lower() in JUNK_NAMES
-                                   for part in p.relative_to(root).parts))
+        entries = [p for p in root.rglob("*") if not p.is_dir() and not any(
+            part.startswith(".") or part.lower() in JUNK_NAMES for part in p.relative_to(root).parts)]
+        files = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS)
+        others = sorted(p for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS)
+        if others:  # said, as training says it: a file named without its extension is not predicted in silence
+            log.warning("%d file(s) under %s without an image extension (%s, ...) were not predicted, e.g. %r; list "
+                        "them in a .txt file to predict them anyway", len(others), root,
+                        ", ".join(IMAGE_EXTENSIONS[:4]), str(others[0].relative_to(root)))
         if not files:
             raise TLError(f"inputs={str(inputs)!r} has no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...): "
                           "point inputs at a folder of images, an image file or a .txt list of files")

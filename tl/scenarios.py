@@ -152,9 +152,13 @@ def advise(cfg: DictConfig) -> tuple[str, dict]:
     domain = "similar" if gain >= float(s.similar_min_gain) else "different"
     size = chosen.split("_")[0]
     reason = (f"{m['examples_per_class']:g} examples per class {'<=' if size == 'small' else '>'} "
-              f"{int(s.small_max_per_class)} -> {size}; frozen features {m['feature_probe_acc']:.3f} vs pixels "
-              f"{m['pixel_probe_acc']:.3f} (gain {gain:+.3f} {'>=' if domain == 'similar' else '<'} "
-              f"{float(s.similar_min_gain)}) -> {domain}")
+              f"{int(s.small_max_per_class)} -> {size}; ")
+    if np.isnan(gain):  # fewer than 2 training images in some class: no cross-validated probe to compare
+        reason += (f"the probes cannot be measured with {m['min_examples_per_class']} training image(s) in a class "
+                   "(a 2-fold cross-validation needs 2) -> different (the safer guess: no claim of similarity)")
+    else:
+        reason += (f"frozen features {m['feature_probe_acc']:.3f} vs pixels {m['pixel_probe_acc']:.3f} (gain "
+                   f"{gain:+.3f} {'>=' if domain == 'similar' else '<'} {float(s.similar_min_gain)}) -> {domain}")
     if chosen == "small_similar" and small_finetune:
         reason += (f"; the frozen features' probe already scores {m['feature_probe_acc']:.3f} >= "
                    f"{enough_acc:g} on {m['probe_samples']} training images (scenario.probe_enough_acc, "
@@ -166,7 +170,7 @@ def advise(cfg: DictConfig) -> tuple[str, dict]:
                    + "(scenario.small_finetune: it beat the linear probe on every dataset measured at 10 per class)")
     evidence = {
         **m,
-        "feature_gain": round(gain, 4),
+        "feature_gain": None if np.isnan(gain) else round(gain, 4),
         "domain": domain,
         "thresholds": {"small_max_per_class": int(s.small_max_per_class),
                        "similar_min_gain": float(s.similar_min_gain), "small_finetune": small_finetune,
