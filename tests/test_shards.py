@@ -380,7 +380,7 @@ def test_resuming_on_other_shards_is_refused(synthetic_shards, tmp_path):
     dm = TransferDataModule(ShardSource(str(synthetic_shards)), backbone_preprocess("efficientnet_lite0"), seed=42)
     dm.setup("fit")
     state = dm.state_dict()
-    assert state == {"shards_fingerprint": dm.images.store.fingerprint}
+    assert state == {"shards_fingerprint": dm.images.store.fingerprint, "splits_digest": dm.splits_digest()}
     dm.load_state_dict(state)  # the same shards: fine
     with pytest.raises(TLError, match="other shards"):
         dm.load_state_dict({"shards_fingerprint": "0" * 64})

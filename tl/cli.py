@@ -433,7 +433,7 @@ def launch(hydra_main, config_name: str) -> None:
     check_group_choices(argv)
     if {"-m", "--multirun"} & set(argv):
         given = next((a for a in argv if a.lstrip("+").startswith("hydra.run.dir=")), None)
-        if given is not None:
+        if given is not None and not any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in argv):
             _fail(f"{given} applies to a single run, and -m (a sweep) would ignore it: give "
                   "hydra.sweep.dir=DIR instead (each job writes to DIR/<job number>)")
     if config_name == "train":
