@@ -1084,3 +1084,22 @@ def test_a_sweep_refuses_hydra_run_dir_it_would_ignore(tmp_path, monkeypatch, ca
                         monkeypatch=monkeypatch, capfd=capfd)
     one_line(code, lines, "would ignore it: give hydra.sweep.dir=DIR instead")
     assert not (tmp_path / "mine").exists()
+
+
+def test_settings_that_contradict_or_mislabel_are_refused(finished, tiny_cfg, tmp_path):
+    """Found by a hostile tester: min_epochs above max_epochs trained past max_epochs; overwrite=true with
+    ckpt_path=last resumed and ignored overwrite; tl.predict output=x.json wrote CSV into it."""
+    from tl.checks import validate
+    from tl.utils import check_output_file
+
+    with pytest.raises(TLError, match="trainer.min_epochs=5 is invalid"):
+        validate(tiny_cfg("trainer.max_epochs=2", "trainer.min_epochs=5"))
+    run_dir, _ = finished
+    victim = tmp_path / "victim"
+    shutil.copytree(run_dir, victim)
+    before = checksums(victim)
+    with pytest.raises(TLError, match="overwrite=true and ckpt_path=last contradict each other"):
+        train(tiny_cfg("trainer.max_epochs=2", "logger=none", "overwrite=true", "ckpt_path=last", run_dir=victim))
+    assert checksums(victim) == before
+    with pytest.raises(TLError, match=r"output='.*x.json' names a .json file but this command writes .csv"):
+        check_output_file(tmp_path / "x.json", "output", ".csv")

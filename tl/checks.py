@@ -322,6 +322,10 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     if cfg.scenario.get("name") == "auto":
         check_rules(cfg, AUTO_RULES)
     check_hardware(cfg.trainer)
+    min_epochs = OmegaConf.select(cfg, "trainer.min_epochs")
+    if min_epochs is not None and (not _integer(min_epochs) or not 0 <= min_epochs <= cfg.trainer.max_epochs):
+        raise TLError(f"trainer.min_epochs={min_epochs} is invalid: use null or an integer from 0 to "
+                      f"trainer.max_epochs={cfg.trainer.max_epochs} (Lightning would train past max_epochs)")
     if final and cfg.scenario.name == "auto":
         raise TLError("scenario=auto is decided before train(): run python -m tl.train, or pass the config through "
                       "tl.scenarios.resolve(cfg, overrides) first")

@@ -194,6 +194,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     resumed_step = load_training_checkpoint(ckpt_path)["global_step"] if ckpt_path is not None else None
     # another run's checkpoint starts a new run here: refused over a finished one unless overwrite=true
     resuming = ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir)
+    if resuming and cfg.overwrite:
+        raise TLError(f"overwrite=true and ckpt_path={cfg.ckpt_path} contradict each other (replace the run, or "
+                      "resume it): drop overwrite=true to resume, or ckpt_path to start the run over")
     with claim_run_dir(run_dir, resuming=resuming, overwrite=cfg.overwrite):
         return _train(cfg, run_dir, ckpt_path, resumed_step, replace=bool(cfg.overwrite) and not resuming)
 

@@ -282,6 +282,9 @@ def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path]
         if target.is_relative_to(folder):
             raise TLError(f"{setting}={str(output)!r} is inside {str(folder)!r}, which holds the model: give a "
                           f"{suffix} file path elsewhere")
+    if not target.exists() and target.suffix and target.suffix.lower() != suffix:  # x.json would hold CSV
+        raise TLError(f"{setting}={str(output)!r} names a {target.suffix} file but this command writes {suffix}: give "
+                      f"a {suffix} file path")
     if target.is_file() and target.suffix.lower() != suffix:
         raise TLError(f"{setting}={str(output)!r} exists and is not a {suffix} file: it would be overwritten; give a "
                       f"new {suffix} file path")
