@@ -1103,3 +1103,15 @@ def test_settings_that_contradict_or_mislabel_are_refused(finished, tiny_cfg, tm
     assert checksums(victim) == before
     with pytest.raises(TLError, match=r"output='.*x.json' names a .json file but this command writes .csv"):
         check_output_file(tmp_path / "x.json", "output", ".csv")
+
+
+def test_predict_takes_a_run_folder_without_an_export(victim):
+    """tl.evaluate and tl.export take ckpt=RUN for a run with checkpoints but no export (export=false); tl.predict
+    refused it. It serves the run's best checkpoint now, as they do."""
+    from tl.predict_torch import TorchPredictor
+
+    run_dir, _ = victim
+    shutil.rmtree(run_dir / "export")
+    best = json.loads((run_dir / "results.json").read_text())["best_ckpt"]
+    predictor = TorchPredictor(str(run_dir), "cpu")
+    assert Path(predictor.source).name == Path(best).name and len(predictor.class_names) == 4

@@ -93,8 +93,16 @@ class TorchPredictor:
         run = Path(ckpt).expanduser()
         model, members = delivered(run) if run.is_dir() else (None, [])
         # a run that delivered its snapshot ensemble is served as that ensemble (its export's ONNX graph is the same)
+        single = ckpt
+        if model != "ensemble" and run.is_dir() and not (run / "model.json").is_file() \
+                and not (run / "export" / "model.json").is_file():
+            # a training run without an export (export=false, or it failed): its best checkpoint, as tl.evaluate and
+            # tl.export take it
+            from tl.evaluate import resolve_members
+
+            single = str(resolve_members(ckpt, None)[0])
         self.members = [load_classifier(p, self.device) for p in members] if model == "ensemble" else \
-            [load_classifier(ckpt, self.device)]
+            [load_classifier(single, self.device)]
         self.clf = self.members[-1]
         if any(m.class_names != self.clf.class_names or m.preprocess != self.clf.preprocess for m in self.members):
             raise TLError(f"ckpt={ckpt!r}: the members of its ensemble disagree on classes or preprocessing")
