@@ -1115,3 +1115,19 @@ def test_predict_takes_a_run_folder_without_an_export(victim):
     best = json.loads((run_dir / "results.json").read_text())["best_ckpt"]
     predictor = TorchPredictor(str(run_dir), "cpu")
     assert Path(predictor.source).name == Path(best).name and len(predictor.class_names) == 4
+
+
+def test_class_folders_named_like_splits_read_as_classes_with_data_layout(tmp_path):
+    """A quality-control set with classes valid/ and invalid/ was read as a split layout, and the error told the user
+    to put class folders under data.root, where they were. The error names data.layout=classes, which reads them."""
+    from tl.data.sources import ImageFolderSource
+
+    root = image_folder(tmp_path / "qc", per_class=3, classes=("invalid", "valid"))
+    with pytest.raises(TLError, match="add data.layout=classes"):
+        ImageFolderSource(root).load()
+    images = ImageFolderSource(root, layout="classes").load()
+    assert images.classes == ["invalid", "valid"] and np.bincount(images.targets).tolist() == [3, 3]
+    with pytest.raises(TLError, match="data.layout='flat' is invalid"):
+        ImageFolderSource(root, layout="flat")
+    with pytest.raises(TLError, match="has no train/ folder"):
+        ImageFolderSource(image_folder(tmp_path / "flat", per_class=2), layout="splits").load()

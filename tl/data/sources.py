@@ -202,10 +202,16 @@ class ImageFolderSource:
     run before training (`on_bad_file=error`).
     """
 
-    def __init__(self, root: str | Path, on_bad_file: str = "skip", exclude: list | tuple = ()):
-        """`exclude`: folders that are never data (tl's own run and cache folders, when data.root holds them)."""
+    def __init__(self, root: str | Path, on_bad_file: str = "skip", exclude: list | tuple = (), layout: str = "auto"):
+        """`exclude`: folders that are never data (tl's own run and cache folders, when data.root holds them).
+        `layout`: auto (train/ val/ test/ folders, or their aliases, are splits; else every folder is a class),
+        classes (every folder is a class: a quality-control set with classes `valid/` and `invalid/`) or splits."""
         if on_bad_file not in ("skip", "error"):
             raise TLError(f"data.on_bad_file={on_bad_file!r}: use skip or error")
+        if layout not in ("auto", "classes", "splits"):
+            raise TLError(f"data.layout={layout!r} is invalid: use auto, classes (every folder under data.root is a "
+                          "class) or splits (data.root/train/<class>/..., optional val/ and test/)")
+        self.layout = layout
         if root is None or not str(root).strip():
             raise TLError("data.root is empty: set it to a folder of class subfolders, e.g. data.root=DIR")
         self.root = Path(root).expanduser()
@@ -217,6 +223,8 @@ class ImageFolderSource:
         """The split folders under data.root, by tl's split name: train/ val/ test/, in any case, and the names other
         tools use (valid/, validation/, training/, testing/)."""
         found: dict[str, list[Path]] = {}
+        if self.layout == "classes":
+            return {}
         for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not _ignored_name(p.name)):
             split = SPLIT_ALIASES.get(d.name.lower())
             if split:
@@ -251,17 +259,19 @@ class ImageFolderSource:
             raise TLError(f"data.root={str(root)!r} does not exist or is not a folder: point data.root at a folder of "
                           "class subfolders (DIR/<class>/*.jpg) or of train/ val/ test/ splits")
         split_dirs = self._split_dirs()
-        if split_dirs and "train" not in split_dirs:
-            raise TLError(f"data.root={str(root)!r} has {'/'.join(d.name for d in split_dirs.values())}/ but no "
-                          f"train/ folder: add {root / 'train'}/<class>/... or put class folders directly under "
-                          "data.root")
+        if (split_dirs or self.layout == "splits") and "train" not in split_dirs:
+            have = f"has {'/'.join(d.name for d in split_dirs.values())}/ but" if split_dirs else "has"
+            raise TLError(f"data.root={str(root)!r} {have} no train/ folder: add {root / 'train'}/<class>/..."
+                          + ("" if self.layout == "splits" else ", or, if those are class folders (valid/ and "
+                             "invalid/ in a quality-control set), add data.layout=classes"))
         layout = split_dirs if split_dirs else {None: root}
         if split_dirs:  # a class folder left beside train/ would be silently left out of every split
             for d in self._class_dirs(root):
                 if d not in split_dirs.values() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()):
                     raise TLError(f"folder {str(d)!r} holds images beside {split_dirs['train']}/: with train/ val/ "
                                   f"test/ folders, classes are read from {split_dirs['train']}/<class>/ only; move it "
-                                  "under train/ (or val/, test/) or out of data.root")
+                                  "under train/ (or val/, test/) or out of data.root; or, if every folder there is a "
+                                  "class (valid/ and invalid/), add data.layout=classes")
         classes = [p.name for p in self._class_dirs(layout.get("train", root))]
         if not classes:
             raise TLError(f"data.root={str(root)!r} has no class folders: expected {root}/<class>/*.jpg "
