@@ -147,3 +147,22 @@ def test_find_lr_suggests_plots_and_applies(tiny_cfg, tmp_path):
     assert result["lr_find/applied"] and result["lr_find/lr_before"] == lr_before
     assert module.hparams.optimizer["lr"] == suggestion != lr_before
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # weights restored
+
+
+def test_find_lr_does_not_apply_a_sweep_over_one_batch(tiny_cfg, tmp_path):
+    """Found by a hostile tester: lr_find=apply on a training split of one batch applied an LR ~190x lower in
+    silence (the sweep stepped over the same images 100 times). It keeps the configured LR and says why."""
+    from tl.callbacks.lr_finder import find_lr
+    from tl.train import build_data, build_module
+    from tl.utils import build
+
+    cfg = tiny_cfg("scenario=large_similar", "data.batch_size=256")  # 144 training images: one batch
+    datamodule = build_data(cfg)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    module.load_pretrained()
+    lr_before = module.hparams.optimizer["lr"]
+    result = find_lr(lambda: build(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False),
+                     module, datamodule, apply=True, out_dir=tmp_path, num_training=20)
+    assert not result["lr_find/applied"] and "1 batch(es)" in result["lr_find/not_applied"]
+    assert module.hparams.optimizer["lr"] == lr_before

@@ -19,6 +19,9 @@ from pytorch_lightning.tuner import Tuner
 log = logging.getLogger(__name__)
 
 
+MIN_BATCHES = 3  # lr_find=apply below this many training batches keeps the configured LR (and says so)
+
+
 def _lr_ratios(module: pl.LightningModule) -> dict[str, float]:
     """Each param group's LR relative to the head's, by group name, as `configure_optimizers` will build them."""
     from tl.models.finetune import param_groups
@@ -93,8 +96,16 @@ def find_lr(trainer_factory: Callable[[], pl.Trainer], module: pl.LightningModul
         fig.savefig(path, dpi=120)
         plt.close(fig)
         result["lr_find/plot"] = str(path)
+    batches = getattr(trainer, "num_training_batches", None)
+    few = isinstance(batches, (int, float)) and batches < MIN_BATCHES
     if suggestion is None:
         log.warning("LR finder: no suggestion (the loss curve had no clear descent); keeping optimizer.lr=%s", before)
+    elif apply and few:  # the sweep steps over the same one or two batches again and again: it measures memorising
+        result["lr_find/not_applied"] = (f"the training split is {int(batches)} batch(es): a range test on it does "
+                                         "not transfer")
+        log.warning("LR finder: suggests optimizer.lr=%.3g, not applied: the training split is %d batch(es) of "
+                    "data.batch_size (at least %d needed for a range test that means something); keeping "
+                    "optimizer.lr=%s", suggestion, int(batches), MIN_BATCHES, before)
     elif apply and optimizer_cfg is not None:
         optimizer_cfg["lr"] = float(suggestion)  # configure_optimizers reads it; the checkpoint records it
         result["lr_find/applied"] = True
