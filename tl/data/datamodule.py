@@ -134,8 +134,9 @@ class TransferDataModule(pl.LightningDataModule):
         seed: fixes splits and the subset.
         small_data_image_size: the dataset's resolution for few examples; the small-data presets put it in
             `image_size` (conf/scenario/small_*.yaml), so a command-line `data.image_size` still wins.
-        root, on_bad_file: where the data lives and what to do with unreadable files; the source reads them
-            (through the config), they are kept here for the record.
+        root, on_bad_file, layout: where the data lives, what to do with unreadable files, and how an image
+            folder's subfolders read (data.layout); the source reads them (through the config), they are kept here
+            for the record.
         balance: none | weights | sampler | auto: how class imbalance in train is corrected (`tl.data.balance`);
             auto turns on at an imbalance ratio (largest / smallest training class) of `balance_auto_ratio` or more.
     """
@@ -145,6 +146,7 @@ class TransferDataModule(pl.LightningDataModule):
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int | None = None,
                  seed: int = 0, image_size: int | None = None, crop_pct: float | None = None,
                  root: str | None = None, on_bad_file: str = "skip", small_data_image_size: int | None = None,
+                 layout: str = "auto",
                  balance: str = "none", balance_auto_ratio: float = 3.0):
         super().__init__()
         self.balance, self.balance_auto_ratio = balance, float(balance_auto_ratio)
