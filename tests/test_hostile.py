@@ -669,14 +669,27 @@ def test_ctrl_c_while_an_entry_point_starts_is_one_line(signame, tmp_path):
     import time
 
     sig = getattr(signal, signame)
-    proc = subprocess.Popen([sys.executable, "-m", "tl.export", f"ckpt={tmp_path}", f"output={tmp_path / 'x'}"],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    time.sleep(2.5)  # past Python's own start-up (tl's handler is in place), before torch has imported
+    # -X importtime reports each import as it completes: the signal goes as soon as the `tl` package has imported
+    # (its handlers are in place), while torch and Lightning are still importing. A fixed sleep landed before that
+    # on a loaded machine (a traceback from Python's own start-up, not tl's to handle).
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "tl.export", f"ckpt={tmp_path}",
+                             f"output={tmp_path / 'x'}"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if not line or line.rstrip().endswith("| tl"):
+            break
+    assert seen[-1].rstrip().endswith("| tl"), "".join(seen)[-2000:]
+    time.sleep(0.3)  # into the imports that follow
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    err = "\n".join(line for line in (*seen, *rest.splitlines())
+                    if line.strip() and not line.startswith("import time:"))
     assert proc.returncode in (128 + sig, -sig) and "Traceback" not in err, err[-2000:]
-    assert len(err.strip().splitlines()) == 1 and "interrupted" in err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err[-2000:]
     assert not (tmp_path / "x").exists()
 
 
