@@ -1107,15 +1107,52 @@ def test_settings_that_contradict_or_mislabel_are_refused(finished, tiny_cfg, tm
 
     with pytest.raises(TLError, match="trainer.min_epochs=5 is invalid"):
         validate(tiny_cfg("trainer.max_epochs=2", "trainer.min_epochs=5"))
-    run_dir, _ = finished
-    victim = tmp_path / "victim"
-    shutil.copytree(run_dir, victim)
-    before = checksums(victim)
-    with pytest.raises(TLError, match="overwrite=true and ckpt_path=last contradict each other"):
-        train(tiny_cfg("trainer.max_epochs=2", "logger=none", "overwrite=true", "ckpt_path=last", run_dir=victim))
-    assert checksums(victim) == before
     with pytest.raises(TLError, match=r"output='.*x.json' names a .json file but this command writes .csv"):
         check_output_file(tmp_path / "x.json", "output", ".csv")
+    check_output_file(tmp_path / "preds_lr0.001", "output", ".csv")  # a dot in a name is not a format
+
+
+def test_review_fixes_of_round_33(tiny_cfg, tmp_path):
+    """A reviewer's findings on this round's fixes: train() from a worker thread (signals are the main thread's),
+    `raise ... from None` hides its context from os_error, early stopping's monitor checked without model
+    checkpointing, train/loss_epoch is logged, and shards made before data.layout keep their fingerprint."""
+    import threading
+
+    from omegaconf import OmegaConf
+
+    from tl.checks import validate
+    from tl.errors import os_error
+    from tl.shard import _recipe
+    from tl.utils import sigterm_as_exception
+
+    failed = []
+
+    def in_thread():
+        try:
+            with sigterm_as_exception():
+                pass
+        except Exception as e:  # noqa: BLE001
+            failed.append(e)
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert not failed
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise ValueError("a bug while handling it") from None
+    except ValueError as e:
+        assert os_error(e) is None
+    with pytest.raises(TLError, match="callbacks.early_stopping.monitor='val_acc' is not logged"):
+        validate(tiny_cfg("callbacks.model_checkpoint=null", "callbacks.early_stopping.monitor=val_acc"))
+    validate(tiny_cfg("callbacks.model_checkpoint.monitor=train/loss_epoch", "callbacks.model_checkpoint.mode=min"))
+    cfg = OmegaConf.create({"seed": 0, "chunk_bytes": "8MB", "data": {"source": {"root": "/x", "layout": "auto"},
+                                                                       "val_fraction": 0.2, "test_fraction": 0.2}})
+    assert "layout" not in _recipe(cfg)["source"]
+    cfg.data.source.layout = "classes"
+    assert _recipe(cfg)["source"]["layout"] == "classes"
 
 
 def test_predict_takes_a_run_folder_without_an_export(victim):

@@ -263,11 +263,16 @@ def check_hardware(trainer: DictConfig) -> None:
 # What model selection and early stopping can monitor (logged every validation by TransferModule), and which way is
 # better.
 MONITORS = {"val/acc": "max", "val/balanced_acc": "max", "val/macro_f1": "max", "val/acc_top5": "max",
-            "val/loss": "min", "val/ece": "min", "train/acc": "max", "train/loss": "min"}
+            "val/loss": "min", "val/ece": "min", "train/acc": "max", "train/loss": "min",
+            "train/loss_epoch": "min"}
 
 
 def check_monitor(callbacks) -> None:
     """The checkpoint callback's monitored metric is one the module logs, watched in the direction that is better."""
+    for name in ("model_checkpoint", "early_stopping"):  # early stopping's too, also without model checkpointing
+        watcher = callbacks.get(name)
+        if watcher is not None and watcher.get("monitor") is not None:
+            _check_watched(name, str(watcher.monitor), watcher.get("mode", "min"))
     ckpt = callbacks.get("model_checkpoint")
     if ckpt is None or ckpt.get("monitor") is None:
         return
@@ -277,10 +282,6 @@ def check_monitor(callbacks) -> None:
     if ckpt.get("ties", "first") == "last" and ckpt.get("save_top_k", 1) != 1:
         raise TLError(f"callbacks.model_checkpoint.ties=last needs save_top_k=1 (it is "
                       f"{ckpt.get('save_top_k')}): among several kept checkpoints Lightning names the earliest best")
-    for name in ("model_checkpoint", "early_stopping"):
-        watcher = callbacks.get(name)
-        if watcher is not None and watcher.get("monitor") is not None:
-            _check_watched(name, str(watcher.monitor), watcher.get("mode", "min"))
 
 
 def _check_watched(name: str, monitor: str, mode: str) -> None:

@@ -33,7 +33,7 @@ def os_error(e: BaseException | None) -> OSError | None:
         if isinstance(e, OSError):
             return e
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
     return None
 
 

@@ -100,7 +100,10 @@ class TorchPredictor:
             # tl.export take it
             from tl.evaluate import resolve_members
 
-            single = str(resolve_members(ckpt, None)[0])
+            found = resolve_members(ckpt, None)
+            if len(found) > 1:  # a run with snapshots that records no choice: its snapshots, as tl.evaluate scores
+                model, members = "ensemble", found
+            single = str(found[0])
         self.members = [load_classifier(p, self.device) for p in members] if model == "ensemble" else \
             [load_classifier(single, self.device)]
         self.clf = self.members[-1]

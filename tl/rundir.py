@@ -126,11 +126,11 @@ def _check_previous_run(run_dir: Path, resuming: bool, overwrite: bool) -> None:
         raise TLError(f"hydra.run.dir={str(run_dir)!r} holds a finished run (results.json): choose another "
                       "hydra.run.dir, continue it with ckpt_path=last trainer.max_epochs=N, or replace it "
                       "with overwrite=true")
-    # any checkpoint: a run stopped in its first epoch has only interrupted.ckpt (or a requeued one hpc_ckpt_N)
-    saved = sorted(p.name for p in [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-                   if p.is_file()) if run_dir.is_dir() else []
+    # what ckpt_path=auto resumes: last.ckpt, or interrupted.ckpt alone (a run stopped in its first epoch).
+    # (Lightning's SLURM hpc_ckpt_N.ckpt is left to Lightning: it resumes it itself when ckpt_path is null.)
+    saved = [name for name in ("last.ckpt", "interrupted.ckpt") if (run_dir / "checkpoints" / name).is_file()]
     if saved:
-        name = "last.ckpt" if "last.ckpt" in saved else saved[0]
+        name = saved[0]
         raise TLError(f"hydra.run.dir={str(run_dir)!r} holds an unfinished run (checkpoints/{name}): "
                       "resume it with ckpt_path=auto, choose another hydra.run.dir, or replace it with "
                       "overwrite=true")
@@ -167,8 +167,7 @@ def clear_previous_run(run_dir: Path) -> None:
     whole."""
     if rank_zero_only.rank != 0:
         return
-    for name in RUN_ARTIFACTS:
-        target = run_dir / name
+    for target in [*(run_dir / name for name in RUN_ARTIFACTS), *run_dir.glob("hpc_ckpt_*.ckpt")]:
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():

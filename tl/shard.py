@@ -364,7 +364,10 @@ def write_split(inputs: list[tuple], folder: Path, chunk_size: int, workers: int
 # -- the command --------------------------------------------------------------------------------------------------
 def _recipe(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    return {"source": data.get("source"), "seed": int(cfg.seed), "val_fraction": data.get("val_fraction"),
+    source = data.get("source")
+    if isinstance(source, dict) and source.get("layout") == "auto":  # the default: shards made before it existed
+        source = {k: v for k, v in source.items() if k != "layout"}  # keep their fingerprint
+    return {"source": source, "seed": int(cfg.seed), "val_fraction": data.get("val_fraction"),
             "test_fraction": data.get("test_fraction"), "on_bad_file": data.get("on_bad_file"),
             "chunk_bytes": chunk_bytes(cfg.chunk_bytes)}
 

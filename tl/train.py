@@ -194,9 +194,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     resumed_step = load_training_checkpoint(ckpt_path)["global_step"] if ckpt_path is not None else None
     # another run's checkpoint starts a new run here: refused over a finished one unless overwrite=true
     resuming = ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir)
-    if resuming and cfg.overwrite:
-        raise TLError(f"overwrite=true and ckpt_path={cfg.ckpt_path} contradict each other (replace the run, or "
-                      "resume it): drop overwrite=true to resume, or ckpt_path to start the run over")
+    if resuming and cfg.overwrite:  # e.g. a SLURM job that starts over once, then resumes on every requeue
+        log.warning("overwrite=true does not apply: ckpt_path=%s resumes this run's own checkpoint (%s); nothing is "
+                    "replaced", cfg.ckpt_path, ckpt_path)
     with claim_run_dir(run_dir, resuming=resuming, overwrite=cfg.overwrite):
         return _train(cfg, run_dir, ckpt_path, resumed_step, replace=bool(cfg.overwrite) and not resuming)
 
@@ -277,8 +277,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
             return _finish(cfg, run_dir, trainer, module, datamodule, fit_data, fit_seconds, pretrained, lr_found,
                            head_init)
     except (Terminated, KeyboardInterrupt) as e:
-        e.tl_after = ("; training had finished: test, report and export it with the same hydra.run.dir and "
-                      "ckpt_path=auto")
+        e.tl_after = ("; training had finished: the same hydra.run.dir with ckpt_path=auto tests, reports and "
+                      "exports it (an early-stopped run first trains one more epoch)")
         raise
 
 

@@ -65,6 +65,11 @@ def terminate_as_exception() -> None:
 def sigterm_as_exception() -> Iterator[None]:
     """`terminate_as_exception` for a phase of a longer command (tl.train after fitting: test, report, export, where
     Lightning's own handler is not installed or only takes note), then the previous handler back."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # train() in a worker thread: signals are not its
+        yield
+        return
     previous = signal.getsignal(signal.SIGTERM)
     terminate_as_exception()
     try:
@@ -264,6 +269,11 @@ def output_target(output: Path, setting: str, default_name: str) -> Path:
     return output
 
 
+# file types an output is not (x.json would hold CSV); a name like preds_lr0.001 has no format in it
+OTHER_FORMATS = {".json", ".csv", ".tsv", ".txt", ".yaml", ".yml", ".onnx", ".ckpt", ".pt", ".pth", ".safetensors",
+                 ".npz", ".npy", ".png", ".jpg", ".jpeg", ".html", ".md", ".xlsx", ".parquet"}
+
+
 def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path] = (),
                       inside: list[Path] = ()) -> None:
     """`output` (what the command writes, `setting=...`) must not replace what the user has: a file the command
@@ -282,7 +292,7 @@ def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path]
         if target.is_relative_to(folder):
             raise TLError(f"{setting}={str(output)!r} is inside {str(folder)!r}, which holds the model: give a "
                           f"{suffix} file path elsewhere")
-    if not target.exists() and target.suffix and target.suffix.lower() != suffix:  # x.json would hold CSV
+    if not target.exists() and target.suffix.lower() in OTHER_FORMATS and target.suffix.lower() != suffix:
         raise TLError(f"{setting}={str(output)!r} names a {target.suffix} file but this command writes {suffix}: give "
                       f"a {suffix} file path")
     if target.is_file() and target.suffix.lower() != suffix:
