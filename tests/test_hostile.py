@@ -1181,3 +1181,15 @@ def test_class_folders_named_like_splits_read_as_classes_with_data_layout(tmp_pa
         ImageFolderSource(root, layout="flat")
     with pytest.raises(TLError, match="has no train/ folder"):
         ImageFolderSource(image_folder(tmp_path / "flat", per_class=2), layout="splits").load()
+
+
+def test_overwrite_with_a_resume_resumes_and_says_overwrite_does_not_apply(tiny_cfg, tmp_path, caplog):
+    """overwrite=true with ckpt_path=last resumed and ignored overwrite in silence. It still resumes (a SLURM job
+    that starts over once and resumes on every requeue passes both), and a warning says overwrite does not apply."""
+    import logging
+
+    train(tiny_cfg("trainer.max_epochs=1", "export=false", "logger=none"))
+    with caplog.at_level(logging.WARNING, logger="tl.train"):
+        results, _ = train(tiny_cfg("trainer.max_epochs=2", "export=false", "logger=none", "overwrite=true",
+                                    "ckpt_path=last"))
+    assert results["epochs"] == 2 and "overwrite=true does not apply" in caplog.text
