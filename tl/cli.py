@@ -276,9 +276,9 @@ def check_labels(argv: list[str]) -> None:
     """`augment.name=light` changed only the label recorded in results.json while the strong policy trained: the
     preset is chosen with `augment=light`."""
     for arg in argv:
-        key, _, value = arg.lstrip("+").partition("=")
+        key, sep, value = arg.lstrip("+").partition("=")
         group = key.rsplit(".", 1)[0]
-        if key.endswith(".name") and group in LABELS and _:
+        if sep and key.endswith(".name") and group in LABELS:
             options = group_options(group)
             fix = (f"choose the preset with {group}={value}" if value in options
                    else f"choose a preset with {group}=NAME ({', '.join(options)})")
@@ -311,6 +311,9 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
     given = [a.lstrip("+").split("=", 1)[0] for a in argv if a.lstrip("+").startswith(("hydra.sweep.dir=",
                                                                                          "hydra.run.dir="))]
     asks_help = bool({"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"} & set(argv))
+    if multirun and "hydra.run.dir" in given and "hydra.sweep.dir" not in given:
+        _fail(f"hydra.run.dir={values['hydra.run.dir']} applies to a single run, and -m (a sweep) would ignore it: "
+              "give hydra.sweep.dir=DIR instead (each job writes to DIR/<job number>)")
     ckpt = values.get("ckpt_path", "").strip("'\"")
     if config_name == "train" and ckpt not in ("", "last", "auto", "null", "None") \
             and Path(ckpt).expanduser().is_file():
@@ -431,11 +434,6 @@ def launch(hydra_main, config_name: str) -> None:
     check_syntax(argv)
     check_sweeper(argv)
     check_group_choices(argv)
-    if {"-m", "--multirun"} & set(argv):
-        given = next((a for a in argv if a.lstrip("+").startswith("hydra.run.dir=")), None)
-        if given is not None and not any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in argv):
-            _fail(f"{given} applies to a single run, and -m (a sweep) would ignore it: give "
-                  "hydra.sweep.dir=DIR instead (each job writes to DIR/<job number>)")
     if config_name == "train":
         check_labels(argv)
     check_run_dir(argv, config_name)

@@ -27,6 +27,8 @@ from tl.errors import TLError
 LOCK = ".tl.lock"
 # What a run writes into its directory; `overwrite=true` removes the previous run's before the new run starts, so
 # its checkpoints, snapshots and event files never mix with the new run's.
+# A run's own states that ckpt_path=auto resumes (checkpoints/): the last epoch's, or one saved at an interruption
+RESUMABLE = ("last.ckpt", "interrupted.ckpt")
 RUN_ARTIFACTS = ("checkpoints", "export", "report", "tensorboard", "csv", "results.json", "evaluation.json",
                  "lr_find.png")
 
@@ -128,7 +130,7 @@ def _check_previous_run(run_dir: Path, resuming: bool, overwrite: bool) -> None:
                       "with overwrite=true")
     # what ckpt_path=auto resumes: last.ckpt, or interrupted.ckpt alone (a run stopped in its first epoch).
     # (Lightning's SLURM hpc_ckpt_N.ckpt is left to Lightning: it resumes it itself when ckpt_path is null.)
-    saved = [name for name in ("last.ckpt", "interrupted.ckpt") if (run_dir / "checkpoints" / name).is_file()]
+    saved = [name for name in RESUMABLE if (run_dir / "checkpoints" / name).is_file()]
     if saved:
         name = saved[0]
         raise TLError(f"hydra.run.dir={str(run_dir)!r} holds an unfinished run (checkpoints/{name}): "

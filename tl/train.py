@@ -43,7 +43,7 @@ from tl.models.backbone import classifier_names
 from tl.models.probe_head import init_head_from_probe
 from tl.report import report_run
 from tl.results import collect_results, selected_val_acc
-from tl.rundir import claim_run_dir, clear_previous_run, own_resume
+from tl.rundir import RESUMABLE, claim_run_dir, clear_previous_run, own_resume
 from tl.scenarios import resolve
 from tl.utils import (
     atomic_write_bytes,
@@ -84,7 +84,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":  # a requeued or interrupted job: this run dir's latest saved state, else start fresh
-        found = [p for p in (run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "interrupted.ckpt",
+        found = [p for p in (*(run_dir / "checkpoints" / name for name in RESUMABLE),
                              *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
         return str(max(found, key=saved_order)) if found else None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
