@@ -156,6 +156,75 @@ def test_large_jpegs_decode_reduced_and_identical_from_shards_and_their_folder(t
     assert sample.min_side == decode_side(dm.preprocess, dm.augment) and sample.min_side is not None
 
 
+def test_small_lossless_images_are_stored_as_their_pixels_and_read_back_identical(tmp_path):
+    """A lossless file whose decoded pixels take at most raw_max_ratio times its size is stored as a netpbm PGM
+    (grayscale) or PPM: any mode (16-bit, palette with transparency, gray+alpha, EXIF-turned) reads back as the
+    folder's loader decodes it; a file that compresses well (a gradient, 16 colours) and a JPEG keep their bytes;
+    raw_max_ratio=0 keeps all."""
+    from litdata import StreamingDataset
+
+    from tl.data.images import decode, from_netpbm
+    from tl.shard import shard
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    files = {
+        "rgb.png": Image.fromarray(noise),
+        "gray16.png": Image.fromarray((rng.integers(200, 4000, (20, 24))).astype(np.uint16)),
+        "palette_alpha.png": Image.fromarray(noise).convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+        "gray_alpha.png": Image.fromarray(np.dstack([noise[..., 0], noise[..., 1]]), mode="LA"),
+        "gray.bmp": Image.fromarray(noise[..., 2]),
+        "smooth.png": Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1))),  # compresses 100x
+        "photo.jpg": Image.fromarray(noise),
+    }
+    files["palette_alpha.png"].info["transparency"] = 3
+    turned = Image.fromarray(noise[:, :12])
+    exif = turned.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees to be upright
+    folder = tmp_path / "images"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for name, img in files.items():
+            for k in range(3):
+                kw = {"transparency": 3} if name == "palette_alpha.png" else {}
+                img.save(folder / c / f"{k}_{name}", **kw)
+        for k in range(3):
+            turned.save(folder / c / f"{k}_turned.png", exif=exif)
+    stored = {}
+    for ratio in ("1.5", "0"):
+        out = tmp_path / f"shards_{ratio}"
+        shard(shard_cfg(tmp_path, "data=imagefolder", f"data.root={folder}", f"output={out}",
+                        f"raw_max_ratio={ratio}"))
+        store = ShardSource(str(out)).load().store
+        kinds = {}
+        for j in range(sum(store.sizes.values())):
+            record, name = store.record(j), store.name(j)
+            with Image.open(folder / name) as f:
+                expected = to_rgb(f)
+            assert np.array_equal(np.asarray(store.open(j)), np.asarray(expected)), name
+            side = min(expected.size) // 2  # and reduced as the folder's loader reduces it
+            assert np.array_equal(np.asarray(store.open(j, side)), np.asarray(decode(folder / name, side)[0])), name
+            head = bytes(record["image"][:2])
+            kinds[name.split("_", 1)[1]] = head.decode() if head in (b"P5", b"P6") else "file"
+            if head not in (b"P5", b"P6"):
+                assert bytes(record["image"]) == (folder / name).read_bytes()
+        stored[ratio] = kinds
+    assert stored["1.5"] == {"rgb.png": "P6", "gray16.png": "P5", "palette_alpha.png": "file", "gray_alpha.png": "P5",
+                             "gray.bmp": "P5", "turned.png": "P6", "smooth.png": "file", "photo.jpg": "file"}
+    assert set(stored["0"].values()) == {"file"}
+    # a raw record cut short is named, not misread
+    with pytest.raises(ValueError, match="netpbm data of"):
+        from_netpbm(b"P6\n4 4\n255\n" + bytes(40))
+    ds = StreamingDataset(str(tmp_path / "shards_1.5" / "train"))
+    record = dict(ds[0])
+    assert bytes(record["image"][:2]) in (b"P5", b"P6", b"\x89P", b"\xff\xd8")
+    record["image"] = bytes(record["image"])[:-5]
+    from tl.data.shards import decode as decode_record
+    if bytes(record["image"][:2]) in (b"P5", b"P6"):
+        with pytest.raises(TLError, match="does not decode.*rerun python -m tl.shard"):
+            decode_record(record, "somewhere")
+
+
 def test_interrupted_conversion_never_looks_complete_and_keeps_the_earlier_dataset(tmp_path, monkeypatch):
     import tl.shard as shard_mod
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from tl.cli import launch
 from tl.data.audit import _digest as digest  # the digest the duplicate audit compares
+from tl.data.images import LOSSLESS_FORMATS, to_netpbm, to_rgb
 from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, is_remote, meta_name
 from tl.errors import Terminated, TLError
 from tl.utils import atomic_write_text, check_required, terminate_as_exception, user_errors
@@ -41,24 +42,38 @@ log = logging.getLogger(__name__)
 
 LOCK = ".tl-shards.lock"
 SKIPPED_LISTED = 10_000  # skipped files named in the manifest (all are counted)
+RAW_MAX_RATIO = 1.5  # conf/shard.yaml's default
+LOSSLESS_SUFFIXES = (".png", ".apng", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+                     ".qoi")
 
 
 # -- what a record is ------------------------------------------------------------------------------------------
 def encode_record(spec: tuple) -> dict:
-    """One record from (id, label, name, path or None, uint8 HWC/HW array or None); runs in optimize's workers.
-    A file is stored as its own bytes (no re-encoding); an in-memory image as PNG (lossless)."""
-    sid, label, name, path, array = spec
+    """One record from (id, label, name, path or None, uint8 HWC/HW array or None, raw_max_ratio); runs in
+    optimize's workers. A file is stored as its own bytes, except a lossless one (PNG, BMP, TIFF, GIF, ...) whose
+    decoded pixels (`to_rgb`: as the folder's loader makes them) take at most `raw_max_ratio` times its size: that
+    is stored as a netpbm PGM/PPM, which reads back in microseconds. An in-memory image is stored as its pixels."""
+    sid, label, name, path, array, raw_max_ratio = spec
     if path is not None:
         with open(path, "rb") as f:
             data = f.read()
+        if raw_max_ratio > 0:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    w, h = img.size
+                    # a cheap bound first (a grayscale picture stores a byte a pixel), before decoding
+                    if img.format in LOSSLESS_FORMATS and w * h <= raw_max_ratio * len(data):
+                        raw = to_netpbm(to_rgb(img))
+                        if len(raw) <= raw_max_ratio * len(data) + 16:
+                            data = raw
+            except Exception:  # noqa: BLE001 - it decoded at the scan; stored as it is, a read names it if it is bad
+                pass
     else:
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="PNG")
-        data = buf.getvalue()
+        data = to_netpbm(to_rgb(Image.fromarray(array)))
     return {"image": data, "label": int(label), "id": int(sid), "name": str(name)}
 
 
-def _inputs(images, indices: np.ndarray, root: Path | None) -> list[tuple]:
+def _inputs(images, indices: np.ndarray, root: Path | None, raw_max_ratio: float) -> list[tuple]:
     out = []
     for j in indices:
         j = int(j)
@@ -66,10 +81,10 @@ def _inputs(images, indices: np.ndarray, root: Path | None) -> list[tuple]:
         if images.paths is not None:
             path = images.paths[j]
             name = os.path.relpath(path, root) if root is not None else path
-            out.append((j, label, name, path, None))
+            out.append((j, label, name, path, None, raw_max_ratio))
         else:
             arr = images.images[j].permute(1, 2, 0).numpy()
-            out.append((j, label, f"#{j}", None, arr[..., 0] if arr.shape[-1] == 1 else arr))
+            out.append((j, label, f"#{j}", None, arr[..., 0] if arr.shape[-1] == 1 else arr, raw_max_ratio))
     return out
 
 
@@ -202,16 +217,18 @@ def _replace_parts(partial: Path, out: Path, manifest: dict) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def check_space(out: Path, images, chunk: int) -> None:
+def check_space(out: Path, images, chunk: int, raw_max_ratio: float = RAW_MAX_RATIO) -> None:
     """Refuse, in one line, to start a conversion that cannot fit: LitData's writer processes hang on a full disk
-    instead of failing. Files are stored as they are; in-memory images as PNG (at most about their raw size)."""
+    instead of failing. Files are stored as they are, lossless ones at most `raw_max_ratio` times bigger (as their
+    pixels); in-memory images as their pixels."""
     if images.paths is not None:
         need = 0
         for p in images.paths:
             with suppress(OSError):
-                need += os.stat(p).st_size
-    else:  # PNG: about the raw size for photos, plus its headers (more than the pixels of an 8x8 digit)
-        need = int(images.images.numel()) + 300 * len(images.images)
+                size = os.stat(p).st_size
+                need += int(size * max(1.0, raw_max_ratio)) if str(p).lower().endswith(LOSSLESS_SUFFIXES) else size
+    else:  # netpbm: the pixels and a header of about 15 bytes
+        need = int(images.images.numel()) + 20 * len(images.images)
     need = int(need * 1.1) + 2 * chunk + (4 << 20)  # chunk headers and meta files, chunks in flight
     probe = out
     while not probe.exists():
@@ -369,7 +386,9 @@ def _recipe(cfg: DictConfig) -> dict:
         source = {k: v for k, v in source.items() if k != "layout"}  # keep their fingerprint
     return {"source": source, "seed": int(cfg.seed), "val_fraction": data.get("val_fraction"),
             "test_fraction": data.get("test_fraction"), "on_bad_file": data.get("on_bad_file"),
-            "chunk_bytes": chunk_bytes(cfg.chunk_bytes)}
+            "chunk_bytes": chunk_bytes(cfg.chunk_bytes),
+            # shards made before raw pixels existed read alike (the same pixels): the default keeps their fingerprint
+            **({} if float(cfg.raw_max_ratio) == RAW_MAX_RATIO else {"raw_max_ratio": float(cfg.raw_max_ratio)})}
 
 
 def chunk_bytes(value) -> int:
@@ -398,6 +417,10 @@ def check_settings(cfg: DictConfig) -> None:
         raise TLError(f"seed={cfg.seed!r}: give an integer from 0 to 2**32 - 1 (the split seed)")
     if not isinstance(cfg.overwrite, bool):
         raise TLError(f"overwrite={cfg.overwrite!r}: use true or false")
+    ratio = cfg.raw_max_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < float("inf"):
+        raise TLError(f"raw_max_ratio={ratio!r}: give a number >= 0 (store a lossless image's pixels where they take "
+                      f"at most that many times its file; 0 keeps every file's bytes; default {RAW_MAX_RATIO})")
 
 
 def shard(cfg: DictConfig) -> Path:
@@ -446,7 +469,7 @@ def shard(cfg: DictConfig) -> Path:
         raise TLError(f"output={str(out)!r} holds shards of other input (written {manifest.get('created')}): add "
                       "overwrite=true to replace them (stop runs reading them first), or choose another output")
 
-    check_space(out, images, chunk_bytes(cfg.chunk_bytes))
+    check_space(out, images, chunk_bytes(cfg.chunk_bytes), float(cfg.raw_max_ratio))
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text("written by python -m tl.shard; complete when manifest.json is present\n")
@@ -472,8 +495,8 @@ def shard(cfg: DictConfig) -> Path:
                 if split == "train":  # chunks must mix classes: LitData shuffles chunks, then within a chunk
                     indices = rng.permutation(indices)
                 log.info("Writing %s: %d images", split, len(indices))
-                metas[split] = write_split(_inputs(images, indices, folder_root), partial / split,
-                                           chunk_bytes(cfg.chunk_bytes), workers)
+                inputs = _inputs(images, indices, folder_root, float(cfg.raw_max_ratio))
+                metas[split] = write_split(inputs, partial / split, chunk_bytes(cfg.chunk_bytes), workers)
                 np.savez(partial / meta_name(split), **metas[split])
             _fsync_tree(partial)
             classes = list(images.classes)
@@ -490,6 +513,7 @@ def shard(cfg: DictConfig) -> Path:
                 "tl_version": getattr(tl, "__version__", None), "litdata_version": litdata.__version__,
                 "source": {"name": type(source).__name__, "root": str(folder_root) if folder_root else None,
                            "config": recipe["source"]},
+                "raw_max_ratio": float(cfg.raw_max_ratio),
                 "split_recipe": {"seed": recipe["seed"], "val_fraction": recipe["val_fraction"],
                                  "test_fraction": recipe["test_fraction"],
                                  "given_by_source": sorted(images.given_splits),

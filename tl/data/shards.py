@@ -9,9 +9,11 @@ A shard dataset is a folder:
     DIR/manifest.json        written last: classes, counts per split and class, the split recipe, skipped files,
                              the source it came from and its fingerprint
 
-Images keep their own encoding (a JPEG stays the same bytes; in-memory sources such as digits are stored as PNG, so
-nothing is lost) and are decoded by the same code as an image folder (`tl.data.images.decode`): a model sees the
-same pixels from shards as from the folder they came from. The splits are made once, at conversion, by tl's own
+Images keep their own encoding (a JPEG stays the same bytes) and are decoded by the same code as an image folder
+(`tl.data.images.decode`), except where a lossless image's pixels are hardly bigger than its file (`raw_max_ratio`
+of tl.shard: small PNGs, in-memory sources such as digits): those are stored decoded, as a netpbm PGM or PPM, and
+read back in microseconds where a PNG decode takes tens. Either way a model sees the same pixels from shards as
+from the folder they came from. The splits are made once, at conversion, by tl's own
 seeded stratified recipe (`tl.data.splits`), so every run on the shards trains, selects and tests on the same
 examples. Train is written in a seeded random order: LitData shuffles chunks and records within chunks, which mixes
 well only if a chunk is not one class (an image folder lists its files class by class).
@@ -36,6 +38,7 @@ from litdata import StreamingDataset
 from PIL import Image
 
 from tl.data.images import decode as decode_image
+from tl.data.images import from_netpbm, shrink
 from tl.errors import TLError
 
 log = logging.getLogger(__name__)
@@ -169,6 +172,9 @@ def decode(record: dict, where: str = "", min_side: int | None = None, interpola
     transform needs: a large JPEG decoded at a reduced scale, then resized to `min_side`), so that shards and the
     folder they came from give a model the same pixels at the same cost."""
     try:
+        raw = from_netpbm(record["image"])  # small lossless images are stored as their pixels (tl.shard)
+        if raw is not None:
+            return shrink(raw, min_side, interpolation)
         return decode_image(io.BytesIO(bytes(record["image"])), min_side, interpolation)[0]
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         raise TLError(f"shard dataset {where!r}: image {record.get('name')!r} (id {record.get('id')}) does not decode "
