@@ -766,6 +766,15 @@ def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_hydra_rewrites_
                         monkeypatch=monkeypatch, capfd=capfd)
     one_line(code, lines, f"hydra.sweep.dir='{sweep}' holds the runs of an earlier sweep (0/, ...)")
     assert checksums(sweep) == before
+    # a job stopped in its first epoch holds only interrupted.ckpt: an earlier sweep too
+    (sweep / "1" / "checkpoints").mkdir(parents=True)
+    shutil.copy(finished[1]["best_ckpt"], sweep / "1" / "checkpoints" / "interrupted.ckpt")
+    shutil.rmtree(sweep / "0")
+    before = checksums(sweep)
+    code, lines = entry("tl.train", "-m", "seed=5,6", "scenario=large_similar", f"hydra.sweep.dir={sweep}",
+                        monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, f"hydra.sweep.dir='{sweep}' holds the runs of an earlier sweep (1/, ...)")
+    assert checksums(sweep) == before
 
 
 def test_a_sweep_of_evaluations_into_one_file_is_refused(victim, tmp_path, monkeypatch, capfd):

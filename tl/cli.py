@@ -353,8 +353,10 @@ def check_run_dir(argv: list[str], config_name: str = "") -> None:
         if arg.startswith("hydra.sweep.dir=") and config_name == "train" and multirun and not overwrite \
                 and not _rank():
             sweep = Path(arg.split("=", 1)[1]).expanduser()
+            from tl.rundir import RESUMABLE
+
             done = sorted(d for d in (sweep.iterdir() if sweep.is_dir() else ()) if d.is_dir() and (
-                (d / "results.json").is_file() or (d / "checkpoints" / "last.ckpt").is_file()))
+                (d / "results.json").is_file() or any((d / "checkpoints" / n).is_file() for n in RESUMABLE)))
             if done:  # Hydra would rewrite their records (multirun.yaml, JOB/.hydra) before a job is refused
                 _fail(f"hydra.sweep.dir={str(sweep)!r} holds the runs of an earlier sweep ({done[0].name}/, ...): "
                       "choose another hydra.sweep.dir, or replace them with overwrite=true")
