@@ -127,6 +127,30 @@ def test_evaluate_reproduces_the_test_accuracy_of_training(run, tmp_path):
     assert by_dir["members"] == [results["best_ckpt"]] and by_dir["test/acc"] == evaluated["test/acc"]
 
 
+def test_evaluate_on_another_split_of_the_runs_data_is_refused(run, tmp_path, caplog):
+    """The checkpoint's split digest: another seed (or files added or removed) re-carves test from the same pool as
+    train, so the 'test' images could be training images; refused. With a given test folder only a warning."""
+    from tl.data.datamodule import build_datamodule
+    from tl.evaluate import check_same_split, data_config
+
+    run_dir, results, _ = run
+    with pytest.raises(TLError, match="test split is not the one .* was trained beside .*another seed="):
+        evaluate(compose("evaluate", tmp_path, f"ckpt={results['best_ckpt']}", "seed=7",
+                         f"output={tmp_path / 'e.json'}"))
+    assert not (tmp_path / "e.json").exists()
+    from omegaconf import OmegaConf
+
+    data, seed = data_config(OmegaConf.create({}), Path(results["best_ckpt"]))
+    same = build_datamodule(data, {}, augment=None, seed=seed)
+    same.setup("test")
+    assert check_same_split([Path(results["best_ckpt"])], same)
+    other = build_datamodule(data, {}, augment=None, seed=seed + 1)
+    other.setup("test")
+    other.images.given_splits["test"] = other.split_indices["test"]  # as if test were a given folder
+    assert not check_same_split([Path(results["best_ckpt"])], other)
+    assert "given test folder is evaluated as it is now" in caplog.text
+
+
 def test_evaluate_an_export_copied_outside_its_run(run, tmp_path):
     """No training config is needed: the export's own preprocessing and the data named on the command line."""
     import shutil

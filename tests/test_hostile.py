@@ -693,6 +693,28 @@ def test_ctrl_c_while_an_entry_point_starts_is_one_line(signame, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_sigterm_after_the_imports_before_fitting_is_one_line_and_releases_the_run(tmp_path):
+    """Between the imports and Lightning's own handler (the data scan, auto's measurement: minutes on a large
+    dataset) SIGTERM killed tl.train without a word (status -15) and left its lock; now one line, 143, no lock."""
+    import signal
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tl.train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+                            cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:  # the data's first log line: the scan is done, auto measures next
+        seen.append(line)
+        if "Data: 4 classes" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("tl: interrupted by SIGTERM"), err[-2000:]
+    assert not (run / ".tl.lock").exists() and not (run / "results.json").exists()
+
+
 def test_predict_takes_a_run_folder_and_never_writes_into_its_model(tmp_path):
     """`ckpt=RUN` was refused although evaluate and export take it: it now reads RUN/export."""
     from tl.inference import load_classifier

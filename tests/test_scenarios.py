@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from tl.errors import TLError
 from tl.scenarios import decide, probe_accuracy
@@ -117,3 +118,30 @@ print("RESULT", results["scenario"], results["epochs"], results["n_train"])
     scenario, epochs, n_train = proc.stdout.split("RESULT ")[1].split()
     assert scenario.startswith("small_") and (epochs, n_train) == ("1", "16")
     assert json.loads((run_dir / "results.json").read_text())["scenario_evidence"]["decision"] == scenario
+
+
+def test_a_fixed_size_backbone_trains_at_its_own_side(tiny_cfg, tmp_path):
+    """A ViT's position embeddings are sized to 224 px: auto planned 128 px for small images and the run died in a
+    traceback after the measurement; it now keeps the backbone's side, and a preset given another side is refused in
+    one line before anything runs."""
+    from tl.checks import validate
+    from tl.data.transforms import fixed_input_side
+
+    assert fixed_input_side("vit_tiny_patch16_224") == 224 and fixed_input_side("efficientnet_lite0") is None
+    from conftest import make_cfg, synthetic_pil
+
+    from tl.scenarios import resolve
+
+    folder = tmp_path / "images"  # 32 px files: auto would train a CNN at 4x native, 128 px
+    for i, img in enumerate(synthetic_pil(samples_per_class=8)):
+        (folder / f"c{i // 8}").mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"c{i // 8}" / f"{i}.png")
+    overrides = [*TINY, "scenario=auto", "data=imagefolder", f"data.root={folder}", "model.name=vit_tiny_patch16_224",
+                 "model.pretrained=none", "trainer.max_epochs=1", "export=false"]
+    cfg = resolve(make_cfg(tmp_path / "run", overrides), overrides)
+    assert cfg.scenario.name.startswith("small") and cfg.data.image_size in (None, 224)  # null: the backbone's
+    assert "the only side vit_tiny_patch16_224 takes" in cfg.scenario.evidence.plan.reason
+    with pytest.raises(TLError, match="takes only 224 px inputs .* data.image_size=64: set data.image_size=224"):
+        validate(tiny_cfg("model.name=vit_tiny_patch16_224", "model.pretrained=none", "data.image_size=64"))
+    results, objects = train(cfg)  # and trains (it died in a traceback at 128 px)
+    assert objects["datamodule"].preprocess["input_size"] == [3, 224, 224] and results["n_test"] > 0

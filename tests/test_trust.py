@@ -361,6 +361,20 @@ def test_a_bad_temperature_in_a_checkpoint_or_export_is_refused_in_one_line(skew
     ("report=null", "report=null: report is a group of settings"),
     ("callbacks.model_checkpoint.monitor=val_acc", "monitor='val_acc' is not logged"),
     ("callbacks.early_stopping=null early_stopping.patience=3", "callbacks.early_stopping is off"),
+    # a negative floor or factor turned the LR negative (gradient ascent) with exit 0
+    ("scheduler.min_lr_ratio=-1", "scheduler.min_lr_ratio=-1 is invalid: use a fraction of the starting LR in [0, 1]"),
+    ("scheduler.min_lr_ratio=2", "scheduler.min_lr_ratio=2 is invalid"),
+    ("scheduler=exponential scheduler.gamma=-1", "scheduler.gamma=-1 is invalid: use a decay factor in (0, 1]"),
+    ("scheduler=step scheduler.gamma=0", "scheduler.gamma=0 is invalid"),
+    ("scheduler=step scheduler.gamma=100", "scheduler.gamma=100 is invalid"),
+    ("scheduler.warmup_epochs=-2", "scheduler.warmup_epochs=-2 is invalid"),
+    ("scheduler=step scheduler.step_epochs=-1", "scheduler.step_epochs=-1 is invalid"),
+    # torch.optim's and Lightning's own arguments failed after the run folder was made, in a traceback
+    ("optimizer=sgd optimizer.momentum=0", "add optimizer.nesterov=false for plain SGD"),
+    ("optimizer=sgd optimizer.momentum=-1", "optimizer.momentum=-1 is invalid"),
+    ("optimizer=rmsprop optimizer.alpha=2", "optimizer.alpha=2 is invalid"),
+    ("callbacks.model_checkpoint.save_top_k=-5", "callbacks.model_checkpoint.save_top_k=-5 is invalid"),
+    ("callbacks.last_checkpoint.every_n_steps=0", "callbacks.last_checkpoint.every_n_steps=0 is invalid"),
 ])
 def test_bad_trust_settings_fail_in_one_line(tiny_cfg, override, message):
     from tl.checks import validate

@@ -126,6 +126,25 @@ RULES: list[Rule] = [
     ("optimizer.weight_decay", lambda v: v is None or (_number(v) and v >= 0), "a number >= 0 (null or 0: none)"),
     ("optimizer.betas", lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) == 2
      and all(_number(b) and 0 <= b < 1 for b in v), "two coefficients in [0, 1), e.g. [0.9, 0.999]"),
+    # torch.optim's own arguments (a bad one fails only when the optimizer is built, after the run folder is made)
+    ("optimizer.momentum", lambda v: _number(v) and 0 <= v < 1, "a coefficient in [0, 1), e.g. 0.9 (0: none)"),
+    ("optimizer.dampening", lambda v: _number(v) and 0 <= v <= 1, "a value in [0, 1]"),
+    ("optimizer.alpha", lambda v: _number(v) and 0 <= v <= 1, "a smoothing constant in [0, 1], e.g. 0.9"),
+    ("optimizer.eps", lambda v: _number(v) and 0 < v < 1, "a small positive number, e.g. 1e-8"),
+    ("optimizer.nesterov", _boolean, "true or false"),
+    # the schedule's factors (a negative floor or factor would turn the LR negative: gradient ascent, in silence)
+    ("scheduler.min_lr_ratio", lambda v: _number(v) and 0 <= v <= 1,
+     "a fraction of the starting LR in [0, 1], e.g. 0.01"),
+    ("scheduler.gamma", lambda v: _number(v) and 0 < v <= 1, "a decay factor in (0, 1], e.g. 0.1 or 0.9"),
+    ("scheduler.warmup_epochs", lambda v: _number(v) and 0 <= v <= 100_000, "a number of epochs >= 0"),
+    ("scheduler.step_epochs", lambda v: _number(v) and 0 < v <= 100_000, "a positive number of epochs, e.g. 3"),
+    ("scheduler.cycles", lambda v: _integer(v) and v >= 0, "an integer >= 0 (cosine cycles)"),
+    ("callbacks.model_checkpoint.save_top_k", lambda v: _integer(v) and v >= -1,
+     "an integer >= -1 (-1: keep all, 0: none, k: the k best)"),
+    ("callbacks.last_checkpoint.every_n_steps", _optional(_count1),
+     "null (epoch ends only) or an integer >= 1 (optimizer steps)"),
+    ("callbacks.initial_loss_check.tolerance", lambda v: _number(v) and v > 0,
+     "a positive fraction of ln(number of classes), e.g. 0.25"),
     ("callbacks.lr_monitor.logging_interval", _optional(lambda v: v in ("step", "epoch")),
      "step, epoch or null (both)"),
     ("model.drop_rate", lambda v: _number(v) and 0 <= v < 1, "a rate in [0, 1)"),
@@ -336,6 +355,14 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
         from tl.data.transforms import _unknown_model_message
 
         raise TLError(_unknown_model_message(cfg.model.name))
+    from tl.data.transforms import fixed_input_side
+
+    fixed, side = fixed_input_side(cfg.model.name), cfg.data.get("image_size")
+    if fixed is not None and side is not None and int(side) != fixed:
+        raise TLError(f"model.name={cfg.model.name} takes only {fixed} px inputs (its position embeddings or windows "
+                      f"are sized to them), but data.image_size={side}: set data.image_size={fixed} (for a "
+                      f"small-data preset, data.small_data_image_size={fixed}), or pick a model that takes any size "
+                      "(a CNN such as efficientnet_lite0)")
     callbacks = cfg.get("callbacks") or {}
     check_monitor(callbacks)
     cycles, epochs = cfg.snapshots.cycles, cfg.trainer.max_epochs
@@ -356,6 +383,11 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     if cfg.trainer.get("enable_progress_bar") is False and callbacks.get("progress") is not None:
         raise TLError("trainer.enable_progress_bar=false but callbacks.progress is set: turn the bar off with "
                       "callbacks.progress=null")
+    optimizer = cfg.get("optimizer") or {}
+    if optimizer.get("nesterov") is True and (optimizer.get("momentum") == 0 or optimizer.get("dampening", 0) != 0):
+        raise TLError(f"optimizer.nesterov=true needs momentum and no dampening (optimizer.momentum="
+                      f"{optimizer.get('momentum')}, optimizer.dampening={optimizer.get('dampening', 0)}): add "
+                      "optimizer.nesterov=false for plain SGD, or give a momentum such as 0.9")
     lr_find = cfg.get("lr_find", False)
     if lr_find not in (False, True, "apply"):
         raise TLError(f"lr_find={lr_find!r}: use false, true (suggest and plot) or apply (also train with it)")

@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tl.config import CONF_DIR
-from tl.errors import TLError
+from tl.errors import Terminated, TLError
 
 
 def group_options(group: str) -> list[str]:
@@ -426,9 +426,20 @@ def launch(hydra_main, config_name: str) -> None:
     import tl
 
     if signal.getsignal(signal.SIGTERM) is tl._on_sigterm_while_starting:
-        # imports done: from here the entry point's own handling (Lightning chains any handler it finds, and this
-        # one would end a training run before its interrupted.ckpt is saved)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # imports done: from here a SIGTERM raises Terminated (one line, status 143, locks released and scratch files
+        # removed by their finally blocks) until an entry point's own handling takes over (tl.train's fit runs under
+        # Lightning's, which saves interrupted.ckpt: tl.utils.default_sigterm)
+        from tl.utils import terminate_as_exception
+
+        terminate_as_exception()
+    try:
+        _launch(hydra_main, config_name)
+    except Terminated:  # during the command line's checks, before the entry point's own handling
+        print("tl: interrupted by SIGTERM while starting: nothing was written", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
+
+
+def _launch(hydra_main, config_name: str) -> None:
     argv = sys.argv[1:]
     for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed with escapes
         with contextlib.suppress(AttributeError, ValueError):

@@ -114,6 +114,19 @@ def data_config(cfg: DictConfig, member: Path) -> tuple[DictConfig, int]:
     return data, int(seed)
 
 
+def _datamodule_states(path: Path) -> list[dict]:
+    """The data module states a checkpoint saved (trained on images, or on cached features of them)."""
+    if Path(path).suffix != ".ckpt":
+        return []
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_classifier read it already; nothing more to learn here
+        return []
+    if not isinstance(ckpt, dict):
+        return []
+    return [s for s in (ckpt.get(n) for n in ("TransferDataModule", "FeatureDataModule")) if isinstance(s, dict)]
+
+
 def check_same_shards(paths: list[Path], datamodule) -> None:
     """A checkpoint trained on shards (its datamodule state records their manifest's fingerprint) is evaluated on the
     same shards: converted again from other input, their test split may hold the run's training images."""
@@ -121,21 +134,35 @@ def check_same_shards(paths: list[Path], datamodule) -> None:
     if store is None:
         return
     for path in paths:
-        if Path(path).suffix != ".ckpt":
-            continue
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - load_classifier read it already; nothing more to learn here
-            continue
-        # trained on images, or on cached features of them
-        states = [ckpt.get(name) for name in ("TransferDataModule", "FeatureDataModule")] if isinstance(ckpt, dict) \
-            else []
-        expected = next((s["shards_fingerprint"] for s in states
-                         if isinstance(s, dict) and s.get("shards_fingerprint")), None)
+        expected = next((s["shards_fingerprint"] for s in _datamodule_states(path) if s.get("shards_fingerprint")),
+                        None)
         if expected and expected != store.fingerprint:
             raise TLError(f"{str(path)!r} was trained on other shards than data.root={store.root!r} holds now "
                           "(converted again from other input, or another dataset): its test split there may hold "
                           "the run's training images; evaluate on the shards it was trained on")
+
+
+def check_same_split(paths: list[Path], datamodule) -> bool:
+    """The run's own data split as the checkpoint was trained on it (its `splits_digest`). Where test is carved from
+    the same pool as train (no given test folder), files added or removed since move images between the splits, so
+    the test split could hold training images: refused. A given test folder cannot: a warning. True if it matches
+    (or the checkpoint records no digest)."""
+    if not datamodule.split_indices:
+        return True
+    for path in paths:
+        expected = next((s["splits_digest"] for s in _datamodule_states(path) if s.get("splits_digest")), None)
+        if not expected or expected == datamodule.splits_digest():
+            continue
+        given = getattr(datamodule.images, "given_splits", None) or {}
+        if "test" in given:
+            log.warning("The data changed since %s was trained (files added, removed or renamed): its given test "
+                        "folder is evaluated as it is now", path)
+            return False
+        raise TLError(f"the test split is not the one {str(path)!r} was trained beside (another seed=, or files "
+                      f"added, removed or renamed under data.root={getattr(datamodule.source, 'root', None)!s}): test "
+                      "is carved from the same images as train, so it could hold training images; evaluate with the "
+                      "run's seed and data, or on images kept apart (data=imagefolder data.root=TEST_DIR)")
+    return True
 
 
 def _command_line_keys() -> set[str]:
@@ -176,8 +203,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
                               f"it was trained on ({key} {value}); leave data.{key} out")
     datamodule = build_datamodule(data, members[0].preprocess, augment=None, seed=seed)  # the model's own inputs
     datamodule.setup("test")
-    if cfg.get("data") is None:  # the run's own data; shards named on the command line are the user's choice
+    if cfg.get("data") is None:  # the run's own data; data named on the command line is the user's choice
         check_same_shards(paths, datamodule)
+        check_same_split(paths, datamodule)
     metrics, objects = evaluate_members(members, datamodule, tta, device)
 
     results = {"tool": "tl.evaluate", "ckpt": str(cfg.ckpt), **metrics}

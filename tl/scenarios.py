@@ -32,7 +32,7 @@ from tl.checks import validate
 from tl.config import compose_config
 from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
 from tl.data.features import FeatureCache, extract_features, feature_cache_applies
-from tl.data.transforms import backbone_preprocess
+from tl.data.transforms import backbone_preprocess, fixed_input_side
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
 from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
 
@@ -188,15 +188,21 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     small = final.scenario.name.startswith("small")
     backbone_side = int(m["input_side"])
-    # the side is auto's to choose only where neither the command line nor the dataset's config chose one
+    # the side is auto's to choose only where neither the command line nor the dataset's config chose one, and the
+    # backbone takes any side (a ViT's position embeddings are sized to one)
+    fixed = fixed_input_side(str(final.model.name))
     choose_side = small and "data.image_size" not in given and cfg.data.get("image_size") is None \
-        and cfg.data.get("small_data_image_size") is None
+        and cfg.data.get("small_data_image_size") is None and fixed is None
     # a linear probe chosen because the probe measured at the backbone's side was enough trains at that side
     probe_side = choose_side and final.scenario.name == "small_similar" and bool(
         cfg.scenario.get("small_finetune", False))
     choose_side = choose_side and not probe_side
     side = small_side(int(m["native_side"]), backbone_side) if choose_side else \
         int(final.data.get("image_size") or backbone_side)
+    # the dataset's own small-data side (digits: 128 px) does not fit a fixed-size backbone: its own side instead
+    fixed_side = fixed is not None and small and side != fixed and "data.image_size" not in given \
+        and "data.small_data_image_size" not in given
+    side = fixed if fixed_side else side
     budget = cfg.scenario.get("budget_minutes")
     budget_from = "scenario.budget_minutes"
     if budget is None and small and cfg.scenario.get("small_budget_minutes") is not None:
@@ -223,6 +229,8 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     out: list[str] = []
     if choose_side:
         out.append(f"data.small_data_image_size={schedule['side']}")
+    elif fixed_side:
+        out.append(f"data.small_data_image_size={fixed}")
     if schedule["epochs"] != int(final.trainer.max_epochs) and not fixed_epochs:
         out.append(f"trainer.max_epochs={schedule['epochs']}")
     if schedule["val_every"] != 1 and "trainer.check_val_every_n_epoch" not in given:
@@ -231,7 +239,8 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     snapshot_plan = snapshot_plan and cycles > 1  # at most one cycle per epoch
     if snapshot_plan:
         out += [f"snapshots.cycles={cycles}", f"snapshots.deliver={cfg.scenario.get('small_deliver', 'ensemble')}"]
-    side_why = " (the side the probe was measured at)" if probe_side else ""
+    side_why = " (the side the probe was measured at)" if probe_side else (
+        f" (the only side {final.model.name} takes)" if fixed is not None else "")
     if choose_side:
         side_why = f" (images {m['native_side']} px: 4x native, within {MIN_SIDE}..{backbone_side}" + (
             ")" if schedule["side"] == side else f", is {side} px; smaller to fit the budget)")

@@ -48,6 +48,7 @@ from tl.scenarios import resolve
 from tl.utils import (
     atomic_write_bytes,
     build,
+    default_sigterm,
     ensure_writable,
     print_config,
     print_results,
@@ -256,7 +257,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
                            module, fit_data, apply=cfg.lr_find == "apply", out_dir=run_dir)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path)
+        with default_sigterm():  # Lightning's own handler during fit (interrupted.ckpt), not tl's start-up one
+            trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path)
     except SystemExit as e:
         # Ctrl-C: Lightning has saved interrupted.ckpt (InterruptCheckpoint) and exits 1. (A SIGTERM is Lightning's
         # SIGTERMException, also a SystemExit: tl.utils.user_errors reports it as itself.)

@@ -78,6 +78,24 @@ def sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+@contextmanager
+def default_sigterm() -> Iterator[None]:
+    """SIGTERM's default action for a phase whose library installs its own handler and chains any it finds
+    (Lightning's fit: it saves interrupted.ckpt and raises its SIGTERMException; a chained `Terminated` could cut that
+    short), then the previous handler back."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def rank_zero_only(fn: Callable) -> Callable:
     """Lightning's `rank_zero_only`, applied at call time so importing this module does not import Lightning."""
 

@@ -34,6 +34,18 @@ def backbone_preprocess(model_name: str) -> dict:
     }
 
 
+def fixed_input_side(model_name: str) -> int | None:
+    """The only side `model_name` takes (timm's `fixed_input_size`: ViT, DeiT, Swin, BEiT, ... whose position
+    embeddings or windows are sized to it), or None for a model that takes any size (CNNs)."""
+    try:
+        pretrained_cfg = timm.get_pretrained_cfg(model_name)
+    except Exception:  # noqa: BLE001
+        return None
+    if pretrained_cfg is None or not getattr(pretrained_cfg, "fixed_input_size", False):
+        return None
+    return int(pretrained_cfg.input_size[-1])
+
+
 def _unknown_model_message(name: str) -> str:
     import difflib
 
