@@ -539,9 +539,12 @@ def main(argv: list[str] | None = None) -> None:
                              "datasets finished before it, are kept)\n")
             sys.exit(_EXIT["code"])
         except (ValueError, RuntimeError, FileExistsError) as e:
-            sys.exit(f"{name}: {e}")
+            print(f"make_datasets.py: error: {name}: {e}", file=sys.stderr)
+            sys.exit(2)
         except OSError as e:
-            sys.exit(f"{name}: {e.strerror or e}: {e.filename or args.out}: choose a writable --out with free space")
+            print(f"make_datasets.py: error: {name}: {e.strerror or e}: {e.filename or args.out}: choose a writable "
+                  "--out with free space", file=sys.stderr)
+            sys.exit(2)
         print(built.summary(), flush=True)
 
 

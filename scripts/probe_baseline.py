@@ -37,6 +37,12 @@ from tl.data.transforms import backbone_preprocess  # noqa: E402
 from tl.models.backbone import create_backbone, load_pretrained  # noqa: E402
 
 
+def fail(message: str, code: int = 2) -> None:
+    """Exit as argparse does for bad input: `probe_baseline.py: error: ...`, status 2 (1 for a run that failed)."""
+    print(f"probe_baseline.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def features(model, datamodule, split: str) -> tuple[np.ndarray, np.ndarray]:
     loader = DataLoader(datamodule.dataset(split, augmented=False), batch_size=64, num_workers=0,
                         collate_fn=collate_readable)
@@ -124,11 +130,11 @@ def main() -> None:
                 raise TLError(f"--out {args.out} exists and is not an earlier output of this script (a run's "
                               "results?): give a new .json file path")
     except TLError as e:
-        sys.exit(f"probe_baseline.py: {e}")
+        fail(str(e))
     try:
         rows = probe_all(args, overrides)
     except TLError as e:
-        sys.exit(f"probe_baseline.py: {e}")
+        fail(str(e))
     if args.out:
         from tl.utils import atomic_write_text
 

@@ -45,6 +45,12 @@ SCRATCH = {
 SWEEPS = ("transfer", "scratch", "probe")
 
 
+def fail(message: str, code: int = 2) -> None:
+    """Exit as argparse does for bad input: `study.py: error: ...`, status 2 (1 for a run that failed)."""
+    print(f"study.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def _probe_module():
     spec = importlib.util.spec_from_file_location("probe_baseline", HERE / "probe_baseline.py")
     module = importlib.util.module_from_spec(spec)
@@ -307,15 +313,15 @@ def main() -> None:
             for _, extra in studies.values():
                 validate(compose_config([*extra, f"scenario={base_scenario(extra)}"]), final=False)
         except TLError as e:
-            sys.exit(f"study.py: {e}")
+            fail(str(e))
     try:
         run_studies(args, studies)
     except subprocess.CalledProcessError as e:  # the run printed its own one-line error above
-        sys.exit(f"study.py: a run failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}")
+        fail(f"a run failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}", code=1)
     except OSError as e:
         where = str(e.filename or "")
         fix = " (choose a writable --out)" if where.startswith(str(args.out)) else ""
-        sys.exit(f"study.py: {e.strerror or e}: {where}{fix}")
+        fail(f"{e.strerror or e}: {where}{fix}")
 
 
 def run_studies(args: argparse.Namespace, studies: dict) -> None:
@@ -328,10 +334,10 @@ def run_studies(args: argparse.Namespace, studies: dict) -> None:
             try:
                 run_sweeps(out, args.sizes, args.seeds, extra, args.sweeps, args.policies)
             except TLError as e:  # raised in this process (the probe sweep, in-process)
-                sys.exit(f"study.py: {e}")
+                fail(str(e))
         rows = collect(out)
         if not rows:
-            sys.exit(f"no results under {out}/*/*/results.json or {out}/*-probe.json")
+            fail(f"no results under {out}/*/*/results.json or {out}/*-probe.json", code=1)
         print(report(out, rows, name))
         print(f"wrote {out / 'study.md'}, {out / 'study.csv'}, {out / 'study.png'}")
         per_dataset[name] = rows

@@ -474,3 +474,20 @@ def test_a_folder_in_the_way_stops_the_export_before_anything_changes(run, tmp_p
     with pytest.raises(TLError, match="model.onnx' is in the way"):
         export_model(load_module(Path(results["best_ckpt"])), foreign, "safetensors")
     assert {p.name: p.stat().st_mtime_ns for p in foreign.iterdir()} == before
+
+
+def test_an_ensemble_run_without_onnx_says_its_export_is_the_best_checkpoint(tmp_path, images, caplog):
+    """Without ONNX a delivered snapshot ensemble cannot be exported: model.json records it and tl.predict on the
+    export warns (it served the best checkpoint in silence while results.json reported the ensemble's accuracy)."""
+    run = tmp_path / "run"
+    results, _ = train(make_cfg(run, [*LEARN, "trainer.max_epochs=2", "snapshots.cycles=2", "onnx.enabled=false",
+                                      "snapshots.deliver=ensemble"]))
+    assert results["delivered"]["model"] == "ensemble"
+    meta = json.loads((run / "export" / "model.json").read_text())
+    assert meta["weights_from"]["run_delivered"] == "ensemble" and "onnx" not in meta
+    caplog.clear()
+    predict(compose_predict(tmp_path, run / "export", images, tmp_path / "p.csv"))
+    assert "delivered (and reported the test accuracy of) its snapshot ensemble" in caplog.text
+    caplog.clear()
+    predict(compose_predict(tmp_path, run, images, tmp_path / "q.csv"))  # the run's folder: the ensemble, no warning
+    assert "snapshot ensemble" not in caplog.text

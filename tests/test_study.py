@@ -64,8 +64,9 @@ def test_probe_sweep_on_tl_splits(tmp_path):
     (["--datasets", "{tmp}/none"], 2, "--datasets {tmp}/none: not a folder"),
     (["--datasets", "{tmp}/a/ds", "{tmp}/b/ds"], 2, "two folders named 'ds'"),
     (["--datasets", "{tmp}/a/ds", "--", "data.batchsize=4"], 2, "did you mean data.batch_size"),
-    (["--datasets", "{tmp}/a/ds", "--", "data.batch_size=abc"], 1, "data.batch_size='abc' is invalid"),
-    (["--datasets", "{tmp}/a/ds", "--out", "{tmp}/file/x", "--collect-only"], 1, "choose a writable --out"),
+    (["--datasets", "{tmp}/a/ds", "--", "data.batch_size=abc"], 2, "study.py: error: data.batch_size='abc' is invalid"),
+    (["--datasets", "{tmp}/a/ds", "--out", "{tmp}/file/x", "--collect-only"], 2,
+     "study.py: error: Not a directory: {tmp}/file/x/ds (choose a writable --out)"),
     # auto's own keys only make sense where every run is auto (the presets have no such keys)
     (["--datasets", "{tmp}/a/ds", "--", "scenario.small_budget_minutes=null"], 2, "apply with --policies auto"),
     (["--datasets", "{tmp}/a/ds", "--policies", "auto", "--", "scenario.small_budgt=1"], 2,

@@ -74,6 +74,15 @@ def batch_probs(models: list[torch.nn.Module], loader: DataLoader, device: torch
         yield probs.mean(dim=0).cpu().numpy(), list(errors)
 
 
+def _delivered_elsewhere(export: Path) -> bool:
+    """The export holds the best checkpoint alone of a run that delivered its snapshot ensemble (no ONNX there)."""
+    try:
+        sources = json.loads((export / EXPORT_CONFIG).read_text()).get("weights_from") or {}
+        return isinstance(sources, dict) and sources.get("run_delivered") == "ensemble"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _onnx_members(export: Path) -> int:
     """How many models an export folder's model.onnx averages (1 when it says nothing)."""
     try:
@@ -110,7 +119,11 @@ class TorchPredictor:
         if any(m.class_names != self.clf.class_names or m.preprocess != self.clf.preprocess for m in self.members):
             raise TLError(f"ckpt={ckpt!r}: the members of its ensemble disagree on classes or preprocessing")
         export = Path(self.clf.source)
-        if model != "ensemble" and export.is_dir() and _onnx_members(export) > 1:
+        if model != "ensemble" and export.is_dir() and _delivered_elsewhere(export):
+            log.warning("%s holds the run's best single checkpoint, but the run delivered (and reported the test "
+                        "accuracy of) its snapshot ensemble, which it could not export without ONNX: give ckpt= the "
+                        "training run's folder to serve the ensemble", export)
+        elif model != "ensemble" and export.is_dir() and _onnx_members(export) > 1:
             log.warning("%s: model.safetensors is the run's best single checkpoint, and model.onnx the snapshot "
                         "ensemble it delivered; for the ensemble give ckpt=%s or the training run's folder",
                         export, export / "model.onnx")

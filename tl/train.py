@@ -138,6 +138,8 @@ def export_run(cfg: DictConfig, module, datamodule, run_dir: Path, snapshots: li
     averaging = OmegaConf.select(cfg, "callbacks.weight_averaging._target_")
     tested = [s["path"] for s in snapshots] if ensemble else [tested_ckpt]
     sources = {"checkpoints": tested, "weight_averaging": averaging.rsplit(".", 1)[-1] if averaging else None}
+    if delivered_model == "ensemble" and not ensemble:  # said where tl.predict reads it, not only in the run's log
+        sources["run_delivered"] = "ensemble"
     try:
         out_dir = export_model(module, run_dir / "export", formats, OmegaConf.to_container(cfg.onnx, resolve=True),
                                members, parity_data=datamodule, sources=sources)
