@@ -1184,6 +1184,10 @@ def test_review_fixes_of_round_33(tiny_cfg, tmp_path):
     assert "layout" not in _recipe(cfg)["source"]
     cfg.data.source.layout = "classes"
     assert _recipe(cfg)["source"]["layout"] == "classes"
+    # shards made before raw pixels keep their fingerprint at the default ratio; another ratio is another recipe
+    assert "raw_max_ratio" not in _recipe(cfg) and "raw_max_ratio" not in _recipe(OmegaConf.merge(cfg, {
+        "raw_max_ratio": 1.5}))
+    assert _recipe(OmegaConf.merge(cfg, {"raw_max_ratio": 0}))["raw_max_ratio"] == 0
 
 
 def test_predict_takes_a_run_folder_without_an_export(victim):

@@ -384,11 +384,12 @@ def _recipe(cfg: DictConfig) -> dict:
     source = data.get("source")
     if isinstance(source, dict) and source.get("layout") == "auto":  # the default: shards made before it existed
         source = {k: v for k, v in source.items() if k != "layout"}  # keep their fingerprint
+    ratio = float(cfg.get("raw_max_ratio", RAW_MAX_RATIO))
     return {"source": source, "seed": int(cfg.seed), "val_fraction": data.get("val_fraction"),
             "test_fraction": data.get("test_fraction"), "on_bad_file": data.get("on_bad_file"),
             "chunk_bytes": chunk_bytes(cfg.chunk_bytes),
             # shards made before raw pixels existed read alike (the same pixels): the default keeps their fingerprint
-            **({} if float(cfg.raw_max_ratio) == RAW_MAX_RATIO else {"raw_max_ratio": float(cfg.raw_max_ratio)})}
+            **({} if ratio == RAW_MAX_RATIO else {"raw_max_ratio": ratio})}
 
 
 def chunk_bytes(value) -> int:
