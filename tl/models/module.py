@@ -42,10 +42,24 @@ class NonFiniteLossError(TLError):
 
 
 def weighted_soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft targets (mixup, cutmix) with per-class weights: sum_i,c w_c s_ic (-log p_ic) /
-    sum_i,c w_c s_ic. For one-hot targets it is PyTorch's weighted cross-entropy (mean over the weights)."""
-    weighted = soft * weights
-    return -(weighted * logits.log_softmax(dim=-1)).sum() / weighted.sum()
+    """Cross-entropy against soft targets (mixup, cutmix, label smoothing) with per-class weights that reweight the
+    *examples*: example i counts w_i = sum_c w_c s_ic times, and its own cross-entropy sum_c s_ic (-log p_ic) is not
+    reweighted within, so its best prediction stays its target. (Weighting each class's term instead, as PyTorch's
+    `cross_entropy(weight=, label_smoothing=)` does, moves the smoothing mass toward the rare classes: with 120/3/120
+    images, a brick image's best prediction became grass.) For one-hot targets it is PyTorch's weighted
+    cross-entropy."""
+    per_example = -(soft * logits.log_softmax(dim=-1)).sum(dim=-1)
+    w = (soft * weights).sum(dim=-1)
+    return (w * per_example).sum() / w.sum()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
+    """Class-weighted cross-entropy with label smoothing, the examples reweighted by their class (see
+    `weighted_soft_cross_entropy`); without smoothing, PyTorch's `cross_entropy(weight=)`."""
+    per_example = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    w = weights[y]
+    return (w * per_example).sum() / w.sum()
 
 
 class TransferModule(pl.LightningModule):
@@ -183,8 +197,7 @@ class TransferModule(pl.LightningModule):
         else:
             logits = self(x)
             if stage == "train" and self.class_weights is not None:
-                loss = F.cross_entropy(logits, y, weight=self.class_weights,
-                                       label_smoothing=self.hparams.label_smoothing)
+                loss = weighted_cross_entropy(logits, y, self.class_weights, self.hparams.label_smoothing)
             else:  # val/test losses stay unweighted: comparable across balance settings
                 loss = self.criterion(logits, y)
         if stage == "train":
