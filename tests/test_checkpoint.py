@@ -94,3 +94,21 @@ def test_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     for k, v in a["state_dict"].items():
         assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-5), k
     assert resumed["val/acc"] == pytest.approx(straight["val/acc"], abs=1e-6)
+
+
+def test_a_resume_keeps_the_csv_loggers_earlier_rows(tiny_cfg, tmp_path):
+    """Lightning's CSVLogger deleted metrics.csv when a resume reopened its folder: the epochs before the resume
+    were gone from the run's record."""
+    import csv
+
+    common = ("logger=csv", "export=false")
+    train(tiny_cfg(*common, "trainer.max_epochs=1"))
+    path = tmp_path / "csv" / "metrics.csv"
+
+    def epochs() -> set[int]:
+        with path.open(newline="") as f:
+            return {int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("epoch") and r.get("val/acc")}
+
+    assert epochs() == {0}
+    train(tiny_cfg(*common, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert epochs() == {0, 1}
