@@ -412,9 +412,15 @@ def test_a_bad_temperature_in_a_checkpoint_or_export_is_refused_in_one_line(skew
     ("optimizer=rmsprop optimizer.alpha=2", "optimizer.alpha=2 is invalid"),
     ("callbacks.model_checkpoint.save_top_k=-5", "callbacks.model_checkpoint.save_top_k=-5 is invalid"),
     ("callbacks.last_checkpoint.every_n_steps=0", "callbacks.last_checkpoint.every_n_steps=0 is invalid"),
+    # GPU-only strategies and SLURM's environment: Lightning's traceback or KeyError('SLURM_NODEID') after the folder
+    ("trainer=ddp_syncbn trainer.accelerator=cpu trainer.devices=1", "(SyncBatchNorm) runs on GPUs only"),
+    ("trainer=fsdp trainer.accelerator=cpu trainer.devices=1", "trainer=fsdp runs on GPUs only"),
+    ("trainer=slurm trainer.accelerator=cpu trainer.precision=32-true", "takes its ranks from a SLURM job"),
 ])
-def test_bad_trust_settings_fail_in_one_line(tiny_cfg, override, message):
+def test_bad_trust_settings_fail_in_one_line(tiny_cfg, override, message, monkeypatch):
     from tl.checks import validate
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
 
     with pytest.raises(TLError, match=re.escape(message)):
         validate(tiny_cfg(*override.split()))

@@ -275,6 +275,19 @@ def check_hardware(trainer: DictConfig) -> None:
         if wanted > max(2, cores):  # one process per device, each with its model and loaders: past the cores it hangs
             raise TLError(f"trainer.devices={devices} starts {wanted} processes on the CPU but this machine has "
                           f"{cores} cores: use trainer.devices={max(2, cores)} or fewer")
+    plugins = trainer.get("plugins") or []
+    targets = {str(p.get("_target_", "")).rsplit(".", 1)[-1] for p in plugins if hasattr(p, "get")}
+    strategy = trainer.get("strategy")
+    if hasattr(strategy, "get"):
+        targets.add(str(strategy.get("_target_", "")).rsplit(".", 1)[-1])
+    if not on_gpu and targets & {"TimmSyncBatchNorm", "FSDPStrategy"}:
+        what = "trainer=ddp_syncbn (SyncBatchNorm)" if "TimmSyncBatchNorm" in targets else "trainer=fsdp"
+        raise TLError(f"{what} runs on GPUs only (torch has no CPU kernel for it): on the CPU use trainer=ddp "
+                      "trainer.accelerator=cpu")
+    if "SLURMEnvironment" in targets and not os.environ.get("SLURM_JOB_ID"):
+        raise TLError("trainer=slurm takes its ranks from a SLURM job (SLURM_JOB_ID, SLURM_NODEID, ... are not set "
+                      "here): submit it with sbatch scripts/slurm/train.sbatch, or outside SLURM use trainer=ddp "
+                      "(or trainer=cpu)")
     if not on_gpu and accelerator in ("cpu", "auto") and str(trainer.get("precision")) in ("16-mixed", "16"):
         raise TLError(f"trainer.precision={trainer.get('precision')} needs a GPU: on the CPU use bf16-mixed or 32-true")
 
