@@ -531,6 +531,9 @@ def test_resuming_into_fewer_epochs_than_were_trained_is_refused(tmp_path):
     (["hydra.run.dir={tmp}/" + "x" * 300], "longer than this filesystem allows"),
     (["hydra.run.dir={tmp}/new/" + "x" * 300], "longer than this filesystem allows"),
     (["data.root=[a"], "cannot be parsed as an override"),
+    (["data=imagefolder", "data.root=/tmp/My", "Photos"],
+     '\'Photos\' is not a KEY=VALUE override: a value with a space must be quoted whole (with the one before: '
+     '"data.root=/tmp/My Photos")'),
     (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: use a whole number >= 1"),
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=512"], "starts 512 processes on the CPU"),
     (["optimizer.lr=1e30"], "optimizer.lr=1e+30 is invalid: use a positive number up to 10"),

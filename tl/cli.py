@@ -257,7 +257,14 @@ def check_syntax(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    for arg in argv:
+    takes_value = {"-c", "--cfg", "-i", "--info", "-p", "--package", "-cn", "--config-name", "-cp", "--config-path",
+                   "-cd", "--config-dir", "--experimental-rerun", "-sc", "--shell-completion"}
+    for i, arg in enumerate(argv):
+        if "=" not in arg and not arg.startswith(("-", "~")) and (i == 0 or argv[i - 1] not in takes_value):
+            previous = argv[i - 1] if i else ""
+            joined = f' (with the one before: "{previous} {arg}")' if "=" in previous else ""
+            _fail(f"{arg!r} is not a KEY=VALUE override: a value with a space must be quoted whole{joined}, e.g. "
+                  "'data.root=/data/my photos'")
         if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
             continue
         try:
