@@ -149,6 +149,11 @@ def test_evaluate_on_another_split_of_the_runs_data_is_refused(run, tmp_path, ca
     other.images.given_splits["test"] = other.split_indices["test"]  # as if test were a given folder
     assert not check_same_split([Path(results["best_ckpt"])], other)
     assert "given test folder is evaluated as it is now" in caplog.text
+    # data named on the command line (data=...): the same images split again by another seed are warned of
+    caplog.clear()
+    evaluated, _ = evaluate(compose("evaluate", tmp_path, f"ckpt={results['best_ckpt']}", "seed=7", "data=synthetic",
+                                    f"output={tmp_path / 'f.json'}"))
+    assert "the test images may include training images" in caplog.text and evaluated["n_test"] > 0
 
 
 def test_evaluate_an_export_copied_outside_its_run(run, tmp_path):

@@ -142,7 +142,7 @@ def check_same_shards(paths: list[Path], datamodule) -> None:
                           "the run's training images; evaluate on the shards it was trained on")
 
 
-def check_same_split(paths: list[Path], datamodule) -> bool:
+def check_same_split(paths: list[Path], datamodule, own_data: bool = True) -> bool:
     """The run's own data split as the checkpoint was trained on it (its `splits_digest`). Where test is carved from
     the same pool as train (no given test folder), files added or removed since move images between the splits, so
     the test split could hold training images: refused. A given test folder cannot: a warning. True if it matches
@@ -154,9 +154,17 @@ def check_same_split(paths: list[Path], datamodule) -> bool:
         if not expected or expected == datamodule.splits_digest():
             continue
         given = getattr(datamodule.images, "given_splits", None) or {}
-        if "test" in given:
-            log.warning("The data changed since %s was trained (files added, removed or renamed): its given test "
-                        "folder is evaluated as it is now", path)
+        if "test" in given:  # a given test folder: never carved from the training images
+            if own_data:
+                log.warning("The data changed since %s was trained (files added, removed or renamed): its given "
+                            "test folder is evaluated as it is now", path)
+            return False
+        if not own_data:  # data named on the command line: other images, or the same ones split again
+            log.warning("The test split here is carved from data.root=%s by seed, and it is not the split %s was "
+                        "trained beside: if these are the images it was trained on, the test images may include "
+                        "training images and the accuracy reads high; evaluate with the run's own data and seed "
+                        "(leave data= out), or on a folder of held-out images",
+                        getattr(datamodule.source, "root", None), path)
             return False
         raise TLError(f"the test split is not the one {str(path)!r} was trained beside (another seed=, or files "
                       f"added, removed or renamed under data.root={getattr(datamodule.source, 'root', None)!s}): test "
@@ -205,7 +213,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule.setup("test")
     if cfg.get("data") is None:  # the run's own data; data named on the command line is the user's choice
         check_same_shards(paths, datamodule)
-        check_same_split(paths, datamodule)
+    check_same_split(paths, datamodule, own_data=cfg.get("data") is None)  # ... but a re-carved split is warned of
     metrics, objects = evaluate_members(members, datamodule, tta, device)
 
     results = {"tool": "tl.evaluate", "ckpt": str(cfg.ckpt), **metrics}
