@@ -318,3 +318,15 @@ def test_command_line_exits_2_with_one_line(module, argv, message, tmp_path, mon
         runpy.run_module(module, run_name="__main__")  # as `python -m module`, without a new interpreter
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tl: error:")]
     assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0]
+
+
+def test_a_run_stopped_in_its_first_epoch_is_named_with_its_interrupted_checkpoint(tmp_path):
+    from tl.evaluate import resolve_members
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "interrupted.ckpt").write_bytes(b"state")
+    for ckpt in (run, run / "checkpoints"):
+        with pytest.raises(TLError, match=f"hydra.run.dir={run} ckpt_path=auto, or give ckpt={run}/checkpoints/"
+                                          "interrupted.ckpt"):
+            resolve_members(str(ckpt), None)

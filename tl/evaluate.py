@@ -88,6 +88,12 @@ def resolve_members(ckpt: str, last: int | None) -> list[Path]:
                 log.warning("the best checkpoint results.json names (%s) is not in %s: using %s", best, path,
                             candidate)
             return [candidate]
+    for interrupted in (path / "checkpoints" / "interrupted.ckpt", path / "interrupted.ckpt"):
+        if interrupted.is_file():  # stopped in its first epoch: nothing to choose from but the state it stopped in
+            raise TLError(f"ckpt={ckpt!r} holds a run stopped before its first checkpoint ({interrupted.name} only): "
+                          f"finish it with python -m tl.train hydra.run.dir="
+                          f"{path.parent if path.name == 'checkpoints' else path} ckpt_path=auto, or give "
+                          f"ckpt={interrupted} to use the state it stopped in")
     raise TLError(f"ckpt={ckpt!r} is a directory with no snapshots (checkpoints/snapshots/*.ckpt), no best or last "
                   f"checkpoint and no model.json: {CKPT_HINT}")
 
