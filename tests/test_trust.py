@@ -424,3 +424,13 @@ def test_bad_trust_settings_fail_in_one_line(tiny_cfg, override, message, monkey
 
     with pytest.raises(TLError, match=re.escape(message)):
         validate(tiny_cfg(*override.split()))
+
+
+def test_a_staged_strategy_that_never_opens_the_backbone_is_warned_of(tiny_cfg, caplog):
+    from tl.checks import validate
+
+    validate(tiny_cfg("finetune.strategy=gradual", "finetune.lp_epochs=2", "trainer.max_epochs=2"))
+    assert "this run is a linear probe" in caplog.text
+    caplog.clear()
+    validate(tiny_cfg("finetune.strategy=gradual", "finetune.lp_epochs=2", "trainer.max_epochs=3"))
+    assert "linear probe" not in caplog.text

@@ -9,6 +9,7 @@ Unknown group options (optimizer=foo, scenario=bar) are caught earlier, on the c
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -390,6 +391,11 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     if OmegaConf.select(cfg, "early_stopping.patience") is not None and callbacks.get("early_stopping") is None:
         raise TLError(f"early_stopping.patience={cfg.early_stopping.patience} but callbacks.early_stopping is off: "
                       "keep the callback, or set early_stopping.patience=null")
+    if final and cfg.finetune.strategy in STAGED and cfg.trainer.max_epochs <= cfg.finetune.lp_epochs:
+        logging.getLogger("tl.checks").warning(
+            "finetune.strategy=%s trains the head alone for finetune.lp_epochs=%d epochs, and trainer.max_epochs=%d "
+            "ends the run before the backbone opens: this run is a linear probe (raise trainer.max_epochs or lower "
+            "finetune.lp_epochs to fine-tune)", cfg.finetune.strategy, cfg.finetune.lp_epochs, cfg.trainer.max_epochs)
     if cfg.finetune.strategy in STAGED and callbacks.get("unfreezing") is None:
         raise TLError(f"finetune.strategy={cfg.finetune.strategy} opens the backbone on a schedule, but "
                       "callbacks.unfreezing is off: keep the callback, or pick a static strategy")
