@@ -307,6 +307,8 @@ def test_bad_input_raises_one_line_naming_the_culprit(run, tmp_path):
     ("tl.predict", ["inputs=x"], "ckpt is required: set it on the command line, e.g. ckpt=..."),
     ("tl.evaluate", ["ckpt=/no/such.ckpt"], "ckpt='/no/such.ckpt' not found"),
     ("tl.evaluate", ["ckpt=x", "data=digitz"], "data=digitz is not a known data: choose one of"),
+    ("tl.evaluate", ["ckpt=x", "data.root=/other"], "add data=imagefolder (or digits, shards, ...), e.g. "
+     "data=imagefolder data.root=/other"),
     ("tl.export", [], "ckpt is required"),
 ])
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: the module is imported here

@@ -136,6 +136,10 @@ def check_override_keys(argv: list[str], config_name: str) -> None:
         if not o.is_add():
             node, found, missing = _walk(cfg, key)
             if missing:
+                if not found and missing[0] == "data" and config_name == "evaluate":
+                    # tl.evaluate reads the run's own data unless data=NAME names other data
+                    _fail(f"{key}: the data settings apply to data named on the command line: add data=imagefolder "
+                          f"(or digits, shards, ...), e.g. data=imagefolder {o.input_line}")
                 siblings = list(node.keys()) if isinstance(node, DictConfig) else []
                 _fail(f"{key} is not a setting of this config ({missing[0]!r} is not under "
                       f"{found or 'the top level'}): {_closest(missing[0], siblings, f'{found}.' if found else '')}")
