@@ -424,6 +424,23 @@ def test_a_class_missing_from_the_given_test_split_is_reported(tmp_path):
     assert results["data_audit"]["classes_without_test"] == ["c"]
 
 
+def test_a_class_the_carving_left_without_val_images_is_told_to_grow(tmp_path, caplog):
+    """No split folders: a class too small for the fractions to carve one got "let tl carve the split from train",
+    which tl had just done."""
+    from tl.data.audit import audit_splits
+    from tl.data.sources import ImageFolderSource
+
+    root = tmp_path / "flat"
+    image_folder(root, per_class=4, classes=("a", "b"))
+    images = ImageFolderSource(root).load()
+    b = np.flatnonzero(images.targets == 1)
+    a = np.flatnonzero(images.targets == 0)
+    splits = {"train": np.concatenate([a[:2], b[:3]]), "val": a[2:3], "test": np.concatenate([a[3:], b[3:]])}
+    audit_splits(images, splits)
+    assert "have no val images (b)" in caplog.text
+    assert "too few images for data.val_fraction to carve one: add images to them, or give a val/ folder" in caplog.text
+
+
 def test_digits_carry_no_train_test_copies():
     from tl.data.audit import audit_splits
     from tl.data.sources import DigitsSource

@@ -89,9 +89,12 @@ def audit_splits(images: ImageSet, splits: dict[str, np.ndarray]) -> dict:
         missing = [classes[c] for c in range(len(classes)) if counts[c] == 0]
         if missing:
             report[f"classes_without_{split}"] = missing
-            log.warning("%d class(es) have no %s images (%s): the %s accuracy says nothing about them; give each "
-                        "class some %s images (or let tl carve the split from train)", len(missing), split,
-                        ", ".join(missing[:10]), split, split)
+            fix = (f"give each class some {split} images (or let tl carve the split from train)"
+                   if split in (images.given_splits or {}) else
+                   f"they have too few images for data.{split}_fraction to carve one: add images to them, or give "
+                   f"a {split}/ folder")
+            log.warning("%d class(es) have no %s images (%s): the %s accuracy says nothing about them; %s",
+                        len(missing), split, ", ".join(missing[:10]), split, fix)
     train = splits["train"]
     others = np.concatenate([splits["val"], splits["test"]])
     digests = _digests(images, train, others)  # one pass: the copies across splits and across labels
