@@ -299,6 +299,24 @@ def test_an_output_that_cannot_hold_the_shards_is_refused_before_writing(disk, s
     assert not (tmp_path / "out").exists()
 
 
+def test_the_space_estimate_bounds_lossless_records_by_their_pixels_not_by_the_ratio(tmp_path):
+    """A record is at most its pixels: raw_max_ratio=1e308 (always store pixels) is neither an overflow nor a claim
+    that a 1 MB folder needs terabytes; below the pixels' ratio, files keep their size."""
+    from tl.data.sources import ImageFolderSource
+    from tl.shard import _lossless_growth, check_space
+
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):  # flat 200x200 PNGs: ~120 KB of pixels in a file of well under 1 KB
+            Image.new("RGB", (200, 200), (40 * i, 80, 120)).save(tmp_path / "data" / c / f"{i}.png")
+    images = ImageFolderSource(tmp_path / "data").load()
+    files = sum(os.stat(p).st_size for p in images.paths)
+    pixels = 6 * (3 * 200 * 200 + 20)
+    assert _lossless_growth(images.paths, 1.5) == 1.0  # the pixels take far more than 1.5x: files kept
+    assert _lossless_growth(images.paths, 1e308) == pytest.approx(pixels / files)
+    check_space(tmp_path / "out", images, 1 << 16, 1e308)  # fits: no OverflowError, no false refusal
+
+
 def test_truncated_shard_is_one_line_naming_it(tmp_path, synthetic_shards):
     damaged = tmp_path / "damaged"
     shutil.copytree(synthetic_shards, damaged)
@@ -312,6 +330,42 @@ def test_truncated_shard_is_one_line_naming_it(tmp_path, synthetic_shards):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(chunk) in lines[0] and lines[0].startswith("tl: error:")
+
+
+def _blank_pixels(chunk: Path) -> int:
+    """Zeroes the pixels of every record stored as a PPM in `chunk`, keeping its size (a copy cut short and padded,
+    a bad block): the headers and LitData's index still read."""
+    data, n, i = bytearray(chunk.read_bytes()), 0, 0
+    while (i := data.find(b"P6\n", i)) >= 0:
+        width, height = (int(v) for v in data[i + 3:data.index(b"\n", i + 3)].split())
+        start = data.index(b"255\n", i) + 4
+        data[start:start + 3 * width * height] = bytes(3 * width * height)
+        n, i = n + 1, start
+    chunk.write_bytes(bytes(data))
+    return n
+
+
+def test_a_shard_damaged_in_place_is_one_line_naming_it_not_black_images(tmp_path, synthetic_shards):
+    """Records stored as pixels have no checksum of their own: zeroed bytes of the same length would read as black
+    images. Every record read (streamed train and val/test by index) is checked against its digest in meta.npz."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(synthetic_shards, damaged)
+    for split in ("train", "val"):
+        chunk = sorted((damaged / split).glob("chunk-*.bin"))[0]
+        size = chunk.stat().st_size
+        assert _blank_pixels(chunk) > 0 and chunk.stat().st_size == size
+    dm = TransferDataModule(ShardSource(str(damaged)), backbone_preprocess("efficientnet_lite0"), image_size=32,
+                            crop_pct=1.0, batch_size=8, num_workers=0, seed=42)
+    dm.setup("fit")  # the chunks' sizes are right: the damage shows when a record is read
+    with pytest.raises(TLError, match=r"train image .* is not the bytes tl.shard wrote .*train.meta.npz"):
+        list(dm.train_dataloader())
+    with pytest.raises(TLError, match=r"val image .* is not the bytes tl.shard wrote .*val.meta.npz"):
+        list(dm.val_dataloader())
+    intact = TransferDataModule(ShardSource(str(synthetic_shards)), backbone_preprocess("efficientnet_lite0"),
+                                image_size=32, crop_pct=1.0, batch_size=8, num_workers=0, seed=42)
+    intact.setup("fit")
+    assert sum(len(y) for _, y, _ in intact.train_dataloader()) == intact.images.store.sizes["train"]
+    assert sum(len(y) for _, y in intact.val_dataloader()) == intact.images.store.sizes["val"]
 
 
 # -- reading ----------------------------------------------------------------------------------------------------

@@ -335,7 +335,7 @@ class TransferDataModule(pl.LightningDataModule):
         tf = train_transform(self.preprocess, self.augment, self.mirror_invariant)
         side = decode_side(self.preprocess, self.augment)
         interpolation = str(self.preprocess.get("interpolation") or "bicubic")
-        stream = store.stream(ShardSample(tf, store.root, side, interpolation), self.seed)
+        stream = store.stream(ShardSample(tf, store.root, side, interpolation, store.train_digests()), self.seed)
         return StreamingDataLoader(stream, batch_size=self.batch_size, num_workers=self._workers(),
                                    pin_memory=torch.cuda.is_available())
 
