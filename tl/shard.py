@@ -217,16 +217,37 @@ def _replace_parts(partial: Path, out: Path, manifest: dict) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
+def _lossless_growth(paths, raw_max_ratio: float, sample: int = 256) -> float:
+    """How many times their files' size the lossless images take as records, measured on an even sample of them
+    (headers only): a record holds an image's pixels (at most 3 bytes each) where they take at most `raw_max_ratio`
+    times its file, else the file. So a large ratio costs no more than the pixels; it is not a multiplier."""
+    if raw_max_ratio <= 1.0:
+        return 1.0
+    lossless = [p for p in paths if str(p).lower().endswith(LOSSLESS_SUFFIXES)]
+    files = stored = 0
+    for p in lossless[:: max(1, len(lossless) // sample)][:sample]:
+        with suppress(Exception):  # unreadable files are skipped at the scan; PIL raises many kinds
+            size = os.stat(p).st_size
+            with Image.open(p) as img:
+                pixels = 3 * img.size[0] * img.size[1] + 20
+            files += size
+            stored += pixels if pixels <= raw_max_ratio * size + 20 else size
+    return max(1.0, stored / files) if files else 1.0
+
+
 def check_space(out: Path, images, chunk: int, raw_max_ratio: float = RAW_MAX_RATIO) -> None:
     """Refuse, in one line, to start a conversion that cannot fit: LitData's writer processes hang on a full disk
-    instead of failing. Files are stored as they are, lossless ones at most `raw_max_ratio` times bigger (as their
-    pixels); in-memory images as their pixels."""
+    instead of failing. Files are stored as they are, lossless ones as their pixels where those take at most
+    `raw_max_ratio` times the file (`_lossless_growth` measures how much bigger that makes them); in-memory images as
+    their pixels."""
     if images.paths is not None:
-        need = 0
+        need = lossless = 0
         for p in images.paths:
             with suppress(OSError):
                 size = os.stat(p).st_size
-                need += int(size * max(1.0, raw_max_ratio)) if str(p).lower().endswith(LOSSLESS_SUFFIXES) else size
+                need += size
+                lossless += size if str(p).lower().endswith(LOSSLESS_SUFFIXES) else 0
+        need += int(lossless * (_lossless_growth(images.paths, raw_max_ratio) - 1.0))
     else:  # netpbm: the pixels and a header of about 15 bytes
         need = int(images.images.numel()) + 20 * len(images.images)
     need = int(need * 1.1) + 2 * chunk + (4 << 20)  # chunk headers and meta files, chunks in flight
