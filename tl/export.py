@@ -254,7 +254,8 @@ def export(cfg: DictConfig) -> Path:
             raise TLError(f"ckpt={cfg.ckpt!r} is a snapshot ensemble of {len(paths)} members: format=safetensors "
                           "holds one model; export format=onnx (one graph averaging them) or one member's .ckpt")
     run_dir = run_dir_of(paths[0])
-    output = cfg.get("output") or (run_dir / "export" if run_dir else Path(cfg.paths.output_dir) / "export")
+    output = cfg.get("output") or (_default_output(run_dir, paths, cfg) if run_dir else
+                                   Path(cfg.paths.output_dir) / "export")
     target = Path(output).expanduser().resolve(strict=False)
     if target.name == "export" and _is_run(target.parent) and (
             run_dir is None or target.parent != Path(run_dir).resolve()):
@@ -280,6 +281,22 @@ def export(cfg: DictConfig) -> Path:
             print(f"  int8 ({meta['onnx']['int8']['mode']}) parity: max |dp| {q['max_abs_prob_diff']:.2e}, top-1 "
                   f"agreement {q['top1_agreement']:.2%}")
     return out_dir
+
+
+def _default_output(run_dir: Path, paths: list[Path], cfg: DictConfig) -> Path:
+    """RUN/export for the model the run delivered (what tl.train exported there, what results.json reports); any other
+    checkpoint or ensemble goes beside it, RUN/export-<name>, and never replaces the delivered model (with its
+    calibration) that `tl.predict ckpt=RUN/export` serves."""
+    from tl.evaluate import resolve_members
+
+    try:
+        delivered = [p.resolve() for p in resolve_members(str(run_dir), None)]
+    except TLError:
+        delivered = None
+    if delivered == [p.resolve() for p in paths]:
+        return Path(run_dir) / "export"
+    name = paths[0].stem if len(paths) == 1 else f"last{len(paths)}"
+    return Path(run_dir) / f"export-{name}"
 
 
 def _parity_data(cfg: DictConfig, ckpt: Path, preprocess: dict):
