@@ -79,6 +79,9 @@ def one_line(code: int, lines: list[str], culprit: str) -> None:
     (["+optimizer.lrr=0.1"], "takes no argument 'lrr', so nothing would read it: did you mean optimizer.lr?"),
     (["+finetune.stratgy=full"], "nothing reads (finetune builds no object): did you mean finetune.strategy?"),
     (["+optimizer.lr=0.1"], "optimizer.lr exists already: set it without the +"),
+    (["callbacks.progress=null", "callbacks.progress.metrics_every=0"],
+     "callbacks.progress=null on the same command line switches callbacks.progress off"),
+    (["callbacks.progress=null", "+callbacks.progress.metrics_every=0"], "has nothing to set: drop one of the two"),
     (["+trainer.limit_train_batchs=2"], "did you mean trainer.limit_train_batches"),
     (["data.imagesize=64"], "did you mean data.image_size"),
     (["callbacks.progres=null"], "did you mean callbacks.progress?"),
@@ -611,6 +614,28 @@ def test_export_into_another_runs_export_is_refused(finished, tmp_path, monkeypa
                         capfd=capfd)
     one_line(code, lines, "is the export of another training run")
     assert checksums(victim) == before
+
+
+def test_exporting_another_checkpoint_of_a_run_never_replaces_its_delivered_export(victim, monkeypatch, capfd):
+    """RUN/export is the model the run delivered (calibrated, the one results.json reports): tl.export of another
+    checkpoint without output= writes RUN/export-<checkpoint> beside it; the delivered checkpoint still goes to
+    RUN/export."""
+    run_dir, before = victim
+    code, _ = entry("tl.export", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "format=safetensors",
+                    f"hydra.run.dir={run_dir.parent / 'x'}", monkeypatch=monkeypatch, capfd=capfd)
+    assert code == 0
+    after = checksums(run_dir)
+    assert {k: v for k, v in after.items() if not k.startswith("export-last/")} == before
+    assert {"export-last/model.safetensors", "export-last/model.json"} <= set(after)
+    best = json.loads((run_dir / "results.json").read_text())["best_ckpt"]
+    code, _ = entry("tl.export", f"ckpt={run_dir / 'checkpoints' / Path(best).name}", "format=safetensors",
+                    f"hydra.run.dir={run_dir.parent / 'y'}", monkeypatch=monkeypatch, capfd=capfd)
+    assert code == 0 and sorted(p.name for p in run_dir.glob("export*")) == ["export", "export-last"]
+    from safetensors.torch import load_file
+
+    delivered, other = (load_file(run_dir / d / "model.safetensors") for d in ("export", "export-last"))
+    assert delivered.keys() == other.keys()  # the 1-epoch run's best is its last: the same weights in both
+    assert all(torch.equal(delivered[k], other[k]) for k in delivered)
 
 
 def test_a_class_folder_linking_back_to_the_root_is_refused(tmp_path):

@@ -117,6 +117,13 @@ def check_override_keys(argv: list[str], config_name: str) -> None:
             structural.append(line)
             if not (o.is_add() or o.is_force_add()) or _is_group(o.key_or_group):
                 base.append(line)
+    nulled = {o.key_or_group for o in overrides if not (o.is_sweep_override() or o.is_delete() or o.is_add()
+              or o.is_force_add() or _is_group(o.key_or_group)) and o.value() is None}
+    for o in overrides:  # callbacks.progress=null callbacks.progress.metrics_every=0: Hydra's "use +", then tl's "no +"
+        section = next((n for n in nulled if o.key_or_group.startswith(f"{n}.")), None)
+        if section:
+            _fail(f"{o.input_line}: {section}=null on the same command line switches {section} off, so "
+                  f"{o.key_or_group} has nothing to set: drop one of the two")
     try:
         before = compose_config(base, config_name)
     except Exception:  # noqa: BLE001 - composition fails for another reason: Hydra reports it
