@@ -126,3 +126,17 @@ def test_progress_bar_reads_metrics_every_batch_on_the_cpu_and_shows_the_step_lo
                enable_model_summary=False).fit(Tiny(), data)
     assert len(bar.reads) >= 6 and "train/loss" in bar.reads[-1]
     assert len({r["train/loss"] for r in bar.reads[:6]}) > 1  # a fresh value each batch, not one held for 3
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_torch_threads_sleep_between_operators_unless_the_environment_says_otherwise(given, expected):
+    """tl sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp (spinning threads are several times slower on cores
+    shared with loader workers: scripts/bench_threads.py); a policy the user set is kept."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, tl, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads() >= 1)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == [expected, "True"]

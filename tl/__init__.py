@@ -1,9 +1,17 @@
 """tl: transfer learning for image classification on timm backbones, trained by Lightning, configured by Hydra."""
 
+import os
 import signal
 import sys
 
 __version__ = "0.1.0"
+
+if "torch" not in sys.modules:  # libgomp reads it once, when torch loads it
+    # torch's OpenMP threads sleep between operators instead of spinning. Spinning is a little faster on cores nothing
+    # else uses, and many times slower on cores shared with tl's own loader workers or any other job (the team waits
+    # for a spinning thread that holds the core another one needs): scripts/bench_threads.py, README "Speed".
+    # OMP_WAIT_POLICY=ACTIVE in the environment keeps libgomp's default.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _interrupted = False
 
