@@ -47,6 +47,7 @@ def test_last_links_to_a_best_saved_at_the_same_step_and_a_later_epoch_writes_it
     assert not list(ckpts.glob("*.link"))
 
 
+@pytest.mark.slow
 def test_linked_last_holds_what_a_written_one_would_and_resumes(tiny_cfg, tmp_path):
     # Best = highest epoch index: the final epoch's best and last.ckpt are one file.
     common = ["trainer.max_epochs=2", *BY_EPOCH, "callbacks.model_checkpoint.mode=max", "augment=none",

@@ -45,6 +45,7 @@ def test_ddp_two_cpu_processes_end_to_end(tmp_path, strategy):
     assert r0["frozen_before"] == r0["frozen_after"], "a frozen parameter changed"
 
 
+@pytest.mark.slow
 def test_ddp_class_balanced_sampler_deals_one_draw_to_the_ranks(tmp_path):
     """data.balance=sampler under two-process DDP: Lightning keeps tl's sampler (no DistributedSampler wrapped
     around it), and the two ranks' shares interleave to the single-process draw of that epoch: disjoint, complete."""
@@ -112,6 +113,7 @@ def test_ddp_test_accuracy_equals_single_process_with_unpadded_eval_sampler(tmp_
     assert round(single * 25, 4) == round(single * 25)  # a count over 25 images, not 26
 
 
+@pytest.mark.slow
 def test_ddp_test_accuracy_equals_single_process_with_tl_datamodule(tmp_path):
     """The same with tl's data module as users run it: its unpadded evaluation sampler counts each image once."""
     single = _test_acc(tmp_path, "single", ["trainer=cpu"])

@@ -35,6 +35,7 @@ def script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_diagnostics_write_scalars_histograms_images_and_hparams(tiny_cfg, tmp_path):
     cfg = tiny_cfg("callbacks=diagnostics", "callbacks.update_ratios.every_n_steps=2",
                    "callbacks.histograms.every_n_steps=4", "scenario=large_similar", "augment=light")
@@ -149,6 +150,7 @@ def test_find_lr_suggests_plots_and_applies(tiny_cfg, tmp_path):
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # weights restored
 
 
+@pytest.mark.slow
 def test_find_lr_does_not_apply_a_sweep_over_one_batch(tiny_cfg, tmp_path):
     """Found by a hostile tester: lr_find=apply on a training split of one batch applied an LR ~190x lower in
     silence (the sweep stepped over the same images 100 times). It keeps the configured LR and says why."""

@@ -82,6 +82,7 @@ def test_unwritable_output_dir_fails_at_start(tiny_cfg, tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir_at_the_command_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     proc = subprocess.run([sys.executable, "-m", "tl.train", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"],
@@ -107,6 +108,7 @@ TRAIN = [sys.executable, "-m", "tl.train", "data=synthetic", "data.source.sample
          "seed=3", "export=false", "report.top_losses=0"]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_finishes_the_planned_epochs(tmp_path):
     """SIGKILL mid-run leaves a loadable last.ckpt; ckpt_path=last resumes to the planned epoch count."""
     run = tmp_path / "run"
@@ -135,6 +137,7 @@ def test_kill_9_then_resume_finishes_the_planned_epochs(tmp_path):
     assert result["test/acc"] > 0.6  # it learnt (chance: 0.25)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_state_exits_143_and_resumes(tmp_path):
     """A preempted job (SIGTERM mid-epoch) exits non-zero with one line, keeps its state as interrupted.ckpt and
     writes no results; ckpt_path=auto resumes from it to the planned epochs (then the file is gone)."""
@@ -157,6 +160,7 @@ def test_sigterm_saves_the_state_exits_143_and_resumes(tmp_path):
     assert not interrupted.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_loader_processes_too_is_an_interruption_not_a_crash(tmp_path):
     """SLURM's scancel or preemption, `kill -TERM -PGID` and `pkill -f` signal the DataLoader workers with the main
     process. The main process met a dead worker first: a RuntimeError traceback, exit 1, no interrupted.ckpt (and
@@ -174,6 +178,7 @@ def test_sigterm_to_the_loader_processes_too_is_an_interruption_not_a_crash(tmp_
     assert not (run / "results.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("surfaces_as", ["OSError", "RuntimeError"])
 def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_says_so(surfaces_as, tiny_cfg, tmp_path,
                                                                          monkeypatch):
@@ -208,6 +213,7 @@ def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_says_so(surfaces
 
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_mid_run_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
     """Found by a hostile tester: a run under `ulimit -f` (writes past the limit fail with EFBIG) ended in a
     traceback. Real limit, real torch.save: one line naming the file, exit 2, the earlier last.ckpt whole."""

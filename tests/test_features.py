@@ -14,6 +14,7 @@ from tl.models.backbone import classifier_names
 from tl.train import train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "cached"), [
     (["scenario=small_similar", "augment=none"], True),
     (["scenario=small_similar", "augment=light"], False),                 # augmentation: features change per epoch

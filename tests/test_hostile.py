@@ -329,6 +329,7 @@ class BreakFiles:
                 Path(f).write_text("not an image")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["remove", "truncate", "garble"])
 def test_files_damaged_after_the_scan_are_skipped_and_counted(how, tmp_path):
     import pytorch_lightning as pl
@@ -416,6 +417,7 @@ def test_byte_identical_images_across_splits_are_counted(tmp_path):
     assert all("copy" in a for a, _ in report["duplicates_train_test_first"])
 
 
+@pytest.mark.slow
 def test_a_class_missing_from_the_given_test_split_is_reported(tmp_path):
     root = tmp_path / "data"
     image_folder(root / "train", per_class=8)
@@ -546,6 +548,7 @@ def test_resuming_into_fewer_epochs_than_were_trained_is_refused(tmp_path):
     check_resume(str(ckpt), SimpleNamespace(hparams={}), max_epochs=5)  # saved after its last epoch: test, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["hydra.run.dir=/proc/tl-run"], "hydra.run.dir=/proc/tl-run cannot be created"),
     (["hydra.run.dir={tmp}/" + "x" * 300], "longer than this filesystem allows"),
@@ -687,6 +690,7 @@ def test_evaluate_takes_the_checkpoints_folder_of_a_run(finished, tmp_path):
     assert resolve_members(str(run_dir / "checkpoints"), None) == [run_dir / "checkpoints" / "last.ckpt"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_state_exits_130_in_one_line_and_resumes(tmp_path):
     run = tmp_path / "run"
     tests = Path(__file__).resolve().parent
@@ -706,6 +710,7 @@ def test_ctrl_c_saves_the_state_exits_130_in_one_line_and_resumes(tmp_path):
     assert json.loads((run / "results.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_while_an_entry_point_starts_is_one_line(signame, tmp_path):
     """Ctrl-C in the first seconds (torch and Lightning still importing) was a 45-line traceback through the imports,
@@ -738,6 +743,7 @@ def test_ctrl_c_while_an_entry_point_starts_is_one_line(signame, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_after_the_imports_before_fitting_is_one_line_and_releases_the_run(tmp_path):
     """Between the imports and Lightning's own handler (the data scan, auto's measurement: minutes on a large
     dataset) SIGTERM killed tl.train without a word (status -15) and left its lock; now one line, 143, no lock."""
@@ -940,6 +946,7 @@ def test_resuming_with_other_preprocessing_is_refused(victim, monkeypatch, capfd
     assert checksums(run_dir)["results.json"] == before["results.json"]
 
 
+@pytest.mark.slow
 def test_probe_baseline_never_writes_over_a_runs_results(finished, tmp_path):
     target = tmp_path / "results.json"
     shutil.copy(finished[0] / "results.json", target)
@@ -1119,6 +1126,7 @@ def test_ckpt_path_auto_takes_the_latest_state_even_in_a_copy_without_timestamps
     assert resolve_ckpt_path("auto", tmp_path) == str(checkpoints / "interrupted.ckpt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changed", ["seed=7", "data.samples_per_class=8", "data.val_fraction=0.3"])
 def test_a_resume_on_another_split_of_the_data_is_refused(changed, tiny_cfg, tmp_path):
     """Resuming re-made the splits from the current settings: with another seed, 12 of 18 test images had been

@@ -198,6 +198,7 @@ def test_a_failed_parity_check_writes_nothing_and_keeps_the_previous_export(run,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no scratch folder left, nothing replaced
 
 
+@pytest.mark.slow
 def test_int8_export_is_checked_against_pytorch_and_predicts(run, images, tmp_path):
     """The mechanics on a barely trained model (its near-uniform probabilities flip easily under int8): the figures
     are recorded, a result below min_int8_agreement writes nothing. The quality target is measured on the default
@@ -224,6 +225,7 @@ def test_int8_export_is_checked_against_pytorch_and_predicts(run, images, tmp_pa
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_graph_that_resizes_its_input_takes_a_fixed_larger_image(run, tmp_path):
     run_dir, results, objects = run
     out = export_model(load_module(Path(results["best_ckpt"])), tmp_path / "export", "onnx",
@@ -234,6 +236,7 @@ def test_graph_that_resizes_its_input_takes_a_fixed_larger_image(run, tmp_path):
     assert clf.prepare(img).shape == (64, 64, 3) and clf.probs(clf.prepare(img)[None]).shape == (1, 4)
 
 
+@pytest.mark.slow
 def test_a_delivered_snapshot_ensemble_is_the_runs_model_everywhere(tmp_path, images):
     """snapshots.deliver=ensemble (the default): test/acc, the ONNX graph, tl.predict ckpt=RUN and tl.evaluate
     ckpt=RUN are all the ensemble of calibrated members; the best checkpoint's scores stay beside it."""
@@ -281,6 +284,7 @@ def compose_predict(tmp_path: Path, ckpt: Path, inputs: Path, output: Path):
                     config_name="predict")
 
 
+@pytest.mark.slow
 def test_a_run_that_delivers_its_best_checkpoint_exports_and_serves_that_one(tmp_path):
     from tl.evaluate import evaluate
 
@@ -476,6 +480,7 @@ def test_a_folder_in_the_way_stops_the_export_before_anything_changes(run, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in foreign.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_an_ensemble_run_without_onnx_says_its_export_is_the_best_checkpoint(tmp_path, images, caplog):
     """Without ONNX a delivered snapshot ensemble cannot be exported: model.json records it and tl.predict on the
     export warns (it served the best checkpoint in silence while results.json reported the ensemble's accuracy)."""

@@ -126,6 +126,7 @@ def _small_folder(root, n=10):
     return root
 
 
+@pytest.mark.slow
 def test_auto_trains_a_probe_that_is_enough_at_the_side_it_measured(auto_cfg, tmp_path):
     common = ["data=imagefolder", f"data.root={_small_folder(tmp_path / 'data')}", "data.samples_per_class=4",
               "export=false", "logger=none"]
@@ -144,6 +145,7 @@ def test_auto_trains_a_probe_that_is_enough_at_the_side_it_measured(auto_cfg, tm
     assert results["strategy"] == "linear_probe" and results["test/acc"] > 0.9
 
 
+@pytest.mark.slow
 def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     common = ["data=imagefolder", f"data.root={_small_folder(tmp_path / 'data')}", "data.samples_per_class=4",
               "export=false", "logger=none"]

@@ -4,6 +4,7 @@ finetune.freeze_bn_stats=true the features it was fitted on stay what the backbo
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -36,6 +37,7 @@ def test_binary_and_absent_classes_map_to_softmax_rows():
     assert probs[:, 1].max() < 1e-6 and (probs.argmax(1) == y).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_the_probe_and_records_it(tiny_cfg, tmp_path):
     # Steps too small to move anything: the test accuracy is the starting head's, against a random head's
     common = ["scenario=small_different", "trainer.max_epochs=1", "optimizer.lr=1e-7", "export=false", "logger=none"]

@@ -16,6 +16,7 @@ def snapshot_callback(trainer) -> SnapshotEnsemble:
     return next(c for c in trainer.callbacks if isinstance(c, SnapshotEnsemble))
 
 
+@pytest.mark.slow
 def test_snapshots_at_cycle_ends_with_lr_at_its_minimum(tiny_cfg, tmp_path):
     # The "best" checkpoint is the first epoch's (lowest epoch index, before any snapshot): testing restores callback
     # state from it, which must not shorten the list of snapshots reported.
@@ -42,6 +43,7 @@ def test_snapshots_at_cycle_ends_with_lr_at_its_minimum(tiny_cfg, tmp_path):
     assert all(factor(s["step"] - 1) < 0.05 for s in snaps)
 
 
+@pytest.mark.slow
 def test_first_cycle_is_a_long_descent_then_equal_short_cycles(tiny_cfg, tmp_path):
     results, objects = train(tiny_cfg("trainer.max_epochs=8", "snapshots.cycles=3", "snapshots.first_cycle=0.5"))
     total = objects["trainer"].global_step
@@ -78,12 +80,14 @@ def test_cosine_with_restarts_falls_to_its_floor_and_jumps_back_per_group():
     assert all(abs(lr[1] - 0.1 * lr[0]) < 1e-9 for lr in lrs)  # the backbone keeps its ratio to the head
 
 
+@pytest.mark.slow
 def test_mixup_and_cutmix_train_on_soft_targets(tiny_cfg):
     results, objects = train(tiny_cfg("augment=mix", "trainer.max_epochs=5"))  # mixed batches learn slower
     assert objects["module"].mixup is not None
     assert results["augment"] == "mix" and results["test/acc"] > 0.25
 
 
+@pytest.mark.slow
 def test_ema_weights_are_what_checkpoints_hold_and_test_uses(tiny_cfg, tmp_path):
     results, objects = train(tiny_cfg("weight_averaging=ema", "trainer.max_epochs=3"))
     best = torch.load(results["best_ckpt"], weights_only=True)
@@ -94,6 +98,7 @@ def test_ema_weights_are_what_checkpoints_hold_and_test_uses(tiny_cfg, tmp_path)
     assert torch.equal(objects["module"].state_dict()[head], averaged[head])  # test ran on the average
 
 
+@pytest.mark.slow
 def test_swa_averages_from_the_last_quarter(tiny_cfg, tmp_path):
     results, objects = train(tiny_cfg("weight_averaging=swa", "trainer.max_epochs=4",
                                       "callbacks.model_checkpoint.save_top_k=-1"))  # every epoch's checkpoint kept
@@ -108,6 +113,7 @@ def test_swa_averages_from_the_last_quarter(tiny_cfg, tmp_path):
     assert int(torch.load(by_epoch[3], weights_only=True)["averaging_state"]["n_averaged"]) == per_epoch
 
 
+@pytest.mark.slow
 def test_a_run_from_another_runs_checkpoint_keeps_its_own_snapshots(tiny_cfg, tmp_path):
     """Its checkpoint lists the other run's snapshots: they are not this run's members, and are left untouched."""
     import hashlib
@@ -122,6 +128,7 @@ def test_a_run_from_another_runs_checkpoint_keeps_its_own_snapshots(tiny_cfg, tm
     assert {p: hashlib.md5(open(p, "rb").read()).hexdigest() for p in digests} == digests
 
 
+@pytest.mark.slow
 def test_resuming_a_snapshot_run_on_another_schedule_is_refused(tiny_cfg, tmp_path):
     """Found by a hostile tester: resumed with more epochs, the new cycle ends moved, the old snapshots counted as
     taken, and the run delivered the old ensemble (exit 0). Now one line; the run's files are unchanged."""

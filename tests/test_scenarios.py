@@ -91,6 +91,7 @@ def test_auto_decision_reaches_results_and_tensorboard(auto_cfg, tmp_path):
     assert "scenario/decision/text_summary" in acc.Tags()["tensors"]
 
 
+@pytest.mark.slow
 def test_python_api_decides_auto_then_trains_the_edited_config(tmp_path):
     """The README's Python recipe, in a fresh interpreter (no Hydra app, no HydraConfig): compose, resolve, edit,
     train."""
@@ -120,6 +121,7 @@ print("RESULT", results["scenario"], results["epochs"], results["n_train"])
     assert json.loads((run_dir / "results.json").read_text())["scenario_evidence"]["decision"] == scenario
 
 
+@pytest.mark.slow
 def test_a_fixed_size_backbone_trains_at_its_own_side(tiny_cfg, tmp_path):
     """A ViT's position embeddings are sized to 224 px: auto planned 128 px for small images and the run died in a
     traceback after the measurement; it now keeps the backbone's side, and a preset given another side is refused in

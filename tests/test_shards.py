@@ -317,6 +317,7 @@ def test_the_space_estimate_bounds_lossless_records_by_their_pixels_not_by_the_r
     check_space(tmp_path / "out", images, 1 << 16, 1e308)  # fits: no OverflowError, no false refusal
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_one_line_naming_it(tmp_path, synthetic_shards):
     damaged = tmp_path / "damaged"
     shutil.copytree(synthetic_shards, damaged)
@@ -400,6 +401,7 @@ def _read_ids(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_resume_sees_the_uninterrupted_sample_sequence(tmp_path, synthetic_shards):
     """SIGKILL at step 13 (epoch 2 of 2, 9 steps each); last.ckpt every 4 steps, so the resumed run starts after step
     12, mid-epoch: the ids it trains on, after the killed run's first 12 batches, are the uninterrupted run's (also
@@ -430,6 +432,7 @@ def test_kill_9_mid_epoch_resume_sees_the_uninterrupted_sample_sequence(tmp_path
     assert len(second_epoch) == len(set(second_epoch)) == 144
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_disjoint_train_shares_and_exact_test(tmp_path, synthetic_shards):
     """Two gloo processes: each epoch the ranks' train shares are disjoint; the DDP run's test accuracy (metrics
     synced over both ranks' shares of test) equals a single-process evaluation of the same checkpoint."""
@@ -456,6 +459,7 @@ def test_ddp_two_processes_disjoint_train_shares_and_exact_test(tmp_path, synthe
     assert single["test/acc"] == pytest.approx(results["test/acc"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_scenario_auto_feature_cache_and_report_run_from_shards(tmp_path, synthetic_shards):
     """scenario=auto measures the shards (native size, a linear probe on cached features) and the run trains,
     tests and writes its report (top losses: records named and drawn) from them."""
@@ -473,6 +477,7 @@ def test_scenario_auto_feature_cache_and_report_run_from_shards(tmp_path, synthe
     assert (tmp_path / "report" / "top_losses.csv").is_file()
 
 
+@pytest.mark.slow
 def test_slurm_shard_template_converts_with_the_allocated_cpus(tmp_path):
     """scripts/slurm/shard.sbatch as SLURM runs it (from the submit directory, with the job's CPU count)."""
     out = tmp_path / "shards"

@@ -41,6 +41,7 @@ def test_summary_states_each_margin(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="the textures builder needs scikit-image")
 def test_probe_sweep_on_tl_splits(tmp_path):
     """The probe baseline through the study on a real (tiny) dataset: 3 training images per class, so size 100

@@ -75,6 +75,7 @@ def test_samples_per_class_sets_n_train(tiny_cfg):
     assert results["n_train"] == 20
 
 
+@pytest.mark.slow
 def test_resume_from_last_continues_to_the_planned_epochs(tiny_cfg, tmp_path):
     first, _ = train(tiny_cfg("trainer.max_epochs=2"))
     assert first["epochs"] == 2

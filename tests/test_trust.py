@@ -331,6 +331,7 @@ def test_top_losses_csv_and_grids_hold_the_worst_images(skewed_run):
 
 
 # -- early stopping ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_early_stopping_stops_and_resumes_with_its_patience_spent(tmp_path, tiny_cfg):
     never_better = ["early_stopping.min_delta=1.0", "augment=none", "report.top_losses=0"]  # val/acc cannot gain 1.0
     stopped, _ = train(tiny_cfg(*never_better, "early_stopping.patience=1", "trainer.max_epochs=6",

@@ -105,6 +105,7 @@ def test_lp_ft_trains_the_head_first_then_everything(tiny_cfg):
     assert any(not torch.equal(e[0]["state"][n], e[1]["state"][n]) for n in stem)  # the whole backbone moved
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_survives_a_resume(tiny_cfg, tmp_path):
     straight = Record()
     _run(tiny_cfg, "finetune.strategy=gradual", "trainer.max_epochs=4", callbacks=[straight],
