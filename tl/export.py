@@ -254,7 +254,7 @@ def export(cfg: DictConfig) -> Path:
             raise TLError(f"ckpt={cfg.ckpt!r} is a snapshot ensemble of {len(paths)} members: format=safetensors "
                           "holds one model; export format=onnx (one graph averaging them) or one member's .ckpt")
     run_dir = run_dir_of(paths[0])
-    output = cfg.get("output") or (_default_output(run_dir, paths, cfg) if run_dir else
+    output = cfg.get("output") or (_default_output(run_dir, paths) if run_dir else
                                    Path(cfg.paths.output_dir) / "export")
     target = Path(output).expanduser().resolve(strict=False)
     if target.name == "export" and _is_run(target.parent) and (
@@ -283,7 +283,7 @@ def export(cfg: DictConfig) -> Path:
     return out_dir
 
 
-def _default_output(run_dir: Path, paths: list[Path], cfg: DictConfig) -> Path:
+def _default_output(run_dir: Path, paths: list[Path]) -> Path:
     """RUN/export for the model the run delivered (what tl.train exported there, what results.json reports); any other
     checkpoint or ensemble goes beside it, RUN/export-<name>, and never replaces the delivered model (with its
     calibration) that `tl.predict ckpt=RUN/export` serves."""
