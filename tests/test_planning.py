@@ -183,3 +183,45 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     assert results["epochs"] == 3 and saved["side"] == 48 and "budget" in saved["reason"]
     assert results["delivered"]["model"] == "ensemble" and results["ensemble/size"] == 3
     assert results["test/acc"] == results["ensemble/test/acc"]
+
+
+@pytest.mark.parametrize(("discordant", "expected_side", "why"), [
+    ((30, 5), 224, "-> 224 px"),                  # the backbone's side gets 25 more of 160 right: p ~ 1e-5
+    ((15, 10), 128, "no measured benefit"),       # +5 of 160: p 0.21, within the probe's noise (fonts at 10/class)
+    ((6, 2), 128, "no measured benefit"),         # gain 0.025 >= side_min_gain, but 8 images decide it: p 0.14
+    ((0, 12), 128, "no measured benefit"),        # the small side is better
+])
+def test_the_side_follows_a_measured_benefit_only(tmp_path, discordant, expected_side, why):
+    from conftest import TINY, make_cfg
+
+    from tl.config import compose_config
+    from tl.scenarios import plan
+
+    overrides = [*TINY, "data=imagefolder", f"data.root={tmp_path}"]
+    cfg = make_cfg(tmp_path, [*overrides, "scenario=auto", "scenario.small_budget_minutes=null"])
+    final = compose_config([*overrides, "scenario=small_different"])
+    m = {"native_side": 32, "input_side": 224, "forward_ms_per_image": 10.0, "n_train": 160, "n_val": 320,
+         "n_test": 320, "examples_per_class": 10.0, "probe_samples": 160, "feature_probe_acc": 0.9,
+         "small_side": 128, "small_side_probe_acc": 0.9 - (discordant[0] - discordant[1]) / 160,
+         "side_probe_discordant": list(discordant)}
+    out, result = plan(cfg, final, m, overrides, 1.0)
+    assert result["side"] == expected_side and f"data.small_data_image_size={expected_side}" in out
+    assert why in result["reason"] and f"got {discordant[0]} training images right at 224 px" in result["reason"]
+    assert result["side_gain"] == pytest.approx((discordant[0] - discordant[1]) / 160, abs=1e-4)
+    # null: 4x native, unmeasured
+    cfg = make_cfg(tmp_path, [*overrides, "scenario=auto", "scenario.side_min_gain=null"])
+    out, result = plan(cfg, final, m, overrides, 1.0)
+    assert result["side"] == 128 and "side_gain" not in result and "probe got" not in result["reason"]
+
+
+def test_auto_measures_the_probe_at_both_sides_on_the_same_images(auto_cfg, tmp_path):
+    common = ["data=imagefolder", f"data.root={_small_folder(tmp_path / 'data')}", "data.samples_per_class=4",
+              "export=false", "logger=none"]
+    ev = auto_cfg(*common).scenario.evidence
+    assert ev.small_side == 128 and 0 <= ev.small_side_probe_acc <= 1
+    big, little = ev.side_probe_discordant
+    assert 0 <= big + little <= ev.probe_samples == 12
+    assert ev.plan.side == 128 and "sign test" in ev.plan.reason  # 12 images cannot show a significant benefit
+    # a side given on the command line is not measured
+    given = auto_cfg(*common, "data.image_size=96").scenario.evidence
+    assert "small_side" not in given and "side_probe_discordant" not in given and given.plan.side == 96

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
@@ -32,7 +32,7 @@ from tl.checks import validate
 from tl.config import compose_config
 from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
 from tl.data.features import FeatureCache, extract_features, feature_cache_applies
-from tl.data.transforms import backbone_preprocess, fixed_input_side
+from tl.data.transforms import backbone_preprocess, decode_side, eval_transform, fixed_input_side
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
 from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
 
@@ -51,6 +51,29 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) 
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(cross_val_score(probe, x, y, cv=cv).mean())
+
+
+def probe_correct(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) -> np.ndarray | None:
+    """Which examples the probe of `probe_accuracy` gets right when each is held out (the same folds for the same
+    `y` and `seed`, so two feature sets of the same images compare example by example); None where it cannot be
+    cross-validated."""
+    folds = int(min(folds, np.bincount(y)[np.unique(y)].min()))
+    if folds < 2:
+        return None
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_predict(probe, x, y, cv=cv) == y
+
+
+def side_benefit(big: int, little: int, n: int) -> tuple[float, float]:
+    """The larger side's measured benefit from the probe's paired outcomes: `big` images right only at the larger
+    side, `little` only at the smaller, of `n`. (accuracy gain, one-sided sign-test p-value that the larger side is
+    no better)."""
+    from scipy.stats import binomtest
+
+    gain = (big - little) / max(1, n)
+    p = binomtest(big, big + little, 0.5, alternative="greater").pvalue if big + little else 1.0
+    return float(gain), float(p)
 
 
 def decide(examples_per_class: float, feature_acc: float, pixel_acc: float, small_max_per_class: int,
@@ -118,10 +141,12 @@ def measure(cfg: DictConfig, datamodule) -> dict:
     pixels = torch.stack(pixels).flatten(1)
     y = y.numpy()
     backbone_side = int(datamodule.preprocess["input_size"][-1])
+    native = native_side(datamodule.images, datamodule.split_indices["train"])
+    side_probe = _side_probe(cfg, datamodule, model, idx, native, backbone_side, counts, feats.numpy(), y)
     return {
         "n_train": int(len(datamodule.split_indices["train"])), "n_val": int(len(datamodule.split_indices["val"])),
         "n_test": int(len(datamodule.split_indices["test"])),
-        "native_side": native_side(datamodule.images, datamodule.split_indices["train"]),
+        "native_side": native,
         "input_side": backbone_side,
         "forward_ms_per_image": round(1000 * forward_seconds(model, backbone_side), 3),
         **({"forward_ms_per_image_bf16": round(1000 * forward_seconds(model, backbone_side, bf16=True), 3)}
@@ -132,7 +157,43 @@ def measure(cfg: DictConfig, datamodule) -> dict:
         "feature_probe_acc": round(probe_accuracy(feats.numpy(), y, cfg.seed), 4),
         "pixel_probe_acc": round(probe_accuracy(pixels.numpy(), np.asarray(pixel_y), cfg.seed), 4),
         "pixel_size": side,
+        **side_probe,
     }
+
+
+def side_choice_open(cfg: DictConfig) -> bool:
+    """Is the small-data training side auto's to choose? Not where the command line or the dataset's config set
+    one (`data.image_size`, `data.small_data_image_size`), nor for a backbone that takes one side only (ViT)."""
+    return cfg.data.get("image_size") is None and cfg.data.get("small_data_image_size") is None \
+        and fixed_input_side(str(cfg.model.name)) is None
+
+
+def _side_probe(cfg: DictConfig, datamodule, model, idx: np.ndarray, native: int, backbone_side: int,
+                counts: np.ndarray, feats: np.ndarray, y: np.ndarray) -> dict:
+    """The frozen-feature probe at the small-data side (4x native, `tl.planning.small_side`) on the same images and
+    folds as the probe at the backbone's side, where that side is smaller than the backbone's and auto chooses it:
+    the measured benefit of the larger side (`plan`). {} where there is nothing to compare."""
+    s = cfg.scenario
+    if s.get("side_min_gain") is None or not side_choice_open(cfg) \
+            or float(np.median(counts)) > int(s.small_max_per_class):
+        return {}
+    small = small_side(native, backbone_side)
+    if small >= backbone_side:
+        return {}
+    pre = {**datamodule.preprocess, "input_size": [3, small, small]}
+    loader = DataLoader(ImageDataset(datamodule.images, idx, eval_transform(pre), min_side=decode_side(pre),
+                                     interpolation=str(pre.get("interpolation") or "bicubic")),
+                        batch_size=datamodule.eval_batch_size, num_workers=datamodule._workers(),
+                        collate_fn=collate_readable)
+    small_feats, small_y = extract_features(model, loader)
+    out = {"small_side": small,
+           "small_side_probe_acc": round(probe_accuracy(small_feats.numpy(), small_y.numpy(), cfg.seed), 4)}
+    if np.array_equal(small_y.numpy(), y):  # the same images read at both sides: compare them one by one
+        big, little = probe_correct(feats, y, cfg.seed), probe_correct(small_feats.numpy(), y, cfg.seed)
+        if big is not None and little is not None:
+            # training images only the backbone's side gets right, and only the small side gets right
+            out["side_probe_discordant"] = [int((big & ~little).sum()), int((little & ~big).sum())]
+    return out
 
 
 def advise(cfg: DictConfig) -> tuple[str, dict]:
@@ -199,6 +260,14 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     choose_side = choose_side and not probe_side
     side = small_side(int(m["native_side"]), backbone_side) if choose_side else \
         int(final.data.get("image_size") or backbone_side)
+    # measured benefit: the frozen features at the backbone's side separate the training split clearly better than
+    # at the small side (same images, same folds) -> start from the backbone's side (the budget may shrink it)
+    side_gain = side_p = None
+    if choose_side and m.get("small_side") == side and m.get("side_probe_discordant") is not None \
+            and cfg.scenario.get("side_min_gain") is not None:
+        side_gain, side_p = side_benefit(*m["side_probe_discordant"], int(m["probe_samples"]))
+        if side_gain >= float(cfg.scenario.side_min_gain) and side_p <= float(cfg.scenario.side_max_p):
+            side = backbone_side
     # the dataset's own small-data side (digits: 128 px) does not fit a fixed-size backbone: its own side instead
     fixed_side = fixed is not None and small and side != fixed and "data.image_size" not in given \
         and "data.small_data_image_size" not in given
@@ -242,7 +311,15 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     side_why = " (the side the probe was measured at)" if probe_side else (
         f" (the only side {final.model.name} takes)" if fixed is not None else "")
     if choose_side:
-        side_why = f" (images {m['native_side']} px: 4x native, within {MIN_SIDE}..{backbone_side}" + (
+        measured = ""
+        if side_gain is not None:
+            big, little = m["side_probe_discordant"]
+            measured = (f"; the frozen-feature probe got {big} training images right at {backbone_side} px that it "
+                        f"got wrong at {m['small_side']} px, and {little} the other way: gain {side_gain:+.3f} "
+                        f"(scenario.side_min_gain {float(cfg.scenario.side_min_gain):g}), one-sided sign test p "
+                        f"{side_p:.3f} (scenario.side_max_p {float(cfg.scenario.side_max_p):g}) -> " + (
+                            f"{backbone_side} px" if side == backbone_side else "no measured benefit"))
+        side_why = f" (images {m['native_side']} px: 4x native, within {MIN_SIDE}..{backbone_side}{measured}" + (
             ")" if schedule["side"] == side else f", is {side} px; smaller to fit the budget)")
     why = [f"train at {schedule['side']} px" + side_why,
            f"{schedule['epochs']} epochs, validating every {schedule['val_every']}" + (
@@ -253,7 +330,9 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
                "" if budget is None else f" of a {float(budget):g} min budget ({budget_from})" +
                ("" if schedule["fits"] else " (does not fit: the smallest schedule runs; raise "
                                             "scenario.budget_minutes or set trainer.max_epochs)"))]
-    result = {**schedule, "budget_minutes": budget, "budget_from": budget_from if budget is not None else None,
+    measured_side = {} if side_gain is None else {"side_gain": round(side_gain, 4), "side_p": round(side_p, 4)}
+    result = {**schedule, **measured_side,
+              "budget_minutes": budget, "budget_from": budget_from if budget is not None else None,
               "preset_epochs": int(final.trainer.max_epochs),
               "overrides": out, "reason": "; ".join(why)}
     log.info("scenario=auto plan: %s", result["reason"])
