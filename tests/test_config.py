@@ -82,3 +82,12 @@ def test_contradictory_settings_fail_in_one_line(tmp_path, overrides, culprit):
 
     with pytest.raises(TLError, match=culprit.replace(".", r"\.")):
         validate(make_cfg(tmp_path, ["scenario=large_similar", *overrides]))
+
+
+def test_progress_null_means_no_bar_at_all(tmp_path):
+    from tl.train import build_trainer
+
+    cfg = make_cfg(tmp_path, ["data=synthetic", "callbacks.progress=null", "logger=none"])
+    assert build_trainer(cfg).progress_bar_callback is None  # not Lightning's own TQDM bar in its place
+    cfg = make_cfg(tmp_path, ["data=synthetic", "logger=none"])
+    assert type(build_trainer(cfg).progress_bar_callback).__name__ == "RichProgressBar"

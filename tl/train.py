@@ -78,6 +78,8 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     """The Trainer `cfg.trainer` describes, with every callback and logger the config lists (null entries are off)."""
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if "progress" in (cfg.get("callbacks") or {}) and cfg.callbacks.progress is None:
+        kwargs.setdefault("enable_progress_bar", False)  # callbacks.progress=null: no bar, not Lightning's default one
     return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
