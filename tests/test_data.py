@@ -336,3 +336,27 @@ def test_class_names_that_differ_only_in_unicode_form_are_refused_and_case_count
     write_images(tmp_path / "a", 2)
     write_images(tmp_path / "A", 2, seed=2)  # letters of a handwriting set: two classes
     assert ImageFolderSource(tmp_path).load().classes == ["A", "a", "café"]
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path):
+    from urllib.error import URLError
+
+    from tl.data.sources import TorchvisionSource
+    from tl.errors import TLError
+
+    class Offline:  # what torchvision does offline: makes its folders, then cannot reach the server
+        def __init__(self, root, download, **kwargs):
+            (Path(root) / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
+            raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    root = tmp_path / "data" / "CIFAR10"
+    source = TorchvisionSource("CIFAR10", root, {"train": {"train": True}})
+    source.cls = Offline
+    with pytest.raises(TLError, match="could not load or download torchvision CIFAR10"):
+        source.load()
+    assert list(tmp_path.iterdir()) == []  # data/ and data/CIFAR10 were made by the attempt: gone again
+    # a folder that was there before is the user's: left as it is, with what it held
+    (root / "mine").mkdir(parents=True)
+    with pytest.raises(TLError):
+        source.load()
+    assert (root / "mine").is_dir()

@@ -9,6 +9,7 @@ Splitting, subsetting and transforms happen elsewhere (`tl.data.splits`, `tl.dat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -363,9 +364,11 @@ class TorchvisionSource:
         self.root, self.splits, self.download = Path(root).expanduser(), splits, download
 
     def _open(self, split_kwargs: dict):
+        before = set(_missing_dirs(self.root))
         try:
             return self.cls(root=str(self.root), download=self.download, **split_kwargs)
         except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError if not found
+            _remove_empty(before, self.root)  # a failed download leaves no empty folders behind
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TLError(f"could not load or download torchvision {self.name} into data.root={str(self.root)!r} "
                           f"({first}): without internet, place its files there in torchvision's layout, or use "
@@ -391,6 +394,27 @@ class TorchvisionSource:
             classes = classes or list(getattr(ds, "classes", [])) or [str(c) for c in sorted(set(ys))]
         return ImageSet(classes=[str(c) for c in classes], targets=np.concatenate(targets), images=torch.cat(images),
                         given_splits=given)
+
+
+def _missing_dirs(root: Path) -> list[Path]:
+    """`root` and those of its parents that do not exist yet, deepest first."""
+    missing, p = [], root.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_empty(created: set[Path], root: Path) -> None:
+    """Remove the folders a failed download made (those in `created`, and empty folders it made under `root`)."""
+    if root.absolute() not in created:
+        return  # root existed: what is inside may be the user's
+    for d in sorted((p for p in root.absolute().rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only empty ones
+    for d in sorted(created, key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def _resize_short_center(x: torch.Tensor, size: int) -> torch.Tensor:
