@@ -91,3 +91,20 @@ def test_progress_null_means_no_bar_at_all(tmp_path):
     assert build_trainer(cfg).progress_bar_callback is None  # not Lightning's own TQDM bar in its place
     cfg = make_cfg(tmp_path, ["data=synthetic", "logger=none"])
     assert type(build_trainer(cfg).progress_bar_callback).__name__ == "RichProgressBar"
+
+
+def test_python_api_without_an_output_dir_says_so():
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tl.config import compose_config
+    from tl.errors import TLError
+    from tl.scenarios import resolve
+    from tl.train import train
+
+    GlobalHydra.instance().clear()  # a plain Python session: no Hydra app, no run directory
+    cfg = compose_config(["data=synthetic", "scenario=small_similar"])
+    with pytest.raises(TLError, match=r"paths.output_dir is not set.*cfg.paths.output_dir"):
+        train(cfg)
+    auto = compose_config(["data=synthetic"])
+    with pytest.raises(TLError, match="paths.output_dir is not set"):
+        resolve(auto, ["data=synthetic"])

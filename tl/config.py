@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from tl.errors import TLError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -18,3 +21,13 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
         return compose(config_name, overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name, overrides=overrides)
+
+
+def require_output_dir(cfg: DictConfig) -> None:
+    """One line, not omegaconf's traceback, where `paths.output_dir` is Hydra's run directory and no Hydra app runs
+    (a config composed in Python)."""
+    try:
+        OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=True)
+    except InterpolationResolutionError as e:
+        raise TLError("paths.output_dir is not set: outside python -m tl.train there is no Hydra run directory; set "
+                      "cfg.paths.output_dir = 'DIR' (or compose with paths.output_dir=DIR) before resolve/train") from e

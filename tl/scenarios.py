@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from tl.checks import validate
-from tl.config import compose_config
+from tl.config import compose_config, require_output_dir
 from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
 from tl.data.features import FeatureCache, extract_features, feature_cache_applies
 from tl.data.transforms import backbone_preprocess, decode_side, eval_transform, fixed_input_side
@@ -345,6 +345,7 @@ def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train") -
     still wins over the preset), carrying the evidence as `scenario.evidence` and the original `paths`."""
     if cfg.scenario.name != "auto":
         return cfg
+    require_output_dir(cfg)
     started = time.perf_counter()
     validate(cfg, final=False)  # measuring costs time: bad values fail first
     chosen, evidence = advise(cfg)

@@ -33,6 +33,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tl.callbacks.snapshots import SnapshotEnsemble
 from tl.checks import check_resume, load_training_checkpoint, validate
 from tl.cli import launch
+from tl.config import require_output_dir
 from tl.data.datamodule import build_datamodule
 from tl.data.features import FeatureCache, FeatureDataModule, feature_cache_applies
 from tl.data.transforms import backbone_preprocess
@@ -186,6 +187,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     Returns (results, objects: trainer, module, datamodule).
     """
     # 1. check, seed, record
+    require_output_dir(cfg)
     validate(cfg)
     with open_dict(cfg):
         root = OmegaConf.select(cfg, "data.root")
