@@ -167,7 +167,8 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     tight = auto_cfg(*common, "scenario.small_budget_minutes=0.01").scenario.evidence.plan
     assert not tight.fits and tight.side == 64 and "small_budget_minutes" in tight.reason
     assert "is 128 px; smaller to fit the budget" in tight.reason
-    assert "4x native, within 64..224)" in free.scenario.evidence.plan.reason
+    assert "4x native, within 64..224;" in free.scenario.evidence.plan.reason
+    assert "no measured benefit" in free.scenario.evidence.plan.reason  # 12 images: no significant side gain
     unbounded = auto_cfg(*common, "scenario.small_budget_minutes=null").scenario.evidence.plan
     assert unbounded.budget_minutes is None and unbounded.budget_from is None and unbounded.side == 128
     cfg = auto_cfg(*common, "scenario.budget_minutes=0.01")  # 0.6 s: less than the measurement took
