@@ -11,7 +11,16 @@ import torch
 
 from tl.data.sources import ImageSet
 from tl.inference import choose_delivery
-from tl.planning import ENSEMBLE_EXPORT_S, FINISH_S, fit_budget, forward_seconds, native_side, small_budget, small_side
+from tl.planning import (
+    ENSEMBLE_EXPORT_S,
+    FINISH_S,
+    fit_budget,
+    forward_seconds,
+    native_side,
+    schedules,
+    small_budget,
+    small_side,
+)
 from tl.scenarios import decide
 from tl.train import train
 
@@ -57,6 +66,30 @@ def test_the_budget_cuts_validation_then_epochs_then_the_side():
     assert smaller["epochs"] == 15 and smaller["side"] < 224 and smaller["estimated_s"] <= 60
     impossible = fit_budget(15.0, **common, can_shrink=False)
     assert not impossible["fits"] and (impossible["epochs"], impossible["side"]) == (15, 224)
+
+
+@pytest.mark.parametrize("epochs", [30, 23, 12, 7, 2, 1])
+def test_every_planned_schedule_validates_its_last_epoch(epochs):
+    # Lightning validates (and keeps checkpoints) every check_val_every_n_epoch epochs only: a plan of 29 epochs
+    # validating every 5 trained epochs 26-29 and threw them away
+    for fixed in (False, True):
+        for e, every, side in schedules(epochs, 224, epochs_fixed=fixed, can_shrink=True):
+            assert e % every == 0 and e >= every and side >= 64
+            assert e == epochs if fixed else epochs / 2 <= e <= epochs
+    assert schedules(30, 224)[3:] == [(30, 5, 224), (25, 5, 224), (20, 5, 224), (15, 5, 224)]
+    # the user's interval is the only one tried
+    assert {every for _, every, _ in schedules(30, 224, intervals=(3,))} == {3}
+
+
+def test_an_interval_that_does_not_divide_the_epochs_is_refused(tiny_cfg):
+    from tl.checks import validate
+    from tl.errors import TLError
+
+    with pytest.raises(TLError, match=r"check_val_every_n_epoch=2 does not divide trainer.max_epochs=3.*after epoch 2"):
+        validate(tiny_cfg("trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"))
+    with pytest.raises(TLError, match="check_val_every_n_epoch=5 does not divide trainer.max_epochs=1"):
+        validate(tiny_cfg("trainer.max_epochs=1", "trainer.check_val_every_n_epoch=5"))
+    validate(tiny_cfg("trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2"))
 
 
 def test_a_snapshot_ensemble_costs_its_members_scoring_and_export():

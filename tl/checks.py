@@ -363,6 +363,13 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     if min_epochs is not None and (not _integer(min_epochs) or not 0 <= min_epochs <= cfg.trainer.max_epochs):
         raise TLError(f"trainer.min_epochs={min_epochs} is invalid: use null or an integer from 0 to "
                       f"trainer.max_epochs={cfg.trainer.max_epochs} (Lightning would train past max_epochs)")
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch")
+    if final and _integer(every) and every > 1 and cfg.trainer.max_epochs % every:
+        last = cfg.trainer.max_epochs - cfg.trainer.max_epochs % every
+        raise TLError(f"trainer.check_val_every_n_epoch={every} does not divide trainer.max_epochs="
+                      f"{cfg.trainer.max_epochs}: Lightning validates, and keeps checkpoints, only every {every} "
+                      f"epochs, so the epochs after epoch {last} would be trained and lost; use a divisor of "
+                      "max_epochs, or max_epochs a multiple of it")
     if final and cfg.scenario.name == "auto":
         raise TLError("scenario=auto is decided before train(): run python -m tl.train, or pass the config through "
                       "tl.scenarios.resolve(cfg, overrides) first")

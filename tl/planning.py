@@ -84,16 +84,39 @@ def forward_seconds(model: torch.nn.Module, side: int, batch: int = 16, repeats:
             m.training = training
 
 
+def schedules(epochs: int, side: int, epochs_fixed: bool = False, can_shrink: bool = False,
+              intervals: tuple[int, ...] = VAL_EVERY) -> list[tuple[int, int, int]]:
+    """The (epochs, validation interval, side) schedules `fit_budget` tries, dearest first: validation less often,
+    then fewer epochs (down to half the preset's), then a smaller side. Every one validates its last epoch (the
+    epochs are a multiple of the interval): Lightning validates, and so keeps checkpoints, only every
+    check_val_every_n_epoch epochs, so epochs after the last validation would be trained and then thrown away."""
+    min_epochs = epochs if epochs_fixed else max(1, math.ceil(epochs / 2))
+    out: list[tuple[int, int, int]] = []
+    for every in intervals:
+        e = epochs if epochs_fixed else epochs - epochs % every
+        if e >= max(every, min_epochs) and e % every == 0:
+            out.append((e, every, side))
+    if not out:  # the user's interval and epochs: as given (validation refuses what does not fit together)
+        out.append((epochs, intervals[0], side))
+    every = out[-1][1]
+    out += [(e, every, side) for e in range(out[-1][0] - 1, min_epochs - 1, -1) if e % every == 0]
+    if can_shrink:
+        out += [(out[-1][0], every, s) for s in range(side - 32, MIN_SIDE - 1, -32)]
+    return out
+
+
 def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_train: int, n_val: int, n_test: int,
                epochs: int, side: int, backbone_side: int, can_shrink: bool, epochs_fixed: bool = False,
-               train_per_image_s: float | None = None, features_cached: bool = False, members: int = 1) -> dict:
+               train_per_image_s: float | None = None, features_cached: bool = False, members: int = 1,
+               intervals: tuple[int, ...] = VAL_EVERY) -> dict:
     """The schedule (epochs, validation interval, side) that fits `budget_s`, with its estimated cost.
     `per_image_s`: a forward pass as validation and test run it (float32); `train_per_image_s`: as training steps
     run it (bfloat16 under trainer.precision=bf16-mixed; default: the same). `can_shrink`: the side is the plan's to
     choose; `epochs_fixed`: the epochs are the user's; `features_cached`: a linear probe on cached features (every
     image goes through the backbone once; the epochs train the head alone, next to free); `members`: a snapshot
     ensemble of this many members is scored on val and test and exported (each member one more forward pass per
-    val and test image, and one more model in the ONNX export: ENSEMBLE_EXPORT_S each)."""
+    val and test image, and one more model in the ONNX export: ENSEMBLE_EXPORT_S each); `intervals`: the validation
+    intervals to choose from (the user's own, where given)."""
     train_s = per_image_s if train_per_image_s is None else train_per_image_s
 
     extra = (members - 1) * ENSEMBLE_EXPORT_S if members > 1 else 0.0
@@ -111,11 +134,7 @@ def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_tra
         plan.update(estimated_s=round(spent_s + cost(epochs, 1, side), 1), fits=True)
         return plan
     left = budget_s - spent_s
-    candidates = [(epochs, every, side) for every in VAL_EVERY]
-    min_epochs = epochs if epochs_fixed else max(1, math.ceil(epochs / 2))
-    candidates += [(e, VAL_EVERY[-1], side) for e in range(epochs - 1, min_epochs - 1, -1)]
-    if can_shrink:
-        candidates += [(min_epochs, VAL_EVERY[-1], s) for s in range(side - 32, MIN_SIDE - 1, -32)]
+    candidates = schedules(epochs, side, epochs_fixed, can_shrink, intervals)
     for e, every, s in candidates:
         if cost(e, every, s) <= left:
             plan.update(epochs=e, val_every=every, side=s, estimated_s=round(spent_s + cost(e, every, s), 1),

@@ -34,7 +34,7 @@ from tl.data.datamodule import ImageDataset, build_datamodule, collate_readable
 from tl.data.features import FeatureCache, extract_features, feature_cache_applies
 from tl.data.transforms import backbone_preprocess, decode_side, eval_transform, fixed_input_side
 from tl.models.backbone import classifier_names, create_backbone, load_pretrained
-from tl.planning import MIN_SIDE, fit_budget, forward_seconds, native_side, small_budget, small_side
+from tl.planning import MIN_SIDE, VAL_EVERY, fit_budget, forward_seconds, native_side, small_budget, small_side
 
 log = logging.getLogger(__name__)
 # Precisions whose training steps run under bfloat16 autocast: the plan then times the forward pass that way too
@@ -294,7 +294,10 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
                           train_per_image_s=float(m.get("forward_ms_per_image_bf16", m["forward_ms_per_image"]))
                           / 1000 if str(final.trainer.get("precision")) in BF16_MIXED else None,
                           features_cached=feature_cache_applies(final),
-                          members=cycles if snapshot_plan else int(final.snapshots.get("cycles") or 0) or 1)
+                          members=cycles if snapshot_plan else int(final.snapshots.get("cycles") or 0) or 1,
+                          intervals=(int(final.trainer.check_val_every_n_epoch),)
+                          if "trainer.check_val_every_n_epoch" in given
+                          and final.trainer.get("check_val_every_n_epoch") is not None else VAL_EVERY)
     out: list[str] = []
     if choose_side:
         out.append(f"data.small_data_image_size={schedule['side']}")
