@@ -275,6 +275,10 @@ def test_the_runs_own_folders_inside_data_root_are_left_out(tmp_path):
     (tmp_path / "myrun" / ".hydra").mkdir()  # hydra.run.dir=myrun inside data.root
     images = ImageFolderSource(tmp_path, exclude=[str(cache), None]).load()
     assert images.classes == ["a", "b"]
+    # the run written into a class folder, or below one: that class would vanish from the data with exit 0
+    for run in (tmp_path / "a", tmp_path / "b" / "run"):
+        with pytest.raises(TLError, match="inside class folder .*which holds images: that class would be left out"):
+            ImageFolderSource(tmp_path, exclude=[str(run)]).load()
 
 
 def test_a_camera_exif_block_pil_cannot_rewrite_still_turns_the_picture(tmp_path):

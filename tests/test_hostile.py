@@ -806,6 +806,19 @@ def test_the_largest_seed_splits_and_a_tiny_crop_fraction_is_refused(tmp_path, m
 
 
 # -- hostile round 4: run folders that are not this run's to replace ------------------------------------------------
+@pytest.mark.parametrize(("flags", "named"), [
+    (["export=false"], "export/ (export=false)"),
+    (["test=false"], "report/ (test=false)"),
+])
+def test_a_resume_that_would_leave_the_delivered_model_stale_is_refused(victim, flags, named):
+    run_dir, before = victim
+    cfg = make_cfg(run_dir, [*TINY, "trainer.max_epochs=2", "scenario=large_similar", "logger=none",
+                             "ckpt_path=last", *flags])
+    with pytest.raises(TLError, match=re.escape(named) + ".*describing the weights before this resume"):
+        train(cfg)
+    assert checksums(run_dir) == before  # export/, report/, results.json and the checkpoints as they were
+
+
 def test_another_runs_checkpoint_into_a_finished_run_is_refused_without_overwrite(victim, finished, tmp_path,
                                                                                   monkeypatch, capfd):
     run_dir, before = victim

@@ -201,6 +201,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     resumed_step = load_training_checkpoint(ckpt_path)["global_step"] if ckpt_path is not None else None
     # another run's checkpoint starts a new run here: refused over a finished one unless overwrite=true
     resuming = ckpt_path is not None and own_resume(cfg.ckpt_path, run_dir)
+    # a resume trains on: what the run delivered (export/: what tl.predict ckpt=RUN serves; report/ and the test
+    # scores) would describe the old weights if this run did not redo it
+    stale = [f"{name}/ ({flag}=false)" for name, flag in (("export", "export"), ("report", "test"))
+             if resuming and not cfg.get(flag) and (run_dir / name).exists()]
+    if stale:
+        raise TLError(f"ckpt_path={cfg.ckpt_path} resumes {str(run_dir)!r}, whose {' and '.join(stale)} would be left "
+                      "describing the weights before this resume: drop the =false (they are redone), or move them out "
+                      "of the run folder first")
     if resuming and cfg.overwrite:  # e.g. a SLURM job that starts over once, then resumes on every requeue
         log.warning("overwrite=true does not apply: ckpt_path=%s resumes this run's own checkpoint (%s); nothing is "
                     "replaced", cfg.ckpt_path, ckpt_path)

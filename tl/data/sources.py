@@ -240,7 +240,12 @@ class ImageFolderSource:
         dirs = []
         for p in sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored_name(p.name)):
             target = p.resolve()
-            if any(e == target or target in e.parents for e in self.exclude) or (p / ".hydra").is_dir():
+            ours = any(e == target or target in e.parents for e in self.exclude)
+            if ours and _holds_images(p):  # the run's output put into a class folder: the class would vanish
+                raise TLError(f"the run's output or feature cache (hydra.run.dir, paths.cache_dir) is inside class "
+                              f"folder {str(p)!r}, which holds images: that class would be left out of the data; "
+                              "write the run outside data.root")
+            if ours or (p / ".hydra").is_dir():
                 if p not in self._left_out:
                     self._left_out.add(p)
                     log.warning("Left out %s: it holds this run's output or its feature cache, not data", p)
@@ -394,6 +399,14 @@ class TorchvisionSource:
             classes = classes or list(getattr(ds, "classes", [])) or [str(c) for c in sorted(set(ys))]
         return ImageSet(classes=[str(c) for c in classes], targets=np.concatenate(targets), images=torch.cat(images),
                         given_splits=given)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Does `folder` itself (not its subfolders) hold a file named as an image?"""
+    try:
+        return any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() for f in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _missing_dirs(root: Path) -> list[Path]:
