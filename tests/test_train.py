@@ -93,3 +93,13 @@ def test_optimizers_and_schedules_train(tiny_cfg, optimizer, scheduler):
     opt = objects["trainer"].optimizers[0]
     assert type(opt).__name__.lower() == {"sgd": "sgd", "adam": "adam", "rmsprop": "rmsprop"}[optimizer]
     assert results["epochs"] == 1 and np.isfinite(results["val/acc"])
+
+
+def test_without_checkpoint_callbacks_the_last_weights_are_tested_and_exported(tiny_cfg, tmp_path):
+    # Lightning's trainer.checkpoint_callback is then tl's InterruptCheckpoint, which selects nothing: the run ended
+    # in an AttributeError after training, with no results.json
+    results, objects = train(tiny_cfg("callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
+                                      "logger=none"))
+    assert results["best_ckpt"] is None and "model_selection" not in results and 0 <= results["test/acc"] <= 1
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "export" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))  # none asked for

@@ -27,10 +27,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def selection_checkpoint(trainer: pl.Trainer):
+    """The checkpoint callback that selects (and keeps) the best weights: Lightning's `trainer.checkpoint_callback`
+    is the first checkpoint callback of any kind, which is tl's InterruptCheckpoint when both
+    `callbacks.model_checkpoint` and `callbacks.last_checkpoint` are null. None: no weights are selected (the last
+    ones are tested and exported)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
 def selected_val_acc(trainer: pl.Trainer) -> float | None:
     """The validation accuracy the checkpoint callback selected the best checkpoint by (None: it monitors another
     metric, or has not scored one)."""
-    ckpt = trainer.checkpoint_callback
+    ckpt = selection_checkpoint(trainer)
     if ckpt is None or ckpt.monitor != "val/acc" or ckpt.best_model_score is None:
         return None
     return float(ckpt.best_model_score)
@@ -39,7 +49,7 @@ def selected_val_acc(trainer: pl.Trainer) -> float | None:
 def collect_results(cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, datamodule, feature_cache: bool,
                     extra: dict[str, Any]) -> dict[str, Any]:
     """The run's results as flat JSON-ready keys (the interface contract's keys among them)."""
-    ckpt = trainer.checkpoint_callback
+    ckpt = selection_checkpoint(trainer)
     best_score = ckpt.best_model_score if ckpt is not None else None
     monitor = ckpt.monitor if ckpt is not None else None
     if (extra.get("delivered") or {}).get("model") == "ensemble" and "ensemble/val/acc" in extra:

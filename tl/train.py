@@ -43,7 +43,7 @@ from tl.inference import snapshot_ensemble_scores
 from tl.models.backbone import classifier_names
 from tl.models.probe_head import init_head_from_probe
 from tl.report import report_run
-from tl.results import collect_results, selected_val_acc
+from tl.results import collect_results, selected_val_acc, selection_checkpoint
 from tl.rundir import RESUMABLE, claim_run_dir, clear_previous_run, own_resume
 from tl.scenarios import resolve
 from tl.utils import (
@@ -307,7 +307,7 @@ def _finish(cfg: DictConfig, run_dir: Path, trainer, module, datamodule, fit_dat
     if head_init is not None:
         extra["head_init"] = head_init
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+        best = selection_checkpoint(trainer).best_model_path if selection_checkpoint(trainer) else None
         extra.update(trainer.test(module, datamodule=fit_data, ckpt_path=best or None, weights_only=True)[0])
         if trainer.is_global_zero:  # the tested weights, whole splits, one process: calibration, per-class, top losses
             extra.update(report_run(module, datamodule, fit_data, run_dir, trainer.loggers, trainer.global_step,
@@ -328,7 +328,7 @@ def _finish(cfg: DictConfig, run_dir: Path, trainer, module, datamodule, fit_dat
     export_error = None
     if cfg.export and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
         try:
-            tested = ((trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None) or None
+            tested = ((selection_checkpoint(trainer).best_model_path if selection_checkpoint(trainer) else None) or None
                       if cfg.test else None)  # without a test, the module holds the last weights
             extra.update(export_run(cfg, module, datamodule, run_dir, extra.get("snapshots"), tested,
                                     (extra.get("delivered") or {}).get("model")))

@@ -75,7 +75,9 @@ class RunSummary(TensorBoardCallback):
                 params[key] = value
         params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
         metrics = trainer.callback_metrics
-        ckpt = trainer.checkpoint_callback
+        from tl.results import selection_checkpoint
+
+        ckpt = selection_checkpoint(trainer)
         best = getattr(ckpt, "best_model_score", None) if getattr(ckpt, "monitor", None) == "val/acc" else None
         values = {"hp/val_acc": best if best is not None else metrics.get("val/acc"),
                   "hp/val_loss": metrics.get("val/loss"),
