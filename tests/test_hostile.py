@@ -254,6 +254,24 @@ def test_file_names_that_are_not_utf8_reach_the_csv(finished, tmp_path):
     assert summary["files"] == 2 and b"caf\xe9-latin1.png" in data and b"plain.png" in data  # the name's own bytes
 
 
+def test_a_symlink_loop_among_the_inputs_is_an_error_row(finished, tmp_path):
+    from tl.predict import predict
+
+    run_dir, results = finished
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "good.png")
+    (folder / "loop.png").symlink_to("loop.png")  # a link to itself: resolving it raised RuntimeError
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'loop.png'}\n{folder / 'good.png'}\n")
+    for inputs in (folder, listing):
+        out = tmp_path / f"p-{inputs.name}.csv"
+        rows, summary = predict(make_cfg(tmp_path / "out", [f"ckpt={run_dir / 'export'}", f"inputs={inputs}",
+                                                            f"output={out}"], config_name="predict"))
+        text = out.read_text()
+        assert summary["files"] == 2 and summary["errors"] == 1 and "symbolic links" in text and "good.png," in text
+
+
 def test_an_export_that_fails_after_training_still_writes_the_results(tmp_path, monkeypatch):
     import safetensors.torch
 

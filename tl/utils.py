@@ -292,6 +292,14 @@ OTHER_FORMATS = {".json", ".csv", ".tsv", ".txt", ".yaml", ".yml", ".onnx", ".ck
                  ".npz", ".npy", ".png", ".jpg", ".jpeg", ".html", ".md", ".xlsx", ".parquet"}
 
 
+def _resolved(path: Path) -> Path | None:
+    """`path` resolved, or None where it cannot be (a symbolic-link loop: Python raises RuntimeError or OSError)."""
+    try:
+        return path.expanduser().resolve(strict=False)
+    except (RuntimeError, OSError):
+        return None
+
+
 def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path] = (),
                       inside: list[Path] = ()) -> None:
     """`output` (what the command writes, `setting=...`) must not replace what the user has: a file the command
@@ -302,7 +310,7 @@ def check_output_file(output: Path, setting: str, suffix: str, reads: list[Path]
     except (RuntimeError, OSError) as e:  # a link loop
         raise TLError(f"{setting}={str(output)!r} does not resolve ({e}): give a new {suffix} file path") from None
     for path in reads:
-        if path is not None and Path(path).expanduser().resolve(strict=False) == target:
+        if path is not None and _resolved(Path(path)) == target:  # an input that is a link loop: not the output
             raise TLError(f"{setting}={str(output)!r} is {str(path)!r}, which this command reads or the run keeps: "
                           f"give another {suffix} file path")
     for folder in inside:
