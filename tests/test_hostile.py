@@ -1312,3 +1312,15 @@ def test_overwrite_with_a_resume_resumes_and_says_overwrite_does_not_apply(tiny_
         results, _ = train(tiny_cfg("trainer.max_epochs=2", "export=false", "logger=none", "overwrite=true",
                                     "ckpt_path=last"))
     assert results["epochs"] == 2 and "overwrite=true does not apply" in caplog.text
+
+
+def test_a_run_dir_through_a_dangling_or_looping_link_is_one_line(tmp_path, capfd):
+    from tl import cli
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "deleted-run")  # a "latest" link to a run since removed
+    (tmp_path / "loop").symlink_to("loop")
+    for target in (tmp_path / "dangling", tmp_path / "dangling" / "sub", tmp_path / "loop"):
+        with pytest.raises(SystemExit) as e:
+            cli._check_creatable("hydra.run.dir", target)
+        err = capfd.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "is a symbolic link to a missing folder, or a link loop" in err[0]

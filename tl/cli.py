@@ -232,6 +232,10 @@ def _check_creatable(setting: str, target: Path) -> None:
     pseudo filesystem such as /proc does not), and no part of the new path is longer than a name may be."""
     import tempfile
 
+    for part in (target, *target.parents):  # mkdir meets a dangling link or a link loop as "File exists"
+        if part.is_symlink() and not part.exists():
+            _fail(f"{setting}={target}: {part} is a symbolic link to a missing folder, or a link loop: remove or "
+                  "repoint the link, or choose another folder")
     try:
         parent = target
         while not parent.exists() and parent != parent.parent:
