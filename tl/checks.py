@@ -273,8 +273,10 @@ def check_hardware(trainer: DictConfig) -> None:
             raise TLError(f"trainer.devices={devices} asks for {wanted} GPUs but this machine has {gpus}: use "
                           f"trainer.devices={gpus} or fewer")
     else:
-        wanted = devices if _integer(devices) and devices > 0 else (
-            len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else 0)
+        if not (devices == "auto" or (_integer(devices) and devices > 0)):  # -1, [0], "0,1": GPU indices
+            raise TLError(f"trainer.devices={devices} selects GPUs, and this run is on the CPU: use a number of "
+                          "processes (trainer.devices=1, or 2 with trainer=ddp) or auto")
+        wanted = devices if _integer(devices) and devices > 0 else 0
         cores = os.cpu_count() or 1
         if wanted > max(2, cores):  # one process per device, each with its model and loaders: past the cores it hangs
             raise TLError(f"trainer.devices={devices} starts {wanted} processes on the CPU but this machine has "
