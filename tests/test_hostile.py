@@ -628,6 +628,32 @@ def test_outputs_never_replace_the_model_its_records_or_the_inputs(tmp_path):
     check_output_file(other / "evaluation.json", "output", ".json")  # an earlier evaluation: replaced
 
 
+def test_export_into_a_folder_of_someone_elses_files_is_refused(finished, tmp_path, monkeypatch, capfd):
+    run_dir, results = finished
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.json").write_text('{"my": "own config"}')
+    (foreign / "model.onnx").write_text("precious")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "cat.png")
+    for output, says in ((foreign, "that are not a tl export"), (photos, "holds 1 image file(s)")):
+        before = checksums(output)
+        code, lines = entry("tl.export", f"ckpt={results['best_ckpt']}", "format=safetensors", f"output={output}",
+                            f"hydra.run.dir={tmp_path / 'x'}", monkeypatch=monkeypatch, capfd=capfd)
+        one_line(code, lines, says)
+        assert checksums(output) == before
+    # a tl export there already: replaced, as before
+    code, lines = entry("tl.export", f"ckpt={results['best_ckpt']}", "format=safetensors",
+                        f"output={tmp_path / 'mine'}", f"hydra.run.dir={tmp_path / 'y'}", monkeypatch=monkeypatch,
+                        capfd=capfd)
+    assert code in (0, None) and (tmp_path / "mine" / "model.safetensors").is_file()
+    code, lines = entry("tl.export", f"ckpt={results['best_ckpt']}", "format=safetensors",
+                        f"output={tmp_path / 'mine'}", f"hydra.run.dir={tmp_path / 'z'}", monkeypatch=monkeypatch,
+                        capfd=capfd)
+    assert code in (0, None), lines
+
+
 def test_export_into_another_runs_export_is_refused(finished, tmp_path, monkeypatch, capfd):
     run_dir, results = finished
     victim = tmp_path / "victim"
@@ -1326,4 +1352,5 @@ def test_a_run_dir_through_a_dangling_or_looping_link_is_one_line(tmp_path, capf
         with pytest.raises(SystemExit) as e:
             cli._check_creatable("hydra.run.dir", target)
         err = capfd.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and "is a symbolic link to a missing folder, or a link loop" in err[0]
+        assert e.value.code == 2 and len(err) == 1
+        assert "is a symbolic link to a missing folder, or a link loop" in err[0]

@@ -111,6 +111,7 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
         raise TLError(f"output={str(out_dir)!r} is a training run's folder or one of its parts: export into RUN/export "
                       "(the default) or another folder")
     created = not out_dir.exists()
+    _check_not_foreign(out_dir, (EXPORT_CONFIG, EXPORT_WEIGHTS, ONNX_FILE, INT8_FILE))
     out_dir = ensure_writable(out_dir, setting="output=DIR")
     _remove_abandoned_scratch(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out_dir))
@@ -196,6 +197,26 @@ def install(moves: list[tuple[Path, str]], stale: set[str], out_dir: Path) -> No
             (out_dir / name).unlink(missing_ok=True)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is delivered now
+
+
+def _check_not_foreign(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Refuse a folder whose model files are not a tl export (another tool's model.json or model.onnx), or that holds
+    images: an export would replace or sit among what is not its own."""
+    from tl.data.images import IMAGE_EXTENSIONS
+
+    if not out_dir.is_dir():
+        return
+    theirs = [n for n in names if (out_dir / n).exists()]
+    if theirs and not _is_tl_export(out_dir / EXPORT_CONFIG):
+        raise TLError(f"output={str(out_dir)!r} holds {', '.join(theirs)} that are not a tl export (no model.json of "
+                      "format tl-export/): they would be replaced; export into a new or empty folder")
+    try:
+        images = sum(1 for f in out_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+    except OSError:
+        return
+    if images:
+        raise TLError(f"output={str(out_dir)!r} holds {images} image file(s): the model files would sit among them; "
+                      "export into a new or empty folder")
 
 
 def _is_run(folder: Path) -> bool:
