@@ -83,6 +83,14 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _starts_with(path: Path, head: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(head)) == head.encode()
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="the multirun directory (hydra.sweep.dir)")
@@ -98,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir
+    if out.exists() and not out.is_dir():
+        print(f"collect_sweep: error: --out {str(out)!r} exists and is not a folder: give a folder", file=sys.stderr)
+        return 2
+    for name, head in (("sweep.md", "| run |"), ("sweep.csv", "run,")):  # how this script's own tables start
+        if (out / name).exists() and not _starts_with(out / name, head):
+            print(f"collect_sweep: error: {str(out / name)!r} exists and was not written by collect_sweep: it would "
+                  "be replaced; give --out another folder", file=sys.stderr)
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "sweep.csv")
     markdown = to_markdown(rows)

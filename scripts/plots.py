@@ -155,6 +155,17 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def _ours(png: Path) -> bool:
+    """A figure this script wrote: matplotlib's PNGs say so in their metadata."""
+    try:
+        from PIL import Image
+
+        with Image.open(png) as im:
+            return str(im.info.get("Software", "")).startswith("Matplotlib")
+    except Exception:  # noqa: BLE001 - not an image at all: not ours
+        return False
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     """Write the figures; return their paths."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -172,6 +183,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not runs:
         parser.error("none of the runs has TensorBoard scalars (was logger=tensorboard on?)")
     out = args.out or (runs[0].dir / "plots" if len(runs) == 1 else Path("plots"))
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} exists and is not a folder: give a folder")
+    if (out / "curves.png").exists() and not _ours(out / "curves.png"):
+        parser.error(f"{str(out / 'curves.png')!r} exists and was not drawn by plots.py: it would be replaced; give "
+                     "--out another folder")
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "curves.png"]
     plot_curves(runs, written[0])

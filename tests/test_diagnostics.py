@@ -81,6 +81,12 @@ def test_diagnostics_write_scalars_histograms_images_and_hparams(tiny_cfg, tmp_p
     written = script("plots").main([str(tmp_path), "--out", str(tmp_path / "plots")])
     assert [p.name for p in written] == ["curves.png", f"confusion_{tmp_path.name}.png"]
     assert all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    assert script("plots").main([str(tmp_path), "--out", str(tmp_path / "plots")]) == written  # its own: redrawn
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "curves.png").write_bytes(b"\x89PNG not drawn by plots.py")
+    with pytest.raises(SystemExit):  # argparse's one line, status 2; the user's file kept
+        script("plots").main([str(tmp_path), "--out", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "curves.png").read_bytes() == b"\x89PNG not drawn by plots.py"
 
 
 def test_initial_loss_check_warns_on_a_large_head_init(tiny_cfg):

@@ -77,3 +77,9 @@ def test_collect_sweep_sorts_by_val_acc_and_keeps_only_swept_keys(tmp_path):
     assert swept == ["optimizer.lr"]
     assert [r["run"] for r in rows] == ["1", "0", "2"]  # best val/acc first, NaN last; test/acc plays no part
     assert collect_sweep.main([str(tmp_path)]) == 0 and (tmp_path / "sweep.csv").is_file()
+    assert collect_sweep.main([str(tmp_path)]) == 0  # its own tables: replaced
+    # someone else's sweep.md, or --out that is a file: one line, status 2, nothing replaced
+    (tmp_path / "sweep.md").write_text("my notes\n")
+    assert collect_sweep.main([str(tmp_path)]) == 2 and (tmp_path / "sweep.md").read_text() == "my notes\n"
+    (tmp_path / "afile").write_text("x")
+    assert collect_sweep.main([str(tmp_path), "--out", str(tmp_path / "afile")]) == 2
