@@ -104,6 +104,7 @@ ONNX_RULES: list[Rule] = [
      "auto (torch.export, falling back to TorchScript), dynamo or torchscript"),
 ]
 
+BUDGET_HINT = "null (no bound) or a finite number of minutes > 0"
 # scenario=auto's own knobs (conf/scenario/auto.yaml): checked before anything is measured
 AUTO_RULES: list[Rule] = [
     ("scenario.small_max_per_class", lambda v: _integer(v) and v >= 1, "an integer >= 1 (examples per class)"),
@@ -117,8 +118,8 @@ AUTO_RULES: list[Rule] = [
     ("scenario.probe_enough_acc", _optional(lambda v: _number(v) and 0 < v <= 1),
      "null (always fine-tune small data) or a probe accuracy in (0, 1], e.g. 0.98"),
     ("scenario.probe_enough_samples", lambda v: _integer(v) and v >= 2, "an integer >= 2 (training images probed)"),
-    ("scenario.budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
-    ("scenario.small_budget_minutes", _optional(lambda v: _number(v) and v > 0), "null (no bound) or minutes > 0"),
+    ("scenario.budget_minutes", _optional(lambda v: _number(v) and v > 0), BUDGET_HINT),
+    ("scenario.small_budget_minutes", _optional(lambda v: _number(v) and v > 0), BUDGET_HINT),
     ("scenario.small_snapshots", _optional(lambda v: _integer(v) and (v == 0 or v >= 2)),
      "null or 0 (no snapshot ensemble) or a number of cosine cycles >= 2, e.g. 3"),
     ("scenario.small_deliver", lambda v: v in ("val", "ensemble", "best"), "ensemble, val or best (snapshots.deliver)"),
