@@ -27,7 +27,9 @@ def require_output_dir(cfg: DictConfig) -> None:
     """One line, not omegaconf's traceback, where `paths.output_dir` is Hydra's run directory and no Hydra app runs
     (a config composed in Python)."""
     try:
-        OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=True)
-    except InterpolationResolutionError as e:
+        value = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=True)
+    except InterpolationResolutionError:
+        value = None
+    if value is None or not str(value).strip():
         raise TLError("paths.output_dir is not set: outside python -m tl.train there is no Hydra run directory; set "
-                      "cfg.paths.output_dir = 'DIR' (or compose with paths.output_dir=DIR) before resolve/train") from e
+                      "cfg.paths.output_dir = 'DIR' (or compose with paths.output_dir=DIR) before resolve/train")
