@@ -111,7 +111,9 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
         raise TLError(f"output={str(out_dir)!r} is a training run's folder or one of its parts: export into RUN/export "
                       "(the default) or another folder")
     created = not out_dir.exists()
-    _check_not_foreign(out_dir, (EXPORT_CONFIG, EXPORT_WEIGHTS, ONNX_FILE, INT8_FILE))
+    _check_not_foreign(out_dir, (EXPORT_CONFIG, *((EXPORT_WEIGHTS,) if formats in ("safetensors", "all") else ()),
+                                 *((ONNX_FILE,) if formats in ("onnx", "all") else ()),
+                                 *((INT8_FILE,) if formats in ("onnx", "all") and quantize_as else ())))
     out_dir = ensure_writable(out_dir, setting="output=DIR")
     _remove_abandoned_scratch(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out_dir))
@@ -200,13 +202,13 @@ def install(moves: list[tuple[Path, str]], stale: set[str], out_dir: Path) -> No
 
 
 def _check_not_foreign(out_dir: Path, names: tuple[str, ...]) -> None:
-    """Refuse a folder whose model files are not a tl export (another tool's model.json or model.onnx), or that holds
-    images: an export would replace or sit among what is not its own."""
+    """Refuse a folder where this export would replace files (`names`) that are not a tl export's (another tool's
+    model.json or model.onnx), or that holds images: an export would replace or sit among what is not its own."""
     from tl.data.images import IMAGE_EXTENSIONS
 
     if not out_dir.is_dir():
         return
-    theirs = [n for n in names if (out_dir / n).exists()]
+    theirs = [n for n in names if (out_dir / n).is_file()]  # a folder in the way: install() names it
     if theirs and not _is_tl_export(out_dir / EXPORT_CONFIG):
         raise TLError(f"output={str(out_dir)!r} holds {', '.join(theirs)} that are not a tl export (no model.json of "
                       "format tl-export/): they would be replaced; export into a new or empty folder")
