@@ -3,8 +3,12 @@
 import os
 import signal
 import sys
+import time
 
 __version__ = "0.1.0"
+# When the process started tl, before torch and the rest load (seconds on a slow CPU): scenario=auto's time budget
+# counts the start-up of a single run from here (tl.scenarios.resolve).
+STARTED = time.perf_counter()
 
 if "torch" not in sys.modules:  # libgomp reads it once, when torch loads it
     # torch's OpenMP threads sleep between operators instead of spinning. Spinning is a little faster on cores nothing

@@ -7,13 +7,15 @@
 - Budget (`scenario.budget_minutes`; null: `scenario.small_budget_minutes` per 10 examples per class for small data,
   none for large): the run's cost is estimated from a timed forward pass of the backbone on the target images at the
   chosen side (a training step ~ 4 forward passes, augmentation included; each validation pass one per image; test and
-  the report after it two per val/test image) plus what the measurement already took and a fixed `FINISH_S` for
-  start-up and export (measured on the 2-core CPU with EfficientNet-Lite0 at 10 images per class: fit took 1.05-1.25x
-  the 3-pass estimate, report 10-18 s, ONNX export with its parity check 19 s). When the preset's schedule would not
-  fit, validation runs less often first (every 2, 3, 5 epochs: model selection needs fewer looks than training needs
-  steps), then epochs are cut, down to half of the preset's, then the side shrinks (by 32 px, not below 64). If even
-  that does not fit, the plan says so and runs the smallest schedule: a schedule cut further would not be the recipe
-  any more.
+  the report after it two per val/test image) plus what the process start-up and the measurement already took
+  (`python -m tl.train` counts from the process start: the imports alone take 10-20 s on a slow CPU) and a fixed
+  `FINISH_S` for the rest of the start-up and the export (measured on the 2-core CPU with EfficientNet-Lite0 at 10
+  images per class: fit took 1.05-1.25x the 3-pass estimate, report 10-18 s, ONNX export with its parity check 19 s;
+  on 2026-12-05's slower machine, 40 s). When the preset's schedule would not fit, validation runs less often first
+  (every 2, 3, 5 epochs: model selection needs fewer looks than training needs steps), then epochs are cut, down to
+  half of the preset's and to a multiple of the interval, then the side shrinks (by 32 px, not below 64). If even that
+  does not fit, the plan says so and runs the smallest schedule: a schedule cut further would not be the recipe any
+  more.
 Every choice and the numbers behind it go to the evidence (results.json `scenario_evidence.plan`, TensorBoard).
 """
 

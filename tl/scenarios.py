@@ -335,6 +335,7 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
                                             "scenario.budget_minutes or set trainer.max_epochs)"))]
     measured_side = {} if side_gain is None else {"side_gain": round(side_gain, 4), "side_p": round(side_p, 4)}
     result = {**schedule, **measured_side,
+              "spent_s": round(spent_s, 1),  # start-up (from the process start, single runs) and the measurement
               "budget_minutes": budget, "budget_from": budget_from if budget is not None else None,
               "preset_epochs": int(final.trainer.max_epochs),
               "overrides": out, "reason": "; ".join(why)}
@@ -342,14 +343,16 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     return out, result
 
 
-def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train") -> DictConfig:
+def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train", started: float | None = None
+            ) -> DictConfig:
     """The final config for `cfg`: itself for a named preset; for `scenario=auto`, the config composed once more
     from the same `overrides` with `scenario=<chosen>` in place of auto (Hydra's own precedence: the command line
     still wins over the preset), carrying the evidence as `scenario.evidence` and the original `paths`."""
     if cfg.scenario.name != "auto":
         return cfg
     require_output_dir(cfg)
-    started = time.perf_counter()
+    # the budget counts from `started` (a time.perf_counter() value: the entry point's process start), else from now
+    started = time.perf_counter() if started is None else float(started)
     validate(cfg, final=False)  # measuring costs time: bad values fail first
     chosen, evidence = advise(cfg)
     # scenario=auto and auto's own knobs (scenario.small_max_per_class, ...) have done their part: the evidence

@@ -27,9 +27,11 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+import tl
 from tl.callbacks.snapshots import SnapshotEnsemble
 from tl.checks import check_resume, load_training_checkpoint, validate
 from tl.cli import launch
@@ -352,7 +354,9 @@ def _finish(cfg: DictConfig, run_dir: Path, trainer, module, datamodule, fit_dat
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float | None:
     job = HydraConfig.get()
-    results, _ = train(resolve(cfg, list(job.overrides.task), job.job.config_name))  # auto decided here, not in train
+    # a single run's budget counts from the process start (imports included); each job of a sweep from its own start
+    started = tl.STARTED if job.mode == RunMode.RUN else None
+    results, _ = train(resolve(cfg, list(job.overrides.task), job.job.config_name, started=started))  # auto: here
     return results.get("val/acc")  # what a sweeper optimises: validation, never test
 
 
