@@ -196,7 +196,7 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     # the command line's snapshots stand
     assert auto_cfg(*common, "scenario.small_snapshots=3", "snapshots.cycles=0").snapshots.cycles == 0
     # small data is bounded by default (scenario.small_budget_minutes), and says so
-    assert plan.budget_minutes == 4.5 and plan.budget_from.startswith("scenario.small_budget_minutes")
+    assert plan.budget_minutes == 4.0 and plan.budget_from.startswith("scenario.small_budget_minutes")
     tight = auto_cfg(*common, "scenario.small_budget_minutes=0.01").scenario.evidence.plan
     assert not tight.fits and tight.side == 64 and "small_budget_minutes" in tight.reason
     assert "is 128 px; smaller to fit the budget" in tight.reason
@@ -207,7 +207,8 @@ def test_auto_plans_the_side_and_a_budget_and_records_why(auto_cfg, tmp_path):
     cfg = auto_cfg(*common, "scenario.budget_minutes=0.01")  # 0.6 s: less than the measurement took
     plan = cfg.scenario.evidence.plan
     assert not plan.fits and cfg.trainer.max_epochs == plan.epochs == 2  # the command line's epochs (TINY) stand
-    assert cfg.data.image_size == plan.side == 64 and cfg.trainer.check_val_every_n_epoch == 5
+    # validating every 2 of the 2 epochs: the last epoch is validated (every 5 never validated them)
+    assert cfg.data.image_size == plan.side == 64 and cfg.trainer.check_val_every_n_epoch == 2
     assert "does not fit" in plan.reason
     given = auto_cfg(*common, "data.image_size=48", "trainer.max_epochs=3", "scenario.budget_minutes=0.01",
                      "scenario.small_snapshots=3")
