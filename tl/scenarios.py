@@ -43,26 +43,28 @@ BF16_MIXED = ("bf16-mixed", "bf16")
 PRESETS = ("small_similar", "small_different", "large_similar", "large_different")
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) -> float:
-    """Cross-validated accuracy of a standardised logistic-regression probe."""
+def _probe_cv(y: np.ndarray, seed: int, folds: int):
+    """The standardised logistic-regression probe and its stratified folds for `y`; None with fewer than 2 examples
+    in some class (nothing to cross-validate)."""
     folds = int(min(folds, np.bincount(y)[np.unique(y)].min()))
     if folds < 2:
-        return float("nan")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(probe, x, y, cv=cv).mean())
+        return None
+    return (make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5)),
+            StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed))
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) -> float:
+    """Cross-validated accuracy of a standardised logistic-regression probe."""
+    probe_cv = _probe_cv(y, seed, folds)
+    return float("nan") if probe_cv is None else float(cross_val_score(probe_cv[0], x, y, cv=probe_cv[1]).mean())
 
 
 def probe_correct(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 3) -> np.ndarray | None:
     """Which examples the probe of `probe_accuracy` gets right when each is held out (the same folds for the same
     `y` and `seed`, so two feature sets of the same images compare example by example); None where it cannot be
     cross-validated."""
-    folds = int(min(folds, np.bincount(y)[np.unique(y)].min()))
-    if folds < 2:
-        return None
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return cross_val_predict(probe, x, y, cv=cv) == y
+    probe_cv = _probe_cv(y, seed, folds)
+    return None if probe_cv is None else cross_val_predict(probe_cv[0], x, y, cv=probe_cv[1]) == y
 
 
 def side_benefit(big: int, little: int, n: int) -> tuple[float, float]:

@@ -309,7 +309,7 @@ def _finish(cfg: DictConfig, run_dir: Path, trainer, module, datamodule, fit_dat
     if head_init is not None:
         extra["head_init"] = head_init
     if cfg.test:
-        best = selection_checkpoint(trainer).best_model_path if selection_checkpoint(trainer) else None
+        best = getattr(selection_checkpoint(trainer), "best_model_path", None)
         extra.update(trainer.test(module, datamodule=fit_data, ckpt_path=best or None, weights_only=True)[0])
         if trainer.is_global_zero:  # the tested weights, whole splits, one process: calibration, per-class, top losses
             extra.update(report_run(module, datamodule, fit_data, run_dir, trainer.loggers, trainer.global_step,
@@ -330,7 +330,7 @@ def _finish(cfg: DictConfig, run_dir: Path, trainer, module, datamodule, fit_dat
     export_error = None
     if cfg.export and trainer.is_global_zero:  # weights + labels + preprocessing, no config needed
         try:
-            tested = ((selection_checkpoint(trainer).best_model_path if selection_checkpoint(trainer) else None) or None
+            tested = (getattr(selection_checkpoint(trainer), "best_model_path", None) or None
                       if cfg.test else None)  # without a test, the module holds the last weights
             extra.update(export_run(cfg, module, datamodule, run_dir, extra.get("snapshots"), tested,
                                     (extra.get("delivered") or {}).get("model")))
