@@ -249,3 +249,38 @@ class SampleLog(pl.Callback):
                                 "ids": [int(i) for i in batch[2]]}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+class SignalInValidation(pl.Callback):
+    """Sends `signum` (SIGTERM by default) to this process once, after validation batch `batch` of the validation at
+    the end of epoch `epoch` (not the sanity check): a job preempted while it validates."""
+
+    def __init__(self, epoch: int, batch: int = 0, signum: int = signal.SIGTERM):
+        self.epoch, self.batch, self.signum, self.sent = int(epoch), int(batch), int(signum), False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if (not self.sent and not trainer.sanity_checking and trainer.current_epoch == self.epoch
+                and batch_idx >= self.batch):
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class ValidationRecorder(pl.Callback):
+    """Appends one JSON line per finished validation (not the sanity check) to `path`: the epoch, the number of
+    validation batches it ran, and the validation accuracy logged."""
+
+    def __init__(self, path: str):
+        self.path, self.batches = Path(path), 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.batches = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        self.batches += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            acc = trainer.callback_metrics.get("val/acc")
+            with self.path.open("a") as f:
+                f.write(json.dumps({"epoch": trainer.current_epoch, "batches": self.batches,
+                                    "acc": None if acc is None else float(acc)}) + "\n")

@@ -161,6 +161,43 @@ def test_sigterm_saves_the_state_exits_143_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_during_validation_validates_that_epoch_on_resume(tmp_path):
+    """Found by a hostile tester: a SIGTERM that landed during an epoch's validation saved interrupted.ckpt with
+    Lightning's counters saying that validation was done, so the resumed run skipped it: the epoch went unvalidated and
+    a later checkpoint carried an earlier score. Now the resumed run validates that epoch whole first, and every
+    validation (epoch, batches, accuracy) and the result are those of the run that was never stopped."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+    def args(name):
+        return [*TRAIN, f"hydra.run.dir={tmp_path / name}", "trainer.max_epochs=3", "logger=none",
+                "+callbacks.rec._target_=distributed_helpers.ValidationRecorder",
+                f"+callbacks.rec.path={tmp_path / name}.jsonl"]
+
+    whole = subprocess.run(args("whole"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = subprocess.run([*args("run"), "+callbacks.term._target_=distributed_helpers.SignalInValidation",
+                             "+callbacks.term.epoch=1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "interrupted.ckpt").is_file()
+    resumed = subprocess.run([*args("run"), "ckpt_path=auto"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def validations(name):
+        return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    expected = validations("whole")
+    assert [v["epoch"] for v in expected] == [0, 1, 2] and all(v["batches"] == 2 for v in expected)
+    got = validations("run")
+    assert [v["epoch"] for v in got] == [0, 1, 2] and [v["batches"] for v in got] == [2, 2, 2]
+    assert [v["acc"] for v in got] == pytest.approx([v["acc"] for v in expected], abs=1e-6)
+    before, after = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "run"))
+    assert after["global_step"] == before["global_step"] == 27
+    assert after["val/acc"] == pytest.approx(before["val/acc"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_loader_processes_too_is_an_interruption_not_a_crash(tmp_path):
     """SLURM's scancel or preemption, `kill -TERM -PGID` and `pkill -f` signal the DataLoader workers with the main
     process. The main process met a dead worker first: a RuntimeError traceback, exit 1, no interrupted.ckpt (and
@@ -265,3 +302,58 @@ def test_sigterm_after_fitting_is_one_line_and_ckpt_path_auto_finishes_the_run(t
     monkeypatch.setattr(tl_train, "export_run", real_export)
     results, _ = train(tiny_cfg("trainer.max_epochs=1", "logger=none", "ckpt_path=auto"))
     assert results["epochs"] == 1 and (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_random_states_survive_a_weights_only_checkpoint_and_are_put_back_on_resume(tmp_path):
+    """What `RandomState` saves loads with weights_only=True, and putting it back makes every generator draw again
+    what it drew after the save."""
+    import random
+
+    import numpy as np
+
+    from tl.callbacks.checkpoint import RandomState
+
+    saver = RandomState()
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # a cached Gaussian in NumPy's state
+    torch.save({"state": saver.state_dict()}, tmp_path / "s.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+
+    loader = RandomState()
+    loader.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["state"])
+    loader.on_train_start(None, None)
+    got = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2] and got[3] == expected[3]
+    loader.on_train_start(None, None)  # once only: a second fit in the same process draws on
+    assert not torch.equal(torch.rand(3), expected[0])
+
+
+def test_a_run_stopped_during_validation_resumes_as_if_never_stopped(tiny_cfg, tmp_path):
+    """A SIGTERM during epoch 0's validation, then ckpt_path=auto: the resumed run validates epoch 0 whole (it was
+    skipped before), and, with the random generators' states restored, every validation score and the final weights'
+    score are the uninterrupted run's (they differed after the resume before)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from distributed_helpers import SignalInValidation, ValidationRecorder  # noqa: F401 - named in the overrides
+
+    def cfg(name, *extra):
+        return tiny_cfg("logger=none", "export=false", "data.eval_batch_size=8",
+                        "+callbacks.rec._target_=distributed_helpers.ValidationRecorder",
+                        f"+callbacks.rec.path={tmp_path / name}.jsonl", *extra, run_dir=tmp_path / name)
+
+    whole, _ = train(cfg("whole"))
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        train(cfg("run", "+callbacks.term._target_=distributed_helpers.SignalInValidation",
+                  "+callbacks.term.epoch=0"))
+    assert (tmp_path / "run" / "checkpoints" / "interrupted.ckpt").is_file() and not (tmp_path / "run.jsonl").exists()
+    resumed, _ = train(cfg("run", "ckpt_path=auto"))
+
+    def validations(name):
+        return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    expected = validations("whole")
+    assert [v["epoch"] for v in expected] == [0, 1] and expected[0]["batches"] > 1
+    assert validations("run") == expected
+    assert resumed["global_step"] == whole["global_step"]
+    assert resumed["test/acc"] == whole["test/acc"] and resumed["val/acc"] == whole["val/acc"]
