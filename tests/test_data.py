@@ -364,3 +364,37 @@ def test_a_failed_download_leaves_no_empty_folders(tmp_path):
     with pytest.raises(TLError):
         source.load()
     assert (root / "mine").is_dir()
+
+
+def test_swapped_class_folders_with_same_sizes_and_times_are_new_data_to_the_caches(tmp_path):
+    """Found by a hostile tester: the feature cache and tl.shard's "up to date" knew a file by its path, size and
+    mtime. Class folders swapped after a `tar x` (every BMP the same size, one shared mtime) kept the old features
+    and shards: the run trained on the old labels and reported them, exit 0. Swapped now, the data is new to both."""
+    from tl.data.features import data_fingerprint
+    from tl.shard import folder_listing
+
+    rng = np.random.default_rng(0)
+    for c in ("brick", "grass"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "d" / c / f"{i}.bmp")
+    files = list((tmp_path / "d").rglob("*.bmp"))
+    assert len({f.stat().st_size for f in files}) == 1
+    for f in files:
+        os.utime(f, ns=(10**18, 10**18))
+
+    def fingerprints():
+        dm = TransferDataModule(ImageFolderSource(tmp_path / "d"), preprocess={}, seed=0, val_fraction=0.25,
+                                test_fraction=0.25)
+        dm.setup("fit")
+        return data_fingerprint(dm), folder_listing(tmp_path / "d")
+
+    before = fingerprints()
+    assert fingerprints() == before  # nothing changed: a cache hit, "up to date"
+    (tmp_path / "d" / "brick").rename(tmp_path / "d" / "tmp")
+    (tmp_path / "d" / "grass").rename(tmp_path / "d" / "brick")
+    (tmp_path / "d" / "tmp").rename(tmp_path / "d" / "grass")
+    for f in (tmp_path / "d").rglob("*.bmp"):
+        os.utime(f, ns=(10**18, 10**18))
+    after = fingerprints()
+    assert after[0] != before[0] and after[1] != before[1]

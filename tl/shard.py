@@ -36,7 +36,7 @@ from tl.data.audit import _digest as digest  # the digest the duplicate audit co
 from tl.data.images import LOSSLESS_FORMATS, to_netpbm, to_rgb
 from tl.data.shards import FORMAT, MANIFEST, MARKER, META_FIELDS, SPLITS, VERSION, is_remote, meta_name
 from tl.errors import Terminated, TLError
-from tl.utils import atomic_write_text, check_required, terminate_as_exception, user_errors
+from tl.utils import atomic_write_text, check_required, file_identity, terminate_as_exception, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def _inputs(images, indices: np.ndarray, root: Path | None, raw_max_ratio: float
 
 # -- fingerprints: is the output up to date? -------------------------------------------------------------------------
 def folder_listing(root: Path) -> str:
-    """A hash of every file's path, size and mtime under `root` (a stat each, no reads). Linked folders are
-    followed, each real folder once (a link loop ends there)."""
+    """A hash of every file's path and identity (size, mtime, ctime, inode: `tl.utils.file_identity`) under `root`
+    (a stat each, no reads). Linked folders are followed, each real folder once (a link loop ends there)."""
     from tl.data.sources import walk_once
 
     h = hashlib.sha256()
@@ -101,8 +101,7 @@ def folder_listing(root: Path) -> str:
             p = os.path.join(dirpath, name)
             try:
                 st = os.stat(p)
-                h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8",
-                                                                                     "surrogateescape"))
+                h.update(f"{os.path.relpath(p, root)}|{file_identity(st)}\n".encode("utf-8", "surrogateescape"))
             except OSError:
                 h.update(f"{os.path.relpath(p, root)}|broken\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

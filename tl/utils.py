@@ -25,6 +25,15 @@ from tl.errors import ENVIRONMENT, NO_SPACE, Interrupted, Terminated, TLError, o
 log = logging.getLogger("tl")
 
 
+def file_identity(st: os.stat_result) -> str:
+    """What says a file is the one seen before, from a stat alone (as git's index does): its size and modification
+    time, and also its inode, device and change time. Size and mtime alone were fooled by a relabelling: class folders
+    swapped after a `tar x` (every file the same size, one shared mtime) kept their paths' old features and shards,
+    and the run trained on the old labels with exit 0; the swap gives every path another inode, and `touch -d` or
+    any rewrite moves the ctime. A copy (`cp -a`) gets new ones too, so it only costs a recomputation."""
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_dev}|{st.st_ino}"
+
+
 def _is_lightning_sigterm(e: BaseException) -> bool:
     """Lightning's SIGTERMException, looked up only where Lightning is loaded (nothing else could have raised it):
     tl.predict's ONNX Runtime path runs without Lightning."""

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tl.data.datamodule import collate_readable
 from tl.errors import TLError
-from tl.utils import atomic_path
+from tl.utils import atomic_path, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def backbone_fingerprint(model: nn.Module, head_names: set[str]) -> str:
 
 
 def data_fingerprint(datamodule) -> str:
-    """A hash of the images themselves (in memory) or of the files' paths, sizes and mtimes."""
+    """A hash of the images themselves (in memory) or of the files' paths and identities (`tl.utils.file_identity`)."""
     h = hashlib.sha256()
     images = datamodule.images
     if images.store is not None:  # shards: their manifest's fingerprint of the source and the split recipe
@@ -61,7 +61,7 @@ def data_fingerprint(datamodule) -> str:
     else:
         for p in images.paths:
             st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+            h.update(f"{p}|{file_identity(st)}".encode("utf-8", "surrogateescape"))
     _digest(h, torch.as_tensor(images.targets))
     return h.hexdigest()
 

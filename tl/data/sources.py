@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tl.data.images import IMAGE_EXTENSIONS, JUNK_NAMES, to_rgb
 from tl.errors import TLError
+from tl.utils import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class SyntheticSource:
 
 # Verdicts of _is_readable_image by (path, size, mtime): a process that loads the same folder twice (scenario=auto
 # measures before the run trains) decodes each file once; a file that changed gets a new key.
-_READABLE: dict[tuple[str, int, int], bool] = {}
+_READABLE: dict[tuple[str, str], bool] = {}
 _WHY: dict[str, str] = {}  # why a file was found unreadable (for the messages)
 # Above this size a PNG is checked by its chunks' CRCs (a truncated or damaged file fails them) rather than decoded:
 # decoding a 3000x2000 PNG took 0.5 s on the 2-core CPU, and the loader decodes it again anyway.
@@ -110,7 +111,7 @@ def _is_readable_image(path: Path) -> bool:
         st = path.stat()
     except OSError:  # a broken symlink, or gone since the listing
         return False
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), file_identity(st))
     if key not in _READABLE:
         try:
             with Image.open(path) as img:
