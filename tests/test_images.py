@@ -193,3 +193,21 @@ def test_slivers_are_cut_to_their_centre_and_look_the_same(tmp_path):
     assert (tf(img) - tf(uncut)).abs().max() < 0.05
     wide = _save(Image.fromarray(np.zeros((1, 200_000), np.uint8)), tmp_path / "wide.png")
     assert decode(wide, decode_side(pre))[0].size == (MAX_ASPECT, 1)
+
+
+def test_a_damaged_image_stream_fails_the_image_instead_of_decoding_black(tmp_path):
+    """Found by a hostile tester: bytes flipped inside a PNG's image data raised PIL's decode error inside the EXIF
+    turn, where it was swallowed, and PIL's next `convert` returned the zero-filled buffer: tl.predict labelled a
+    black picture with exit 0. Now the file fails as unreadable (an error row in tl.predict, skipped in training)."""
+    from tl.data.images import open_image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    assert open_image(path).size == (64, 64)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 50] = bytes(b ^ 0xFF for b in data[middle:middle + 50])
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError):
+        open_image(path)

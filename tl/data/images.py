@@ -55,7 +55,11 @@ ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180
 
 def upright(img: Image.Image) -> Image.Image:
     """`img` turned as its EXIF orientation says. A camera's EXIF block that PIL reads but cannot write back (a tag
-    whose type does not match its value) still turns the picture, rather than failing the image."""
+    whose type does not match its value) still turns the picture, rather than failing the image. The pixels are
+    decoded first, outside that leniency: a damaged stream must fail the image. (Swallowed here, PIL's decode error
+    was lost: its next `convert` returned the zero-filled buffer, and a damaged file was classified, trained and
+    sharded as a black or half-black picture with exit 0; found by a hostile tester.)"""
+    img.load()
     try:
         return ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - struct.error, TypeError, ValueError from re-serialising the EXIF
