@@ -325,9 +325,17 @@ def test_tl_export_command_formats_and_bad_options(run, tmp_path):
     meta = json.loads((out / "model.json").read_text())
     assert meta["onnx"]["parity"]["inputs"] == "val split" and sorted(p.name for p in out.iterdir()) == \
         ["model.json", "model.onnx"]
-    out = export(make_cfg(tmp_path, [f"ckpt={results['best_ckpt']}", f"output={tmp_path / 'e'}",
+    # Found by a hostile tester: format=safetensors over that export removed its model.onnx without a word (also
+    # from a run's own RUN/export). Refused now, the export untouched; the other format goes to a folder of its own.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(TLError, match=r"holds an earlier export's model.onnx, which this one \(format=safetensors\) "
+                                      r"does not write.*export format=all there, or into another folder"):
+        export(make_cfg(tmp_path, [f"ckpt={results['best_ckpt']}", f"output={tmp_path / 'e'}",
+                                   "format=safetensors"], config_name="export"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    out = export(make_cfg(tmp_path, [f"ckpt={results['best_ckpt']}", f"output={tmp_path / 'e2'}",
                                      "format=safetensors"], config_name="export"))
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]  # no stale model.onnx
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
     for override, message in [("format=tflite", "format='tflite' is invalid"),
                               ("onnx.quantize=yes", "onnx.quantize='yes' is invalid"),
                               ("onnx.input_size=[64]", "onnx.input_size=.* is invalid"),

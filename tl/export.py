@@ -82,7 +82,8 @@ def ensemble_members(paths: list) -> list[nn.Module]:
 
 
 def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safetensors", onnx: dict | None = None,
-                 members: list[nn.Module] | None = None, parity_data=None, sources: dict | None = None) -> Path:
+                 members: list[nn.Module] | None = None, parity_data=None, sources: dict | None = None,
+                 remove_others: bool = True) -> Path:
     """Write `module` (a `TransferModule`) to `out_dir` in `formats` (onnx | safetensors | all); return `out_dir`.
 
     Args:
@@ -92,6 +93,9 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
             `.temperature`); None: `module.model` alone.
         parity_data: a set-up data module whose validation images check the ONNX model; None: synthetic images.
         sources: where the weights came from, recorded in model.json (checkpoint paths).
+        remove_others: an earlier tl export's files of a format not written this time are removed (a training run
+            replacing its own export with new weights); False: refused instead, before any work (`tl.export`: a
+            user asking for one format must not lose the other without a word).
 
     Everything is computed in a scratch folder first; the files are moved into place only when all of them are
     ready, model.json last, so a failure (a parity check, a full disk) leaves the previous export as it was. A format
@@ -111,9 +115,17 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
         raise TLError(f"output={str(out_dir)!r} is a training run's folder or one of its parts: export into RUN/export "
                       "(the default) or another folder")
     created = not out_dir.exists()
-    _check_not_foreign(out_dir, (EXPORT_CONFIG, *((EXPORT_WEIGHTS,) if formats in ("safetensors", "all") else ()),
-                                 *((ONNX_FILE,) if formats in ("onnx", "all") else ()),
-                                 *((INT8_FILE,) if formats in ("onnx", "all") and quantize_as else ())))
+    writes = (EXPORT_CONFIG, *((EXPORT_WEIGHTS,) if formats in ("safetensors", "all") else ()),
+              *((ONNX_FILE,) if formats in ("onnx", "all") else ()),
+              *((INT8_FILE,) if formats in ("onnx", "all") and quantize_as else ()))
+    _check_not_foreign(out_dir, writes)
+    others = [n for n in (ONNX_FILE, INT8_FILE, EXPORT_WEIGHTS) if n not in writes and (out_dir / n).is_file()]
+    if not remove_others and others and _is_tl_export(out_dir / EXPORT_CONFIG):
+        wanted = "format=all" + (" onnx.quantize=true" if INT8_FILE in others else "")
+        raise TLError(f"output={str(out_dir)!r} holds an earlier export's {' and '.join(others)}, which this one "
+                      f"(format={formats}{'' if INT8_FILE not in others else ', onnx.quantize=false'}) does not write: "
+                      f"it would be removed, not to sit beside a model.json that no longer describes it; export "
+                      f"{wanted} there, or into another folder with output=DIR; nothing was written")
     out_dir = ensure_writable(out_dir, setting="output=DIR")
     _remove_abandoned_scratch(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out_dir))
@@ -290,7 +302,7 @@ def export(cfg: DictConfig) -> Path:
         parity_data = _parity_data(cfg, paths[0], dict(module.hparams.preprocess))
     formats = cfg.format if members is None else "onnx"
     out_dir = export_model(module, output, formats, dict(cfg.onnx), members, parity_data,
-                           sources={"checkpoints": [str(p) for p in paths]})
+                           sources={"checkpoints": [str(p) for p in paths]}, remove_others=False)
     meta = json.loads((out_dir / EXPORT_CONFIG).read_text())
     written = [name for name in ("model.onnx", "model.int8.onnx", EXPORT_WEIGHTS) if (out_dir / name).is_file()]
     print(f"tl.export: {cfg.ckpt} -> {out_dir} ({', '.join(written)}, {EXPORT_CONFIG})")
