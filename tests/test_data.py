@@ -398,3 +398,22 @@ def test_swapped_class_folders_with_same_sizes_and_times_are_new_data_to_the_cac
         os.utime(f, ns=(10**18, 10**18))
     after = fingerprints()
     assert after[0] != before[0] and after[1] != before[1]
+
+
+@pytest.mark.parametrize("layout", ["flat", "splits"])
+def test_images_outside_every_class_folder_are_counted_and_named(tmp_path, caplog, layout):
+    """Found by a hostile tester: images lying loose in data.root or in train/ (not in a class folder) were left out
+    without a word. They are still left out (their class is unknown), now with a warning naming them, and counted
+    with the ignored files (results.json, tl.shard's manifest)."""
+    base = tmp_path / "train" if layout == "splits" else tmp_path
+    write_images(base / "a", 3)
+    write_images(base / "b", 3)
+    Image.new("RGB", (8, 8)).save(base / "loose.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "preview.jpg") if layout == "splits" else None
+    (tmp_path / "README.txt").write_text("about")  # not an image: not named in this warning
+    with caplog.at_level("WARNING"):
+        images = ImageFolderSource(tmp_path).load()
+    loose = sorted(Path(p).name for p in images.ignored_files if Path(p).suffix != ".txt")
+    assert loose == (["loose.png", "preview.jpg"] if layout == "splits" else ["loose.png"])
+    assert "outside every class folder" in caplog.text and "loose.png" in caplog.text
+    assert len(images.targets) == 6

@@ -561,7 +561,8 @@ def shard(cfg: DictConfig) -> Path:
     print(f"tl.shard: {out}: train {sizes['train']}, val {sizes['val']}, test {sizes['test']} images, "
           f"{len(manifest['classes'])} classes, {manifest['bytes'] / 2**20:.1f} MiB, "
           f"{len(images.skipped_files)} unreadable file(s) skipped, "
-          f"{len(images.ignored_files)} non-image file(s) ignored, {manifest['seconds']:.1f}s")
+          f"{len(images.ignored_files)} file(s) left out (not images, or outside class folders), "
+          f"{manifest['seconds']:.1f}s")
     return out
 
 
