@@ -87,6 +87,10 @@ def one_line(code: int, lines: list[str], culprit: str) -> None:
     (["callbacks.progres=null"], "did you mean callbacks.progress?"),
     (["data=imagefolder", "data.root=/x", "data.source.roott=/y"], "did you mean data.source.root?"),
     (["seed=0,1"], "seed=0,1 lists several values: add -m"),
+    # a comma in a path: -m alone would run jobs on /tmp/x and y (found by a hostile tester)
+    (["data=imagefolder", "data.root=/tmp/x,y"],
+     "add -m (--multirun) to run one job per value; or, if the comma is part of one value (a path), quote it for "
+     "Hydra: \"data.root='/tmp/x,y'\""),
     (["trainer.accelerator=gpu"], "this machine has no CUDA GPU: use trainer=cpu"),
     (["trainer.accelerator=quantum"], "trainer.accelerator='quantum' is invalid: use one of auto, cpu"),
     (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid"),
@@ -115,6 +119,21 @@ def test_train_inputs_are_checked_in_one_line(argv, culprit, tmp_path, monkeypat
                         capfd=capfd)
     one_line(code, lines, culprit)
     assert not (run / "checkpoints").exists() and not (run / "results.json").exists()
+
+
+def test_a_sweep_whose_jobs_share_one_folder_is_refused_before_the_first_job(tmp_path, monkeypatch, capfd):
+    """Found by a hostile tester: hydra.sweep.subdir=same trained job 0, then Hydra rewrote its record with job 1's
+    overrides and job 1 was refused, naming hydra.run.dir. Now refused before anything is written, naming the
+    setting; a subdir that varies per job is accepted."""
+    sweep = tmp_path / "sweep"
+    code, lines = entry("tl.train", "-m", "seed=0,1", "scenario=large_similar", f"hydra.sweep.dir={sweep}",
+                        "hydra.sweep.subdir=same", monkeypatch=monkeypatch, capfd=capfd)
+    one_line(code, lines, "hydra.sweep.subdir=same puts every job of the sweep in one folder")
+    assert not sweep.exists()
+    code, lines = entry("tl.train", "-m", "seed=0,1", "scenario=large_similar", f"hydra.sweep.dir={sweep}",
+                        "hydra.sweep.subdir=s${hydra.job.num}", "trainer.max_epochs=0", monkeypatch=monkeypatch,
+                        capfd=capfd)
+    one_line(code, lines, "trainer.max_epochs=0 is invalid")  # past the subdir check, stopped by the next one
 
 
 @pytest.mark.parametrize(("module", "argv", "culprit"), [

@@ -102,12 +102,21 @@ def check_override_keys(argv: list[str], config_name: str) -> None:
     multirun = bool({"-m", "--multirun"} & set(argv))
     if config_name != "train":
         _check_tool_overrides(overrides, config_name)
+    subdir = next((o for o in overrides if o.key_or_group == "hydra.sweep.subdir" and not o.is_delete()), None)
+    if multirun and config_name == "train" and subdir is not None and "${" not in str(subdir.input_line) and any(
+            o.is_sweep_override() and len(list(o.sweep_string_iterator())) > 1 for o in overrides):
+        _fail(f"{subdir.input_line} puts every job of the sweep in one folder: the second job would be refused after "
+              "the first trained (and Hydra would first rewrite its record); leave hydra.sweep.subdir out (one "
+              "folder per job number) or make it vary per job, e.g. 'hydra.sweep.subdir=${hydra.job.num}'")
     base, structural = [], []  # groups and deletions; and additions: they shape the config keys are checked against
     for o in overrides:
         if o.key_or_group.startswith("hydra"):
             continue
         if o.is_sweep_override() and not multirun:
-            _fail(f"{o.input_line} lists several values: add -m (--multirun) to run one job per value")
+            raw = o.input_line.split("=", 1)[1]
+            _fail(f"{o.input_line} lists several values: add -m (--multirun) to run one job per value"
+                  + (f"; or, if the comma is part of one value (a path), quote it for Hydra: \"{o.key_or_group}="
+                     f"'{raw}'\"" if "/" in raw or "\\" in raw else ""))
         if _is_group(o.key_or_group) or o.is_add() or o.is_force_add() or o.is_delete():
             line = o.input_line
             if o.is_sweep_override():  # the first choice of a sweep has the shape of the others
