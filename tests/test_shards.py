@@ -545,3 +545,15 @@ def test_an_edited_manifest_is_refused_in_one_line(classes, says, synthetic_shar
     with pytest.raises(TLError, match=re.escape(says)) as e:
         ShardSource(str(edited)).load()
     assert "\n" not in str(e.value)
+
+
+def test_the_wrong_data_kind_for_a_folder_names_the_right_one(tmp_path, synthetic_shards):
+    """Found by a hostile tester: data=imagefolder on a shard dataset said "no class folders", and data=shards on an
+    image folder advised tl.shard with output= that very folder (which tl.shard refuses)."""
+    with pytest.raises(TLError, match=r"is a tl shard dataset .*: train on it with data=shards data.root="):
+        ImageFolderSource(synthetic_shards).load()
+    folder = make_folder(tmp_path / "images")
+    with pytest.raises(TLError, match=r"use data=imagefolder data.root=.*or convert it first with python -m tl.shard "
+                                      r"data=imagefolder data.root=.* output=<a new folder>") as e:
+        ShardSource(str(folder)).load()
+    assert f"output={folder}" not in str(e.value)

@@ -239,9 +239,10 @@ def _manifest(root: str) -> dict:
             if (path / MARKER).exists():
                 raise TLError(f"data.root={root!r} is an incomplete shard dataset (no {MANIFEST}: its conversion was "
                               "interrupted): rerun the same python -m tl.shard command to finish it")
-            raise TLError(f"data.root={root!r} is not a tl shard dataset (no {MANIFEST}): create one with "
-                          f"python -m tl.shard data=<source> output={root}, or use data=imagefolder for a folder of "
-                          "images")
+            raise TLError(f"data.root={root!r} is not a tl shard dataset (no {MANIFEST}): for a folder of images "
+                          f"use data=imagefolder data.root={root}, or convert it first with python -m tl.shard "
+                          f"data=imagefolder data.root={root} output=<a new folder> and train with data=shards "
+                          "data.root=<that folder>")
     try:
         manifest = json.loads(_read_bytes(root, MANIFEST))
     except (OSError, ValueError) as e:

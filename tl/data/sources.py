@@ -281,6 +281,9 @@ class ImageFolderSource:
                                   "under train/ (or val/, test/) or out of data.root; or, if every folder there is a "
                                   "class (valid/ and invalid/), add data.layout=classes")
         classes = [p.name for p in self._class_dirs(layout.get("train", root))]
+        if not classes and (root / "manifest.json").is_file() and (root / ".tl-shards").exists():
+            raise TLError(f"data.root={str(root)!r} is a tl shard dataset (made by python -m tl.shard), not a folder "
+                          f"of class folders: train on it with data=shards data.root={root}")
         if not classes:
             raise TLError(f"data.root={str(root)!r} has no class folders: expected {root}/<class>/*.jpg "
                           f"(or {root}/train/<class>/...)")
