@@ -149,3 +149,25 @@ def test_a_rebuild_replaces_only_an_untouched_earlier_build(md, tmp_path):
         md.build("textures", tmp_path / "b", 5, 1)
     (built.root / "notes.txt").unlink()
     assert md.build("textures", tmp_path / "b", 5, 1).root == built.root  # an untouched build of its own: replaced
+
+
+def test_export_digits_writes_a_new_folder_and_never_over_another(tmp_path):
+    """Found by a hostile tester: scripts/export_digits.py into an existing dataset overwrote 49 of its images with
+    digits and added 1,748 more, exit 0. Now a folder that is not new or empty is refused, untouched."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_digits.py"
+    out = tmp_path / "digits"
+    done = subprocess.run([sys.executable, str(script), str(out), "--split"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(ImageFolderSource(out).load().targets) == 1797
+    other = tmp_path / "fonts" / "train" / "0"
+    other.mkdir(parents=True)
+    Image.new("L", (32, 32), 7).save(other / "0000.png")
+    before = (other / "0000.png").read_bytes()
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path / "fonts"), "--split"], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0 and "is not an empty folder" in refused.stderr
+    assert (other / "0000.png").read_bytes() == before and len(list((tmp_path / "fonts").rglob("*"))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "fonts"]  # no scratch folder left
