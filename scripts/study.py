@@ -314,6 +314,9 @@ def main() -> None:
                 validate(compose_config([*extra, f"scenario={base_scenario(extra)}"]), final=False)
         except TLError as e:
             fail(str(e))
+    blocked = any(p.exists() and not p.is_dir() for p in args.out.parents)  # a file in the way: said below
+    if args.collect_only and not args.out.exists() and not blocked:  # nothing to rebuild a report from
+        fail(f"--out {args.out}: no such folder, so no runs to collect: give the --out of an earlier study", code=1)
     try:
         run_studies(args, studies)
     except subprocess.CalledProcessError as e:  # the run printed its own one-line error above

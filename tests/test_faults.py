@@ -357,3 +357,22 @@ def test_a_run_stopped_during_validation_resumes_as_if_never_stopped(tiny_cfg, t
     assert validations("run") == expected
     assert resumed["global_step"] == whole["global_step"]
     assert resumed["test/acc"] == whole["test/acc"] and resumed["val/acc"] == whole["val/acc"]
+
+
+def test_an_output_folder_refused_for_its_free_space_is_not_left_behind(tmp_path, monkeypatch):
+    """Found by a hostile tester: `tl.export output=FULL/exp` on a nearly full disk was refused, as it should, but
+    left the empty exp/ it had made. Refused now, it leaves none of the folders it made."""
+    import collections
+    import shutil
+
+    from tl.utils import ensure_writable
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**20, 7 * 2**20, 3 * 2**20))
+    with pytest.raises(TLError, match="has 3 MB free"):
+        ensure_writable(tmp_path / "a" / "b" / "exp", setting="output=DIR")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(TLError, match="has 3 MB free"):
+        ensure_writable(tmp_path / "kept", setting="output=DIR")
+    assert (tmp_path / "kept").is_dir()  # it was there before: not removed

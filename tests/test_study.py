@@ -68,6 +68,7 @@ def test_probe_sweep_on_tl_splits(tmp_path):
     (["--datasets", "{tmp}/a/ds", "--", "data.batch_size=abc"], 2, "study.py: error: data.batch_size='abc' is invalid"),
     (["--datasets", "{tmp}/a/ds", "--out", "{tmp}/file/x", "--collect-only"], 2,
      "study.py: error: Not a directory: {tmp}/file/x/ds (choose a writable --out)"),
+    (["--out", "{tmp}/none/out", "--collect-only"], 1, "--out {tmp}/none/out: no such folder, so no runs to collect"),
     # auto's own keys only make sense where every run is auto (the presets have no such keys)
     (["--datasets", "{tmp}/a/ds", "--", "scenario.small_budget_minutes=null"], 2, "apply with --policies auto"),
     (["--datasets", "{tmp}/a/ds", "--policies", "auto", "--", "scenario.small_budgt=1"], 2,
@@ -82,4 +83,4 @@ def test_bad_study_arguments_fail_in_one_line_before_any_run(tmp_path, args, cod
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), "--sizes", "10", "--seeds", "0",
                            "--sweeps", "transfer", *out, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == code and says.format(tmp=tmp_path) in proc.stderr, proc.stderr[-1500:]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists() and not (tmp_path / "none").exists()

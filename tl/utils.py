@@ -259,19 +259,26 @@ def to_plain(cfg: Any) -> Any:
 
 def ensure_writable(path: Path, min_free_mb: int = 200, setting: str = "hydra.run.dir=DIR") -> Path:
     """Create `path` and prove it takes a file now, not after an hour of training; `setting` is what the user sets to
-    choose another place (named in the error)."""
+    choose another place (named in the error). Refused, it leaves no folder it made behind."""
+    made = [p for p in (path, *path.parents) if not p.exists()]  # the folders this call creates, deepest first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{os.getpid()}"  # per process: all ranks of a job may start at once
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise TLError(f"output directory {str(path)!r} is not writable ({e.strerror}): set {setting} "
-                      "to a writable place with free space") from e
-    free = shutil.disk_usage(path).free
-    if free < min_free_mb * 2**20:  # checkpoints and event files need room; fail now, not at the first save
-        raise TLError(f"output directory {str(path)!r} has {free / 2**20:.0f} MB free (< {min_free_mb} MB): free "
-                      f"space or set {setting} elsewhere")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write_test.{os.getpid()}"  # per process: all ranks of a job may start at once
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as e:
+            raise TLError(f"output directory {str(path)!r} is not writable ({e.strerror}): set {setting} "
+                          "to a writable place with free space") from e
+        free = shutil.disk_usage(path).free
+        if free < min_free_mb * 2**20:  # checkpoints and event files need room; fail now, not at the first save
+            raise TLError(f"output directory {str(path)!r} has {free / 2**20:.0f} MB free (< {min_free_mb} MB): "
+                          f"free space or set {setting} elsewhere")
+    except TLError:
+        for folder in made:
+            with suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
     return path
 
 
