@@ -211,3 +211,32 @@ def test_a_damaged_image_stream_fails_the_image_instead_of_decoding_black(tmp_pa
     path.write_bytes(bytes(data))
     with pytest.raises(OSError):
         open_image(path)
+
+
+def test_a_large_png_with_a_garbled_stream_and_good_checksums_is_unreadable_to_the_scan(tmp_path):
+    """Found by a hostile tester: above 4 Mpx the scan checked a PNG's chunk CRCs only, so a garbled image stream
+    whose CRCs were recomputed passed, and tl.shard stored it. The scan now inflates the stream too."""
+    import struct
+    import zlib
+    from pathlib import Path
+
+    from tl.data.sources import _is_readable_image
+
+    good = tmp_path / "good.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1500, 3000, 3), dtype=np.uint8)).save(good)
+    assert _is_readable_image(Path(good))
+    data = good.read_bytes()
+    out, pos = bytearray(data[:8]), 8
+    while pos < len(data):  # every IDAT's payload replaced by noise of the same length, its CRC recomputed
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        payload = data[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            payload = rng.integers(0, 255, length, dtype=np.uint8).tobytes()
+        out += struct.pack(">I4s", length, kind) + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        pos += 12 + length
+    garbled = tmp_path / "garbled.png"
+    garbled.write_bytes(bytes(out))
+    with Image.open(garbled) as img:
+        img.verify()  # the CRCs alone pass it
+    assert not _is_readable_image(Path(garbled))
