@@ -405,7 +405,7 @@ def test_a_signal_during_export_exits_in_one_line_and_leaves_no_scratch(run, tmp
     out = tmp_path / "export"
     shutil.copytree(run_dir / "export", out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = subprocess.Popen([sys.executable, "-m", "tl.export", f"ckpt={run_dir}", f"output={out}", "format=onnx",
+    proc = subprocess.Popen([sys.executable, "-m", "tl.export", f"ckpt={run_dir}", f"output={out}", "format=all",
                              "onnx.parity_images=8", f"hydra.run.dir={tmp_path / 'h'}"],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 120
