@@ -302,6 +302,8 @@ def test_sigterm_after_fitting_is_one_line_and_ckpt_path_auto_finishes_the_run(t
     monkeypatch.setattr(tl_train, "export_run", real_export)
     results, _ = train(tiny_cfg("trainer.max_epochs=1", "logger=none", "ckpt_path=auto"))
     assert results["epochs"] == 1 and (tmp_path / "export" / "model.safetensors").is_file()
+    # the first step's check, measured by the interrupted process, restored from the checkpoint (it was lost)
+    assert results["sanity/initial_loss_ok"] and results["sanity/initial_loss"] > 0
 
 
 def test_random_states_survive_a_weights_only_checkpoint_and_are_put_back_on_resume(tmp_path):
