@@ -124,3 +124,21 @@ def test_a_damaged_cache_entry_is_recomputed_not_fatal(tmp_path, damage):
     assert torch.allclose(again, feats) and torch.equal(again_targets, targets)
     assert torch.load(entry, weights_only=True)["features"].shape == feats.shape  # rewritten whole
 
+
+
+def test_a_cache_inside_a_runs_results_or_an_export_is_refused(tmp_path):
+    """Found by a hostile tester: paths.cache_dir=OTHER_RUN/export wrote feature files among that run's model files,
+    exit 0. Refused in one line now; a folder of its own (also inside a run, beside its parts) is fine."""
+    from tl.data.features import FeatureCache
+    from tl.errors import TLError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "export").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text('{"format": "tl-export/1"}')
+    for bad in (run / "export", run / "checkpoints" / "cache", tmp_path / "model"):
+        with pytest.raises(TLError, match="the feature files would be written among its results"):
+            FeatureCache(bad)
+    FeatureCache(run / "cache")
+    FeatureCache(tmp_path / "cache")
