@@ -222,35 +222,24 @@ class PatientEarlyStopping(EarlyStopping):
 class RandomState(pl.Callback):
     """The random generators' states (Python's, NumPy's, torch's CPU and current CUDA device's) in every checkpoint,
     put back when a run resumes from it, so that the resumed run draws what the run that was never stopped would have
-    drawn: the same shuffles, augmentations, dropout masks and loader-worker seeds after an epoch boundary.
+    drawn: the same shuffles, augmentations, dropout masks and loader-worker seeds after an epoch boundary (the
+    resume of `last.ckpt` after a kill). A run stopped during a validation validates that epoch again on resume with
+    the same weights, so the same score, but its loaders then draw in another order than the uninterrupted run's
+    (Lightning creates the training iterator once more), so the epochs after it differ by chance as before.
 
     Without it a resumed run went on from the seed's initial states, so its remaining epochs differed from the
-    uninterrupted run's (0.79 against 0.81 validation accuracy on the same 3-epoch run). The states are put back at
-    `on_train_start`, after the sanity check that a resume runs again (its loader draws a seed), so training continues
-    from the state saved at the checkpoint. Stored as tensors and plain numbers: checkpoints stay loadable with
-    `weights_only=True`. In a multi-process run each process gets rank 0's states, as each got the same seed at the
-    start (Lightning's `seed_everything`); per-rank data comes from the distributed sampler, not these states."""
-
-    def __init__(self) -> None:
-        self._saved: dict | None = None
-        self._after_batch: dict | None = None
-        self._before_validation: dict | None = None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        self._after_batch = self._states()  # ~20 us: three small copies
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A save during this validation (a SIGTERM) is resumed by validating again (`InterruptCheckpoint`), which
-        # draws what this validation drew, starting with its loader's seed (drawn before this hook): so such a save
-        # holds the states the last training batch left
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._before_validation = self._after_batch
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._before_validation = None  # Lightning runs this before the checkpoint callbacks' saves
+    uninterrupted run's by chance (tests/test_faults.py compares the two runs' scores). The states are put back as
+    soon as Lightning hands them over (`load_state_dict`, while it restores the checkpoint), not at a later hook: the
+    optimizer's setup (`trainer.estimated_stepping_batches`) creates the training loader's iterator, which draws its
+    seed, before `on_fit_start` (measured: put back at `on_train_start`, the resumed epoch drew another shuffle). A
+    resume runs no sanity check (Lightning skips it when restarting), so nothing else draws in between. (Loading a
+    checkpoint to test it puts its states back too: harmless, the same checkpoint gives the same states.) Stored as
+    tensors and plain numbers: checkpoints stay loadable with `weights_only=True`. In a multi-process run each
+    process gets rank 0's states, as each got the same seed at the start (Lightning's `seed_everything`); per-rank
+    data comes from the distributed sampler, not these states."""
 
     def state_dict(self) -> dict:
-        return self._before_validation or self._states()
+        return self._states()
 
     @staticmethod
     def _states() -> dict:
@@ -268,10 +257,7 @@ class RandomState(pl.Callback):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._saved = state_dict
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        saved, self._saved = self._saved, None
+        saved = state_dict
         if not saved:
             return
         import random
