@@ -68,6 +68,20 @@ def test_the_budget_cuts_validation_then_epochs_then_the_side():
     assert not impossible["fits"] and (impossible["epochs"], impossible["side"]) == (15, 224)
 
 
+def test_a_probe_on_cached_features_keeps_its_schedule_under_any_budget():
+    """Found by a hostile tester: on cached features the epochs train the head alone, so the cost does not depend on
+    them; the plan still halved a probe's epochs under a tight budget and said "does not fit". Now only the side
+    (every image's one pass through the backbone) is cut; the schedule stays the preset's."""
+    common = {"spent_s": 21.6, "per_image_s": 0.036, "n_train": 22, "n_val": 4, "n_test": 4, "epochs": 60,
+              "backbone_side": 224, "features_cached": True}
+    free = fit_budget(None, **common, side=224, can_shrink=False)
+    tight = fit_budget(30.0, **common, side=224, can_shrink=False)
+    assert (tight["epochs"], tight["val_every"]) == (free["epochs"], free["val_every"]) == (60, 1)
+    assert not tight["fits"] and tight["estimated_s"] == free["estimated_s"]
+    shrunk = fit_budget(30.0, **common, side=160, can_shrink=True)
+    assert (shrunk["epochs"], shrunk["val_every"]) == (60, 1) and shrunk["side"] < 160
+
+
 @pytest.mark.parametrize("epochs", [30, 23, 12, 7, 2, 1])
 def test_every_planned_schedule_validates_its_last_epoch(epochs):
     # Lightning validates (and keeps checkpoints) every check_val_every_n_epoch epochs only: a plan of 29 epochs

@@ -147,3 +147,22 @@ def test_a_fixed_size_backbone_trains_at_its_own_side(tiny_cfg, tmp_path):
         validate(tiny_cfg("model.name=vit_tiny_patch16_224", "model.pretrained=none", "data.image_size=64"))
     results, objects = train(cfg)  # and trains (it died in a traceback at 128 px)
     assert objects["datamodule"].preprocess["input_size"] == [3, 224, 224] and results["n_test"] > 0
+
+
+@pytest.mark.parametrize("counts, size", [([1001, 1001, 1], 2000), ([10, 10, 1], 15), ([2, 2, 2, 2], 3),
+                                          ([50, 5], 54), ([7, 3], 10)])
+def test_the_probe_sample_takes_any_class_sizes_in_proportion(counts, size):
+    """Found by a hostile tester: auto's probe sample used sklearn's stratified split, a traceback before training
+    when a class had one training image or the sample was smaller than the number of classes."""
+    from tl.scenarios import stratified_subset
+
+    targets = np.repeat(np.arange(len(counts)), counts)
+    indices = np.arange(len(targets)) + 100
+    picked = stratified_subset(indices, targets, size, seed=0)
+    assert len(picked) == len(set(picked.tolist())) == min(size, len(targets))
+    got = np.bincount(targets[picked - 100], minlength=len(counts))
+    assert np.all(got <= counts)
+    if size >= len(counts):
+        assert np.all(got >= 1)  # every class is in the sample
+    assert np.all(np.abs(got - np.array(counts) * size / sum(counts)) <= 1.0 + (np.array(counts) < 2))
+    assert np.array_equal(np.sort(picked), np.sort(stratified_subset(indices, targets, size, seed=0)))

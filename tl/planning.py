@@ -137,6 +137,10 @@ def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_tra
         return plan
     left = budget_s - spent_s
     candidates = schedules(epochs, side, epochs_fixed, can_shrink, intervals)
+    if features_cached:  # the epochs train the head alone: cutting them saves nothing (found by a hostile tester:
+        # the plan halved a probe's epochs and still said "does not fit"); only a smaller side costs less
+        e0, every0, _ = candidates[0]
+        candidates = [(e0, every0, s) for s in dict.fromkeys(c[2] for c in candidates)]
     for e, every, s in candidates:
         if cost(e, every, s) <= left:
             plan.update(epochs=e, val_every=every, side=s, estimated_s=round(spent_s + cost(e, every, s), 1),

@@ -103,11 +103,32 @@ def _probe_indices(datamodule, max_samples: int, seed: int) -> np.ndarray:
     train = datamodule.split_indices["train"]
     if len(train) <= max_samples:
         return train
-    from sklearn.model_selection import train_test_split
+    return np.sort(stratified_subset(train, datamodule.images.targets[train], max_samples, seed))
 
-    keep, _ = train_test_split(train, train_size=max_samples, stratify=datamodule.images.targets[train],
-                               random_state=seed)
-    return np.sort(keep)
+
+def stratified_subset(indices: np.ndarray, targets: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` of `indices`, each class's share in proportion to its count (largest remainders), every class with at
+    least one where `size` allows, drawn with `seed`. Unlike sklearn's stratified split it takes a class of one image
+    and a size below the number of classes (found by a hostile tester: both were tracebacks before training)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(targets, return_counts=True)
+    size = min(int(size), len(indices))
+    share = counts * size / counts.sum()
+    take = np.minimum(counts, np.floor(share).astype(int))
+    if size >= len(classes):
+        take = np.maximum(take, 1)
+    while take.sum() > size:  # the floor of one for small classes overshot: trim the largest shares
+        take[np.argmax(take - share)] -= 1
+    for c in np.argsort(-(share - take)):  # largest remainders first, within each class's count
+        if take.sum() >= size:
+            break
+        if take[c] < counts[c]:
+            take[c] += 1
+    while take.sum() < size:  # a class ran out: the rest from any class with images left
+        c = int(np.argmax(counts - take))
+        take[c] += 1
+    return np.concatenate([rng.choice(indices[targets == c], int(k), replace=False)
+                           for c, k in zip(classes, take, strict=True) if k > 0])
 
 
 def measure(cfg: DictConfig, datamodule) -> dict:
