@@ -274,3 +274,27 @@ def test_auto_measures_the_probe_at_both_sides_on_the_same_images(auto_cfg, tmp_
     # a side given on the command line is not measured
     given = auto_cfg(*common, "data.image_size=96").scenario.evidence
     assert "small_side" not in given and "side_probe_discordant" not in given and given.plan.side == 96
+
+
+def test_a_resumed_auto_run_keeps_its_first_plan(auto_cfg, tmp_path):
+    """Found by a hostile tester: a resume (ckpt_path=auto) measured and planned again, from the machine's speed at
+    that moment, and changed the run's epochs and validation interval half-way without a word. Now it goes on under
+    the plan its config.yaml records (nothing measured again), the command line's keys still winning."""
+    from omegaconf import OmegaConf
+
+    common = ["data=imagefolder", f"data.root={_small_folder(tmp_path / 'data')}", "data.samples_per_class=4",
+              "export=false", "logger=none"]
+    first = auto_cfg(*common, "scenario.small_budget_minutes=0.01")  # planned small: 64 px, validating every 2
+    assert (first.data.image_size, first.trainer.check_val_every_n_epoch) == (64, 2)
+    OmegaConf.save(first, tmp_path / "config.yaml")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    fresh = auto_cfg(*common)  # no ckpt_path: a new plan (128 px under the default budget)
+    assert fresh.data.image_size == 128 and "resumed" not in fresh.scenario.evidence.plan
+    resumed = auto_cfg(*common, "ckpt_path=auto")
+    assert (resumed.scenario.name, resumed.data.image_size, resumed.trainer.check_val_every_n_epoch) == \
+        (first.scenario.name, 64, 2)
+    assert resumed.scenario.evidence.plan.resumed.startswith("the run's first plan")
+    assert resumed.scenario.evidence.plan.reason == first.scenario.evidence.plan.reason
+    extended = auto_cfg(*common, "ckpt_path=last", "data.image_size=96")  # the command line wins
+    assert extended.data.image_size == 96 and extended.trainer.check_val_every_n_epoch == 2

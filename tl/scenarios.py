@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -366,6 +367,32 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
     return out, result
 
 
+def earlier_plan(cfg: DictConfig) -> tuple[str, dict] | None:
+    """The preset, evidence and plan an auto run was started with, where this command resumes it
+    (`ckpt_path=auto|last` with a checkpoint of its own in the run folder, whose config.yaml records them); else
+    None.
+
+    Planned afresh, a resume was planned from the machine's speed at that moment, so it could change the run's
+    epochs, validation interval and side half-way, without a word (found by a hostile tester: a 30-epoch run resumed
+    as a 15-epoch one, its cosine schedule jumping from 0.74 to 0.16 of the learning rate)."""
+    from tl.rundir import RESUMABLE
+
+    if str(cfg.get("ckpt_path")) not in ("auto", "last"):
+        return None
+    run = Path(str(cfg.paths.output_dir))
+    if not any((run / "checkpoints" / name).is_file() for name in RESUMABLE) and not any(run.glob("hpc_ckpt_*.ckpt")):
+        return None
+    try:
+        earlier = OmegaConf.load(run / "config.yaml")
+        chosen = str(earlier.scenario.name)
+        evidence = OmegaConf.to_container(earlier.scenario.evidence, resolve=True)
+    except Exception:  # noqa: BLE001 - no record (another tool's folder, an old run): plan afresh
+        return None
+    if not isinstance(evidence, dict) or not isinstance(evidence.get("plan"), dict) or chosen in ("auto", "None"):
+        return None
+    return chosen, evidence
+
+
 def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train", started: float | None = None
             ) -> DictConfig:
     """The final config for `cfg`: itself for a named preset; for `scenario=auto`, the config composed once more
@@ -377,12 +404,24 @@ def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train", s
     # the budget counts from `started` (a time.perf_counter() value: the entry point's process start), else from now
     started = time.perf_counter() if started is None else float(started)
     validate(cfg, final=False)  # measuring costs time: bad values fail first
-    chosen, evidence = advise(cfg)
     # scenario=auto and auto's own knobs (scenario.small_max_per_class, ...) have done their part: the evidence
     # records them, and the chosen preset has no such keys.
     kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] != "scenario"]
+    earlier = earlier_plan(cfg)
+    if earlier is not None:  # a resume: the run goes on under the plan it was started with
+        chosen, evidence = earlier
+        given = {o.lstrip("+~").split("=", 1)[0] for o in kept}
+        planned = list(evidence["plan"].get("overrides") or [])
+        plan_overrides = [o for o in planned if o.split("=", 1)[0] not in given]  # the command line still wins
+        replaced = sorted(given & {o.split("=", 1)[0] for o in planned})
+        evidence["plan"]["resumed"] = "the run's first plan (its config.yaml), not measured again" + (
+            f"; the command line's {', '.join(replaced)} in place of the plan's" if replaced else "")
+        log.info("scenario=auto: resuming under the run's first plan (%s): %s", chosen, evidence["plan"].get("reason"))
+    else:
+        chosen, evidence = advise(cfg)
+        final = compose_config([*kept, f"scenario={chosen}"], config_name)
+        plan_overrides, evidence["plan"] = plan(cfg, final, evidence, kept, time.perf_counter() - started)
     final = compose_config([*kept, f"scenario={chosen}"], config_name)
-    plan_overrides, evidence["plan"] = plan(cfg, final, evidence, kept, time.perf_counter() - started)
     if plan_overrides:
         final = compose_config([*kept, f"scenario={chosen}", *plan_overrides], config_name)
     with open_dict(final):
