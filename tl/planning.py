@@ -110,7 +110,7 @@ def schedules(epochs: int, side: int, epochs_fixed: bool = False, can_shrink: bo
 def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_train: int, n_val: int, n_test: int,
                epochs: int, side: int, backbone_side: int, can_shrink: bool, epochs_fixed: bool = False,
                train_per_image_s: float | None = None, features_cached: bool = False, members: int = 1,
-               intervals: tuple[int, ...] = VAL_EVERY) -> dict:
+               intervals: tuple[int, ...] = VAL_EVERY, floor_per_image_s: float | None = None) -> dict:
     """The schedule (epochs, validation interval, side) that fits `budget_s`, with its estimated cost.
     `per_image_s`: a forward pass as validation and test run it (float32); `train_per_image_s`: as training steps
     run it (bfloat16 under trainer.precision=bf16-mixed; default: the same). `can_shrink`: the side is the plan's to
@@ -118,18 +118,24 @@ def fit_budget(budget_s: float | None, spent_s: float, per_image_s: float, n_tra
     image goes through the backbone once; the epochs train the head alone, next to free); `members`: a snapshot
     ensemble of this many members is scored on val and test and exported (each member one more forward pass per
     val and test image, and one more model in the ONNX export: ENSEMBLE_EXPORT_S each); `intervals`: the validation
-    intervals to choose from (the user's own, where given)."""
+    intervals to choose from (the user's own, where given); `floor_per_image_s`: a forward pass measured at the
+    smallest side (MIN_SIDE): no side costs less per image. (The cost scales with the pixels from the backbone's side
+    down to that floor: found by a hostile tester, 64 px runs of many small classes took 1.6-1.8x their estimate, the
+    fixed per-layer costs of a pass outweighing its pixels there; at 128 px and above the pixels still dominate.)"""
     train_s = per_image_s if train_per_image_s is None else train_per_image_s
+    floor = float(floor_per_image_s or 0.0)
+    train_floor = floor * train_s / per_image_s if per_image_s > 0 else floor
 
     extra = (members - 1) * ENSEMBLE_EXPORT_S if members > 1 else 0.0
     scored = members * (n_val + n_test) if members > 1 else 0
 
     def cost(e: int, every: int, s: int) -> float:
         scale = (s / backbone_side) ** 2
+        fwd, train = max(scale * per_image_s, floor), max(scale * train_s, train_floor)
         if features_cached:
-            return FINISH_S + scale * per_image_s * (n_train + n_val + 3 * n_test)
-        return FINISH_S + extra + scale * (train_s * e * TRAIN_FORWARDS * n_train + per_image_s * (
-            math.ceil(e / every) * n_val + n_val + 2 * n_test + scored))
+            return FINISH_S + fwd * (n_train + n_val + 3 * n_test)
+        return FINISH_S + extra + train * e * TRAIN_FORWARDS * n_train + fwd * (
+            math.ceil(e / every) * n_val + n_val + 2 * n_test + scored)
 
     plan = {"epochs": epochs, "val_every": 1, "side": side}
     if budget_s is None:

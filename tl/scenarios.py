@@ -173,6 +173,8 @@ def measure(cfg: DictConfig, datamodule) -> dict:
         "native_side": native,
         "input_side": backbone_side,
         "forward_ms_per_image": round(1000 * forward_seconds(model, backbone_side), 3),
+        # the floor of the per-image cost: at small sides a pass costs more than its share of pixels says
+        "forward_ms_per_image_min_side": round(1000 * forward_seconds(model, min(MIN_SIDE, backbone_side)), 3),
         **({"forward_ms_per_image_bf16": round(1000 * forward_seconds(model, backbone_side, bf16=True), 3)}
            if str(cfg.trainer.get("precision")) in BF16_MIXED else {}),
         "examples_per_class": float(np.median(counts)),
@@ -318,6 +320,8 @@ def plan(cfg: DictConfig, final: DictConfig, m: dict, overrides: list[str], spen
                           train_per_image_s=float(m.get("forward_ms_per_image_bf16", m["forward_ms_per_image"]))
                           / 1000 if str(final.trainer.get("precision")) in BF16_MIXED else None,
                           features_cached=feature_cache_applies(final),
+                          floor_per_image_s=float(m["forward_ms_per_image_min_side"]) / 1000
+                          if m.get("forward_ms_per_image_min_side") else None,
                           members=cycles if snapshot_plan else int(final.snapshots.get("cycles") or 0) or 1,
                           intervals=(int(final.trainer.check_val_every_n_epoch),)
                           if "trainer.check_val_every_n_epoch" in given
