@@ -242,7 +242,11 @@ def _check_creatable(setting: str, target: Path) -> None:
     import tempfile
 
     for part in (target, *target.parents):  # mkdir meets a dangling link or a link loop as "File exists"
-        if part.is_symlink() and not part.exists():
+        try:
+            dangling = part.is_symlink() and not part.exists()
+        except OSError:  # a name longer than the filesystem allows (ENAMETOOLONG): said below, in one line
+            continue
+        if dangling:
             _fail(f"{setting}={target}: {part} is a symbolic link to a missing folder, or a link loop: remove or "
                   "repoint the link, or choose another folder")
     try:
