@@ -423,11 +423,9 @@ def resolve(cfg: DictConfig, overrides: list[str], config_name: str = "train", s
         log.info("scenario=auto: resuming under the run's first plan (%s): %s", chosen, evidence["plan"].get("reason"))
     else:
         chosen, evidence = advise(cfg)
-        final = compose_config([*kept, f"scenario={chosen}"], config_name)
-        plan_overrides, evidence["plan"] = plan(cfg, final, evidence, kept, time.perf_counter() - started)
-    final = compose_config([*kept, f"scenario={chosen}"], config_name)
-    if plan_overrides:
-        final = compose_config([*kept, f"scenario={chosen}", *plan_overrides], config_name)
+        preset = compose_config([*kept, f"scenario={chosen}"], config_name)
+        plan_overrides, evidence["plan"] = plan(cfg, preset, evidence, kept, time.perf_counter() - started)
+    final = compose_config([*kept, f"scenario={chosen}", *plan_overrides], config_name)
     with open_dict(final):
         final.paths = OmegaConf.create(OmegaConf.to_container(cfg.paths, resolve=True))
         final.scenario.evidence = evidence

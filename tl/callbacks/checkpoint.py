@@ -220,7 +220,7 @@ class PatientEarlyStopping(EarlyStopping):
 
 
 class RandomState(pl.Callback):
-    """The random generators' states (Python's, NumPy's, torch's CPU and current CUDA device's) in every checkpoint,
+    """The random generators' states (Python's, NumPy's, torch's CPU and CUDA devices') in every checkpoint,
     put back when a run resumes from it, so that the resumed run draws what the run that was never stopped would have
     drawn: the same shuffles, augmentations, dropout masks and loader-worker seeds after an epoch boundary (the
     resume of `last.ckpt` after a kill). A run stopped during a validation validates that epoch again on resume with
@@ -239,43 +239,25 @@ class RandomState(pl.Callback):
     data comes from the distributed sampler, not these states."""
 
     def state_dict(self) -> dict:
-        return self._states()
-
-    @staticmethod
-    def _states() -> dict:
-        import random
-
-        import numpy as np
         import torch
+        from lightning_fabric.utilities.seed import _collect_rng_states
 
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-                 "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                           "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
+        # Lightning's own collection (torch, CUDA where in use, NumPy, Python), NumPy's array as a tensor
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        states["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        return states
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict
-        if not saved:
+        if not state_dict:
             return
-        import random
-
-        import numpy as np
-        import torch
+        from lightning_fabric.utilities.seed import _set_rng_states
 
         try:
-            version, internal, gauss = saved["python"]
-            numpy = saved["numpy"]
-            states = ((version, tuple(internal), gauss), saved["torch"],
-                      (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                       numpy["cached_gaussian"]))
-            random.setstate(states[0])
-            torch.set_rng_state(states[1])
-            np.random.set_state(states[2])
-            if "cuda" in saved and torch.cuda.is_available():
-                torch.cuda.set_rng_state(saved["cuda"])
+            numpy = state_dict["numpy"]
+            _set_rng_states({**state_dict, "numpy": (numpy["name"], numpy["keys"].numpy().astype("uint32"),
+                                                     numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # another version's layout: start from the seed
             log.warning("The checkpoint's random-generator states could not be restored (%s); the resumed run draws "
                         "from the seed's states instead", e)

@@ -102,11 +102,11 @@ def _check_not_a_delivery(cache_dir: Path) -> None:
     """paths.cache_dir must not be, or be inside, a folder of a training run's results (RUN/export, checkpoints,
     report, ...) or an exported model: the cache's entries would be written among another run's deliverables (found
     by a hostile tester: paths.cache_dir=OTHER_RUN/export filled it with feature files, exit 0)."""
-    from tl.export import _is_run, _is_tl_export
+    from tl.export import RUN_PARTS, _is_run, _is_tl_export
 
     target = cache_dir.expanduser().resolve(strict=False)
     for folder in (target, *target.parents):
-        part = folder.name in ("checkpoints", "export", "report", "tensorboard", "csv", "snapshots", ".hydra")
+        part = folder.name in ("export", *RUN_PARTS)
         if (part and _is_run(folder.parent)) or _is_tl_export(folder / "model.json"):
             raise TLError(f"paths.cache_dir={str(cache_dir)!r} is inside {str(folder)!r}, "
                           f"{'a training run' + chr(39) + 's ' + folder.name + '/' if part else 'an exported model'}: "
