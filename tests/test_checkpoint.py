@@ -113,3 +113,17 @@ def test_a_resume_keeps_the_csv_loggers_earlier_rows(tiny_cfg, tmp_path):
     assert epochs() == {0}
     train(tiny_cfg(*common, "trainer.max_epochs=2", "ckpt_path=last"))
     assert epochs() == {0, 1}
+
+
+def test_a_resumed_run_reports_the_fit_time_of_every_attempt(tiny_cfg, tmp_path):
+    """fit_seconds counted only the last attempt: a run requeued twice reported a third of its training."""
+    common = ("export=false", "test=false", "logger=none")
+    first, _ = train(tiny_cfg(*common, "trainer.max_epochs=1"))
+    assert "fit_seconds_earlier" not in first
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["fit_seconds"]
+    assert 0 < saved <= first["fit_seconds"]  # saved at the epoch's end, before the fit's last hooks ran
+    resumed, _ = train(tiny_cfg(*common, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert resumed["fit_seconds_earlier"] == pytest.approx(saved, abs=0.01)
+    assert resumed["fit_seconds"] > saved  # the earlier attempt's time plus this one's
+    later = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["fit_seconds"]
+    assert saved < later <= resumed["fit_seconds"]  # the next resume would carry both attempts

@@ -289,11 +289,13 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
         if previous_config is not None and trainer.global_step == resumed_step and trainer.is_global_zero:
             atomic_write_bytes(run_dir / "config.yaml", previous_config)  # refused before a step: the run as it was
         raise
-    fit_seconds = time.perf_counter() - started
+    # earlier attempts' training (saved in the checkpoint this fit resumed) plus this process's
+    earlier = module.fit_seconds_earlier if ckpt_path is not None else 0.0
+    fit_seconds = earlier + time.perf_counter() - started
     try:  # a SIGTERM from here on (Lightning's handler is gone after fit) ends in one line, scratch files removed
         with sigterm_as_exception():
             return _finish(cfg, run_dir, trainer, module, datamodule, fit_data, fit_seconds, pretrained, lr_found,
-                           head_init)
+                           head_init, fit_seconds_earlier=earlier)
     except (Terminated, KeyboardInterrupt) as e:
         e.tl_after = ("; training had finished: the same hydra.run.dir with ckpt_path=auto tests, reports and "
                       "exports it (an early-stopped run first trains one more epoch)")
@@ -301,13 +303,15 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
 
 
 def _finish(cfg: DictConfig, run_dir: Path, trainer, module, datamodule, fit_data, fit_seconds: float, pretrained,
-            lr_found: dict, head_init) -> tuple[dict, dict]:
+            lr_found: dict, head_init, fit_seconds_earlier: float = 0.0) -> tuple[dict, dict]:
     """After fitting: test the selected weights, report, deliver a snapshot ensemble, export, write results.json."""
 
     extra: dict[str, Any] = {"fit_seconds": round(fit_seconds, 2), "pretrained": pretrained,
                              "precision": str(cfg.trainer.precision), **lr_found}
     if head_init is not None:
         extra["head_init"] = head_init
+    if fit_seconds_earlier > 0:  # a resumed run: fit_seconds counts every attempt (each up to its last checkpoint)
+        extra["fit_seconds_earlier"] = round(fit_seconds_earlier, 2)
     if cfg.test:
         best = getattr(selection_checkpoint(trainer), "best_model_path", None)
         extra.update(trainer.test(module, datamodule=fit_data, ckpt_path=best or None, weights_only=True)[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -127,6 +128,11 @@ class TransferModule(pl.LightningModule):
         self.calibration: dict | None = None  # {"temperature": T, ...} once fitted on val (tl.report)
         self.mixup = None
         self._loss_checks: list[tuple[torch.cuda.Event, torch.Tensor, int]] = []  # deferred on a GPU (_step)
+        # training time carried across resumes: saved in every checkpoint, so that a resumed run reports the whole
+        # fit (up to each earlier attempt's last checkpoint), not only its own last part
+        self._fit_seconds_before = self._fit_seconds_carried = 0.0
+        self._fit_seconds_loaded: float | None = None
+        self._fit_clock: float | None = None
         if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
             self.mixup = Mixup(
                 mixup_alpha=mixup.get("mixup_alpha") or 0.0, cutmix_alpha=mixup.get("cutmix_alpha") or 0.0,
@@ -302,13 +308,36 @@ class TransferModule(pl.LightningModule):
             self._raise_nonfinite_loss(*bad)
         if self.calibration is not None:
             checkpoint["calibration"] = dict(self.calibration)
+        if self._fit_clock is not None:  # during a fit (not a checkpoint written after it, e.g. by tl.export)
+            checkpoint["fit_seconds"] = self.fit_seconds
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.calibration = check_calibration(checkpoint.get("calibration"), "the checkpoint")
+        seconds = checkpoint.get("fit_seconds")
+        self._fit_seconds_loaded = (float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds)
+                                    and seconds >= 0 else None)
 
     def on_fit_start(self) -> None:
         self._loss_checks.clear()  # verdicts left by an earlier fit that ended otherwise (a reused module)
         self.calibration = None  # training moves the weights: a temperature fitted to earlier ones no longer holds
+        # a fit resumed from a checkpoint goes on counting from its time; a fresh one (no checkpoint loaded) from 0
+        self._fit_seconds_carried, self._fit_seconds_loaded = self._fit_seconds_loaded or 0.0, None
+        self._fit_seconds_before, self._fit_clock = self._fit_seconds_carried, time.perf_counter()
+
+    def on_fit_end(self) -> None:
+        self._fit_seconds_before, self._fit_clock = self.fit_seconds, None
+
+    @property
+    def fit_seconds(self) -> float:
+        """Seconds of training over every attempt of this run: earlier attempts' (up to the checkpoint this fit
+        resumed) plus this fit's so far."""
+        running = time.perf_counter() - self._fit_clock if self._fit_clock is not None else 0.0
+        return self._fit_seconds_before + running
+
+    @property
+    def fit_seconds_earlier(self) -> float:
+        """The earlier attempts' share of `fit_seconds` (0 for a run trained in one go)."""
+        return self._fit_seconds_carried
 
     def on_train_start(self) -> None:
         restore_loader_state(self.trainer)
