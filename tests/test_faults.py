@@ -7,6 +7,7 @@ files, pickles that run code, offline hub (test_models.py), unknown names at the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -347,9 +348,18 @@ def test_a_run_stopped_during_validation_validates_that_epoch_on_resume(tiny_cfg
                         f"+callbacks.rec.path={tmp_path / name}.jsonl", *extra, run_dir=tmp_path / name)
 
     whole, _ = train(cfg("whole"))
+    said: list[str] = []  # what Lightning's checkpoint code logs (INFO reaches the terminal under tl.train)
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    connector = logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector")
+    level = connector.level
+    connector.addHandler(handler), connector.setLevel(logging.INFO)
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException
         train(cfg("run", "+callbacks.term._target_=distributed_helpers.SignalInValidation",
                   "+callbacks.term.epoch=0"))
+    # saved with the full state said, so Lightning printed no stray "`weights_only` was not set" line beside tl's own
+    connector.removeHandler(handler), connector.setLevel(level)
+    assert not [m for m in said if "weights_only" in m]
     assert (tmp_path / "run" / "checkpoints" / "interrupted.ckpt").is_file() and not (tmp_path / "run.jsonl").exists()
     resumed, _ = train(cfg("run", "ckpt_path=auto"))
 

@@ -156,7 +156,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
                 return
             if trainer.validating and not trainer.sanity_checking:
                 _validate_again_on_resume(trainer.fit_loop.epoch_loop.val_loop)
-            super().on_exception(trainer)
+            # OnExceptionCheckpoint.on_exception without its default: Lightning logs a stray "`weights_only` was not
+            # set, defaulting to `False`." line when a caller leaves it out (ModelCheckpoint passes it)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
 
 
 def _validate_again_on_resume(val_loop) -> None:

@@ -70,7 +70,7 @@ class SnapshotEnsemble(Callback):
         # Listed before saving, so every checkpoint (and a resumed run) knows the snapshots up to itself.
         self.snapshots.append({"path": str(path), "cycle": cycle, "step": trainer.global_step,
                                "lr": max(self._lrs) if self._lrs else float("nan")})
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state, as said (no log line asking)
 
     def state_dict(self) -> dict:
         return {"snapshots": self.snapshots}
