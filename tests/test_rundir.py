@@ -66,13 +66,38 @@ def test_a_resume_with_another_policy_or_optimizer_is_refused_before_the_config_
     state: Lightning would fail loading it, after the run's config was rewritten."""
     train(tiny_cfg("trainer.max_epochs=1", "export=false"))
     config = digest(tmp_path / "config.yaml")
+    # Found by a hostile tester: another optimizer.lr (or weight decay, backbone multiplier) trained on at the
+    # checkpoint's rates (Lightning restores the optimizer's groups) while config.yaml recorded the new value
     for change, says in (("finetune.strategy=linear_probe", "was trained with finetune.strategy="),
                          ("optimizer=sgd", "was trained with the optimizer torch.optim.AdamW but this run has "
-                                           "torch.optim.SGD")):
+                                           "torch.optim.SGD"),
+                         ("optimizer.lr=0.5", r"was trained with optimizer.lr=.* but this run has optimizer.lr=0.5: a "
+                                              "resume goes on with the checkpoint's optimizer state"),
+                         ("optimizer.weight_decay=0.3", "optimizer.weight_decay=0.3"),
+                         ("finetune.backbone_lr_mult=0.9", "finetune.backbone_lr_mult=0.9")):
         with pytest.raises(TLError, match=says) as e:
             train(tiny_cfg("trainer.max_epochs=2", "ckpt_path=last", change, "export=false"))
         assert "\n" not in str(e.value)
         assert digest(tmp_path / "config.yaml") == config
+
+
+def test_the_optimizer_settings_a_resume_compares():
+    """betas saved as a list match a tuple; a rate the LR finder applied (lr_find=apply) is not the config's, so it
+    is not compared; any other change is refused."""
+    from omegaconf import OmegaConf
+
+    from tl.checks import _check_optimizer_settings
+
+    saved = {"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.0123, "weight_decay": 0.05,
+                           "betas": [0.9, 0.999]}, "backbone_lr_mult": 0.1}
+    ours = {"optimizer": OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.001,
+                                           "weight_decay": 0.05, "betas": (0.9, 0.999)}), "backbone_lr_mult": 0.1}
+    _check_optimizer_settings("c.ckpt", saved, ours, lr_found=True)
+    with pytest.raises(TLError, match=r"optimizer.lr=0.0123 but this run has optimizer.lr=0.001"):
+        _check_optimizer_settings("c.ckpt", saved, ours)
+    ours["optimizer"].betas = [0.9, 0.99]
+    with pytest.raises(TLError, match=r"optimizer.betas=\[0.9, 0.999\] but this run has optimizer.betas=\[0.9, 0.99\]"):
+        _check_optimizer_settings("c.ckpt", saved, ours, lr_found=True)
 
 
 def test_a_lock_of_the_same_slurm_job_is_taken_over_and_one_from_another_machine_is_not(tmp_path, monkeypatch):

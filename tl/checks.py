@@ -462,10 +462,42 @@ def load_training_checkpoint(ckpt_path: str) -> dict:
     return ckpt
 
 
+def _same_setting(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0) or a == b
+    return a == b
+
+
+def _check_optimizer_settings(ckpt_path: str, hp: dict, ours, lr_found: bool = False) -> None:
+    """Found by a hostile tester: a resume with another `optimizer.lr` (or weight decay, betas, backbone LR
+    multiplier) trained on at the checkpoint's, since Lightning restores the optimizer's state with its parameter
+    groups' rates, while config.yaml recorded the new value. The scheduler is rebuilt from the config (its changes
+    do apply); the optimizer's settings would not, so they are refused. `lr_found`: the run has lr_find=apply, so
+    the checkpoint's rate is the finder's, not the config's (tl.train takes it over)."""
+    saved, now = hp.get("optimizer"), ours.get("optimizer")
+    if not isinstance(saved, dict) or now is None:
+        return
+    now = OmegaConf.to_container(now, resolve=True) if isinstance(now, DictConfig) else dict(now)
+    pairs = [(f"optimizer.{k}", saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+             if k not in ("_target_", "_partial_") and not (lr_found and k == "lr")]
+    if "backbone_lr_mult" in hp:
+        pairs.append(("finetune.backbone_lr_mult", hp["backbone_lr_mult"], ours.get("backbone_lr_mult")))
+    for setting, before, after in pairs:
+        if not _same_setting(before, after):
+            raise TLError(f"ckpt_path={ckpt_path!r} was trained with {setting}={before!r} but this run has "
+                          f"{setting}={after!r}: a resume goes on with the checkpoint's optimizer state and learning "
+                          f"rates, so the new value would be ignored; resume without changing {setting}, or train "
+                          "on from these weights at the new setting in a new run: model.pretrained=CKPT (its "
+                          "classifier is kept) in another hydra.run.dir")
+
+
 def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished: bool = False,
-                 planned: bool = False) -> None:
+                 planned: bool = False, lr_found: bool = False) -> dict:
     """A checkpoint to resume from must be a tl checkpoint of the same architecture and classes as the run, with
-    epochs left to train, checked before anything in the run directory is rewritten."""
+    epochs left to train, checked before anything in the run directory is rewritten. Returns its hyperparameters."""
     ckpt = load_training_checkpoint(ckpt_path)
     hp = ckpt.get("hyper_parameters") or {}
     from tl.models.module import check_calibration
@@ -486,6 +518,7 @@ def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished
         raise TLError(f"ckpt_path={ckpt_path!r} was trained with the optimizer {saved_opt} but this run has {our_opt}: "
                       "resume with the run's own settings (its config.yaml), or start a new run in another "
                       "hydra.run.dir")
+    _check_optimizer_settings(ckpt_path, hp, ours, lr_found)
     for key, setting in (("strategy", "finetune.strategy"), ("trainable_stages", "finetune.trainable_stages"),
                          ("layer_decay", "finetune.layer_decay"), ("lp_epochs", "finetune.lp_epochs"),
                          ("unfreeze_every", "finetune.unfreeze_every")):
@@ -518,8 +551,9 @@ def check_resume(ckpt_path: str, module, max_epochs: int | None = None, finished
                       f"to train further set trainer.max_epochs above {epoch + 1}; to export again use python -m "
                       "tl.export ckpt=RUN")
     if max_epochs is not None and isinstance(epoch, int) and epoch == max_epochs:
-        return  # saved after the last epoch (a signal during test or the report): the resumed run tests and reports
+        return hp  # saved after the last epoch (a signal during test or the report): the resumed run tests, reports
     if max_epochs is not None and isinstance(epoch, int) and max_epochs < epoch + 1:
         raise TLError(f"ckpt_path={ckpt_path!r} was saved in epoch {epoch + 1} but trainer.max_epochs={max_epochs}: "
                       f"to continue training, set trainer.max_epochs to more than {epoch + 1}")
+    return hp
 

@@ -241,9 +241,13 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
     # 3. model: architecture and new head, then the pretrained backbone weights; a checkpoint to resume must fit it
     module = build_module(cfg, datamodule)
     if ckpt_path is not None:
-        check_resume(ckpt_path, module, cfg.trainer.max_epochs,
-                     finished=(run_dir / "results.json").is_file() and own_resume(cfg.ckpt_path, run_dir),
-                     planned=OmegaConf.select(cfg, "scenario.evidence.plan") is not None)
+        saved = check_resume(ckpt_path, module, cfg.trainer.max_epochs,
+                             finished=(run_dir / "results.json").is_file() and own_resume(cfg.ckpt_path, run_dir),
+                             planned=OmegaConf.select(cfg, "scenario.evidence.plan") is not None,
+                             lr_found=cfg.lr_find == "apply")
+        saved_lr = (saved.get("optimizer") or {}).get("lr") if isinstance(saved.get("optimizer"), dict) else None
+        if cfg.lr_find == "apply" and saved_lr is not None and module.hparams.get("optimizer") is not None:
+            module.hparams.optimizer["lr"] = saved_lr  # the finder's rate, which the restored optimizer goes on with
     pretrained = module.load_pretrained()
     head_init = None
     if cfg.finetune.head_init == "probe" and ckpt_path is None:  # LP-FT: start from the best linear probe
