@@ -127,3 +127,21 @@ def test_a_resumed_run_reports_the_fit_time_of_every_attempt(tiny_cfg, tmp_path)
     assert resumed["fit_seconds"] > saved  # the earlier attempt's time plus this one's
     later = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["fit_seconds"]
     assert saved < later <= resumed["fit_seconds"]  # the next resume would carry both attempts
+
+
+def test_a_run_folder_copied_elsewhere_resumes_with_its_best_checkpoint_record(tiny_cfg, tmp_path):
+    """Found by a hostile tester: Lightning reloads the best-checkpoint record only in the folder it was saved in.
+    A run copied elsewhere and resumed there made its first new epoch "best" whatever it scored, and tested and
+    exported it. Here epoch 0 is best (lowest epoch index); the copy extended to 3 epochs must still deliver it."""
+    import shutil
+
+    common = (*BY_EPOCH, "callbacks.model_checkpoint.mode=min", "logger=none", "export=false")
+    first, _ = train(tiny_cfg(*common, "trainer.max_epochs=2", run_dir=tmp_path / "a"))
+    assert Path(first["best_ckpt"]).name == "epoch000.ckpt"
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "checkpoints").iterdir()}
+    resumed, _ = train(tiny_cfg(*common, "trainer.max_epochs=3", "ckpt_path=last", run_dir=tmp_path / "b"))
+    assert resumed["epochs"] == 3
+    assert Path(resumed["best_ckpt"]) == tmp_path / "b" / "checkpoints" / "epoch000.ckpt"  # the copy's own file
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("epoch*.ckpt")) == ["epoch000.ckpt"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "checkpoints").iterdir()} == before

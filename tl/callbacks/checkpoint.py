@@ -34,7 +34,41 @@ from tl.checkpoint_io import AtomicCheckpointIO
 log = logging.getLogger(__name__)
 
 
-class BestCheckpoint(ModelCheckpoint):
+def _moved_here(state: dict, here: str) -> dict | None:
+    """A ModelCheckpoint state recorded in another folder, with its paths moved into `here`, if the files it tracks
+    are found there by name (a run folder copied or moved, then resumed); None otherwise (another run's checkpoint,
+    whose files this run neither uses nor rewrites)."""
+    old = state.get("dirpath")
+    if not old:
+        return None
+
+    def move(path):
+        return os.path.join(here, os.path.basename(path)) if path and os.path.dirname(path) == old else path
+
+    best_k = {move(k): v for k, v in (state.get("best_k_models") or {}).items()}
+    tracked = [*best_k, move(state.get("best_model_path")), move(state.get("kth_best_model_path"))]
+    if not all(os.path.isfile(p) for p in tracked if p):
+        return None
+    return {**state, "dirpath": here, "best_k_models": best_k, "best_model_path": move(state.get("best_model_path")),
+            "kth_best_model_path": move(state.get("kth_best_model_path")),
+            "last_model_path": move(state.get("last_model_path"))}
+
+
+class MovableCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps its record of the best checkpoints when the run folder was moved or copied.
+
+    Found by a hostile tester: Lightning reloads that record only when the checkpoint folder's path is the one it was
+    saved under. A run copied elsewhere (off a cluster's scratch disk, say) and resumed there started from no record:
+    its first validation became "best" whatever it scored, the copied best was neither compared nor removed, and
+    the worse checkpoint was tested and exported. The record now follows the files, found by name in the new folder."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.dirpath and state_dict.get("dirpath") not in (None, self.dirpath):
+            state_dict = _moved_here(state_dict, self.dirpath) or state_dict
+        super().load_state_dict(state_dict)
+
+
+class BestCheckpoint(MovableCheckpoint):
     """Lightning's ModelCheckpoint (model selection on the monitored metric), with a rule for ties: `first` keeps the
     earliest checkpoint among equal scores (Lightning's own rule), `last` takes the latest. On a small validation
     split accuracy moves in steps of 1/n, so equal scores are common; under a decaying learning rate the later of two
@@ -63,7 +97,7 @@ class BestCheckpoint(ModelCheckpoint):
         return trainer.strategy.reduce_boolean_decision(better)  # every rank alike
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(MovableCheckpoint):
     """`last.ckpt` at every epoch's end and, with `every_n_steps`, also every that many optimizer steps within an
     epoch (Lightning's own `every_n_train_steps` would replace the epoch-end save). A mid-epoch `last.ckpt` is what a
     job killed without warning (kill -9, a node lost) resumes from; from shards (`data=shards`), whose loader
