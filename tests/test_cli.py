@@ -60,6 +60,22 @@ def test_bad_input_exits_with_one_line(tmp_path, overrides, culprit, monkeypatch
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("overrides", [
+    ["data=imagefolder", "data.root=${oc.env:TL_TEST_UNSET}"],
+    ["scenario=small_similar", "paths.cache_dir=${oc.env:TL_TEST_UNSET}"],
+    ["data=imagefolder", "data.root=${nope}"],
+])
+def test_a_value_that_does_not_resolve_is_one_line_and_makes_no_run_folder(tmp_path, overrides, monkeypatch, capfd):
+    """Found by a hostile tester: an unset environment variable in data.root (a batch script's ${oc.env:DATA_DIR})
+    was omegaconf's traceback, read mid-run, and left a run folder holding .hydra/ and an empty train.log."""
+    monkeypatch.delenv("TL_TEST_UNSET", raising=False)
+    proc = run_train_here(*overrides, tmp_path=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    key, value = overrides[-1].split("=", 1)
+    assert proc.returncode == 2 and f"{key}={value} cannot be resolved" in error_line(proc)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_empty_class_folder_and_misfit_checkpoint(tmp_path, monkeypatch, capfd):
     from PIL import Image
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tl.errors import TLError
 from tl.models.strategies import STAGED, STRATEGIES
-from tl.utils import check_required
+from tl.utils import check_required, check_resolvable
 
 Rule = tuple[str, Callable[[object], bool], str]
 
@@ -354,6 +354,7 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     `final`: the config `train()` runs, where `scenario=auto` has already been decided (`tl.scenarios.resolve`).
     """
     check_required(cfg)
+    check_resolvable(cfg)
     for key, example in SECTIONS.items():
         if key in cfg and cfg.get(key) is None:
             raise TLError(f"{key}=null: {key} is a group of settings, not a switch: set its keys instead, e.g. "

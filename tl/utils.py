@@ -252,6 +252,40 @@ def check_required(cfg: DictConfig) -> None:
         raise TLError(f"{missing[0]} is required: set it on the command line, e.g. {missing[0]}=...")
 
 
+def check_resolvable(cfg: DictConfig) -> None:
+    """Fail in one line on a value whose interpolation does not resolve (`data.root=${oc.env:DATA_DIR}` with the
+    variable unset in a batch script, `${nope}`), naming the key, before it is read mid-run as a traceback.
+    Hydra's own `${hydra:...}` values are left alone: outside a running Hydra app they cannot resolve yet."""
+    from omegaconf import ListConfig
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    def walk(node, prefix: str) -> None:
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            path = f"{prefix}{key}"
+            if path == "hydra" or (isinstance(node, DictConfig) and OmegaConf.is_missing(node, key)):
+                continue  # Hydra's own settings; `???` is check_required's to report
+            try:
+                value = node[key]
+            except MissingMandatoryValue:
+                continue
+            except OmegaConfBaseException as e:
+                chain, cause = [], e
+                while cause is not None:
+                    chain.append(str(cause))
+                    cause = cause.__cause__ or cause.__context__
+                if any("HydraConfig" in c for c in chain):
+                    continue
+                raw = node._get_node(key)._value() if isinstance(node, (DictConfig, ListConfig)) else "?"
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise TLError(f"{path}={raw} cannot be resolved ({first}): set what it refers to (an environment "
+                              "variable: export it), or give the value itself") from None
+            if isinstance(value, (DictConfig, ListConfig)):
+                walk(value, f"{path}.")
+
+    walk(cfg, "")
+
+
 def to_plain(cfg: Any) -> Any:
     """A resolved plain Python container from an OmegaConf node (anything else passes through)."""
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
