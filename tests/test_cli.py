@@ -75,6 +75,27 @@ def test_a_value_that_does_not_resolve_is_one_line_and_makes_no_run_folder(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("arg", "says"), [
+    ("logger=null", "logger=null: logger is a config group, null picks none of its options; use logger=none"),
+    ("callbacks=null", "use callbacks=none"),
+    ("scheduler=null", "scheduler is required: choose one of constant, cosine"),
+    ("debug=null", "debug is off unless chosen: leave it out"),
+    ("~model", "~model: model is required: choose one of"),
+    ("~data", "~data: data is required: choose one of"),
+])
+def test_a_group_set_to_null_or_removed_is_one_line(arg, says, monkeypatch, capsys):
+    """Found by a hostile tester: `logger=null` (a natural way to switch it off) and `~model` were Hydra's
+    tracebacks."""
+    from tl.cli import check_group_choices
+
+    with pytest.raises(SystemExit) as e:
+        check_group_choices(["trainer.max_epochs=1", arg])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"tl: error: {arg}: ") and says in err and err.count("\n") == 1
+    check_group_choices(["~weight_averaging", "+debug=overfit", "logger=none", "data.root=null"])  # these are fine
+    check_group_choices(["model=null"], train=False)  # the other tools' configs have no such groups
+
+
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_empty_class_folder_and_misfit_checkpoint(tmp_path, monkeypatch, capfd):
     from PIL import Image

@@ -32,9 +32,40 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def check_group_choices(argv: list[str]) -> None:
-    """Exit with one line if an override picks a config group option that does not exist."""
+OPTIONAL_GROUPS = ("experiment", "hparams_search", "debug")  # `optional ...: null` in the defaults lists
+REQUIRED_GROUPS = ("data", "model", "optimizer", "trainer", "scenario")  # `~GROUP` leaves the config unusable
+
+
+def _group_off(group: str) -> str:
+    options = group_options(group)
+    if group in OPTIONAL_GROUPS:
+        return f"{group} is off unless chosen: leave it out, or choose one of {', '.join(options)}"
+    if "none" in options:
+        return f"use {group}=none to switch it off"
+    return f"{group} is required: choose one of {', '.join(options)}"
+
+
+def _dropped_group(arg: str) -> str | None:
+    """The one-line refusal for `GROUP=null` (Hydra's traceback: null is none of a group's options) or `~GROUP` of a
+    group the run cannot do without; None for anything else."""
+    key = arg.lstrip("+~").split("=", 1)[0]
+    if "." in key or "@" in key or not (CONF_DIR / key).is_dir():
+        return None
+    if arg.startswith("~") and not arg.startswith("~~") and key in REQUIRED_GROUPS:
+        return f"{arg}: {_group_off(key)}"
+    if not arg.startswith("~") and arg.split("=", 1)[-1] == "null" and "=" in arg:
+        return f"{arg}: {key} is a config group, null picks none of its options; {_group_off(key)}"
+    return None
+
+
+def check_group_choices(argv: list[str], train: bool = True) -> None:
+    """Exit with one line if an override picks a config group option that does not exist, or (`train`: the training
+    config, whose groups these are) drops a group the run cannot do without (found by a hostile tester:
+    `logger=null` and `~model` were Hydra's tracebacks)."""
     for arg in argv:
+        dropped = _dropped_group(arg) if train and not arg.startswith(("hydra", "-")) else None
+        if dropped:
+            _fail(dropped)
         if "=" not in arg or arg.startswith(("~", "hydra", "-")):
             continue
         key, value = arg.lstrip("+").split("=", 1)
@@ -481,7 +512,7 @@ def _launch(hydra_main, config_name: str) -> None:
             stream.reconfigure(errors="backslashreplace")
     check_syntax(argv)
     check_sweeper(argv)
-    check_group_choices(argv)
+    check_group_choices(argv, train=config_name == "train")
     if config_name == "train":
         check_labels(argv)
     check_run_dir(argv, config_name)
