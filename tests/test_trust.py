@@ -417,6 +417,14 @@ def test_a_bad_temperature_in_a_checkpoint_or_export_is_refused_in_one_line(skew
     ("trainer=ddp_syncbn trainer.accelerator=cpu trainer.devices=1", "(SyncBatchNorm) runs on GPUs only"),
     ("trainer=fsdp trainer.accelerator=cpu trainer.devices=1", "trainer=fsdp runs on GPUs only"),
     ("trainer=slurm trainer.accelerator=cpu trainer.precision=32-true", "takes its ranks from a SLURM job"),
+    # the augmentation policy: a reversed scale trained under a buried warning; ratio 0 and a negative mixup alpha
+    # were tracebacks at the first step (hostile round 39)
+    ("augment=light augment.scale=[1.5,0.2]", "augment.scale=[1.5, 0.2] is invalid: use null or [min, max]"),
+    ("augment=light augment.ratio=[0,1]", "augment.ratio=[0, 1] is invalid"),
+    ("augment=light augment.hflip=2", "augment.hflip=2 is invalid: use a probability in [0, 1]"),
+    ("augment=strong augment.re_prob=-1", "augment.re_prob=-1 is invalid"),
+    ("augment=mix augment.mixup.mixup_alpha=-1", "augment.mixup.mixup_alpha=-1 is invalid"),
+    ("augment=mix augment.mixup.mixup_alpha=0 augment.mixup.cutmix_alpha=0", "augment.mixup mixes nothing"),
 ])
 def test_bad_trust_settings_fail_in_one_line(tiny_cfg, override, message, monkeypatch):
     from tl.checks import validate

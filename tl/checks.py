@@ -125,6 +125,36 @@ AUTO_RULES: list[Rule] = [
     ("scenario.small_deliver", lambda v: v in ("val", "ensemble", "best"), "ensemble, val or best (snapshots.deliver)"),
 ]
 
+def _pair(lo: float, hi: float | None, low_open: bool = True) -> Callable[[object], bool]:
+    """Two numbers, smallest first, within (lo, hi] (or [lo, hi] where not `low_open`; no upper bound: hi None)."""
+    def ok(v) -> bool:
+        if not isinstance(v, (list, tuple, ListConfig)) or len(v) != 2 or not all(_number(x) for x in v):
+            return False
+        a, b = float(v[0]), float(v[1])
+        return (a > lo if low_open else a >= lo) and a <= b and (hi is None or b <= hi)
+    return ok
+
+
+def _probability(v) -> bool:
+    return _number(v) and 0 <= v <= 1
+
+
+# The augmentation policy's values (found by a hostile tester: a reversed scale trained with a buried timm warning,
+# ratio [0, 1] and a negative mixup alpha were tracebacks at the first step, after the run folder was made)
+AUGMENT_RULES: list[Rule] = [
+    ("augment.scale", _optional(_pair(0.0, 1.0)), "null or [min, max] area fractions with 0 < min <= max <= 1, "
+     "e.g. [0.6, 1.0]"),
+    ("augment.ratio", _optional(_pair(0.0, None)), "null or [min, max] aspect ratios with 0 < min <= max, e.g. "
+     "[0.75, 1.3333]"),
+    ("augment.hflip", _optional(_probability), "a probability in [0, 1], e.g. 0.5 (0: off)"),
+    ("augment.vflip", _optional(_probability), "a probability in [0, 1] (0: off)"),
+    ("augment.re_prob", _optional(_probability), "a probability in [0, 1], e.g. 0.25 (0: off)"),
+    ("augment.mixup.mixup_alpha", lambda v: _number(v) and v >= 0, "a number >= 0, e.g. 0.2 (0: off)"),
+    ("augment.mixup.cutmix_alpha", lambda v: _number(v) and v >= 0, "a number >= 0, e.g. 1.0 (0: off)"),
+    ("augment.mixup.prob", _probability, "a probability in [0, 1], e.g. 1.0"),
+    ("augment.mixup.switch_prob", _probability, "a probability in [0, 1], e.g. 0.5"),
+]
+
 RULES: list[Rule] = [
     # above 10 no optimizer trains (and float32 overflows past 3e38): a typo's exponent, not a learning rate
     ("optimizer.lr", lambda v: _number(v) and 0 < v <= 10, "a positive number up to 10, e.g. 1e-3"),
@@ -354,12 +384,18 @@ def validate(cfg: DictConfig, final: bool = True) -> None:
     `final`: the config `train()` runs, where `scenario=auto` has already been decided (`tl.scenarios.resolve`).
     """
     check_required(cfg)
-    check_resolvable(cfg)
     for key, example in SECTIONS.items():
         if key in cfg and cfg.get(key) is None:
             raise TLError(f"{key}=null: {key} is a group of settings, not a switch: set its keys instead, e.g. "
                           f"{example}")
+    check_resolvable(cfg)  # after: a section set to null breaks the interpolations into it, which say less
     check_rules(cfg, RULES)
+    check_rules(cfg, AUGMENT_RULES)
+    mixup = OmegaConf.select(cfg, "augment.mixup")
+    if isinstance(mixup, DictConfig) and not (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")
+                                              or mixup.get("cutmix_minmax")):
+        raise TLError("augment.mixup mixes nothing with mixup_alpha=0 and cutmix_alpha=0: set one above 0 (e.g. "
+                      "augment.mixup.mixup_alpha=0.2), or use augment=strong for no mixing")
     if cfg.scenario.get("name") == "auto":
         check_rules(cfg, AUTO_RULES)
     check_hardware(cfg.trainer)
