@@ -83,6 +83,10 @@ def one_line(code: int, lines: list[str], culprit: str) -> None:
      "callbacks.progress=null on the same command line switches callbacks.progress off"),
     (["callbacks.progress=null", "+callbacks.progress.metrics_every=0"], "has nothing to set: drop one of the two"),
     (["+trainer.limit_train_batchs=2"], "did you mean trainer.limit_train_batches"),
+    # a real Trainer argument named without the +: the advice pointed at accumulate_grad_batches (hostile round 39)
+    (["trainer.limit_train_batches=2"], "trainer.limit_train_batches is not in this config yet, but "
+     "pytorch_lightning.Trainer takes 'limit_train_batches': add it with a +, i.e. +trainer.limit_train_batches=2"),
+    (["trainer.limit_train_batchs=2"], "did you mean +trainer.limit_train_batches or"),
     (["data.imagesize=64"], "did you mean data.image_size"),
     (["callbacks.progres=null"], "did you mean callbacks.progress?"),
     (["data=imagefolder", "data.root=/x", "data.source.roott=/y"], "did you mean data.source.root?"),

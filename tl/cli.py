@@ -187,9 +187,23 @@ def check_override_keys(argv: list[str], config_name: str) -> None:
                     # tl.evaluate reads the run's own data unless data=NAME names other data
                     _fail(f"{key}: the data settings apply to data named on the command line: add data=imagefolder "
                           f"(or digits, shards, ...), e.g. data=imagefolder {o.input_line}")
+                target = node._get_node("_target_") if isinstance(node, DictConfig) and len(missing) == 1 \
+                    and "_target_" in node.keys() else None
+                arguments = _arguments(str(target._value())) if target is not None else None
+                if arguments and missing[0] in arguments:  # a real argument the config leaves at its default
+                    _fail(f"{key} is not in this config yet, but {target._value()} takes {missing[0]!r}: add it "
+                          f"with a +, i.e. +{o.input_line}")
                 siblings = list(node.keys()) if isinstance(node, DictConfig) else []
+                prefix = f"{found}." if found else ""
+                hint = _closest(missing[0], siblings, prefix)
+                if arguments and len(missing) == 1:  # the object's own arguments too, those not set need the +
+                    names = {f"{prefix}{a}": a for a in siblings} | {
+                        f"+{prefix}{a}": a for a in arguments if a not in siblings}
+                    close = difflib.get_close_matches(missing[0], sorted(set(names.values())), n=3, cutoff=0.5)
+                    if close:
+                        hint = "did you mean " + " or ".join(n for c in close for n, a in names.items() if a == c) + "?"
                 _fail(f"{key} is not a setting of this config ({missing[0]!r} is not under "
-                      f"{found or 'the top level'}): {_closest(missing[0], siblings, f'{found}.' if found else '')}")
+                      f"{found or 'the top level'}): {hint}")
             continue
         # +key=value: only an argument of the object its parent node builds is read by anything
         parent, _, leaf = key.rpartition(".")
