@@ -332,3 +332,28 @@ def test_a_run_stopped_in_its_first_epoch_is_named_with_its_interrupted_checkpoi
         with pytest.raises(TLError, match=f"hydra.run.dir={run} ckpt_path=auto, or give ckpt={run}/checkpoints/"
                                           "interrupted.ckpt"):
             resolve_members(str(ckpt), None)
+
+
+def test_the_free_space_asked_for_is_sized_to_what_is_written(run, images, tmp_path, monkeypatch):
+    """Found by a hostile tester: a fixed 200 MB refused a prediction CSV of a few KB and an export of 27 MB on a
+    disk with 100 MB free. Now each asks for about what it writes, and says how much."""
+    import collections
+    import shutil
+
+    _, results, objects = run
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"mb": 3}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 0, free["mb"] * 2**20))
+    out = tmp_path / "p.csv"
+    rows, _ = predict(compose("predict", tmp_path, f"ckpt={results['best_ckpt']}", f"inputs={images}",
+                              f"output={out}", "num_workers=0"))
+    assert out.is_file() and len(rows) == 12  # 12 rows fit in 3 MB
+    module = objects["module"]
+    weights_mb = sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
+    free["mb"] = int(weights_mb)  # less than one copy of the weights: safetensors and ONNX cannot fit
+    with pytest.raises(TLError, match=r"MB free, and this needs about \d+ MB"):
+        export_model(module, tmp_path / "exp", "all")
+    assert not (tmp_path / "exp").exists()
+    free["mb"] = int(3 * weights_mb) + 5
+    export_model(module, tmp_path / "exp", "safetensors")
+    assert (tmp_path / "exp" / "model.safetensors").is_file()

@@ -37,6 +37,7 @@ from tl.inference import EXPORT_CONFIG, EXPORT_WEIGHTS, load_module, run_dir_of
 from tl.utils import (
     check_required,
     ensure_writable,
+    megabytes,
     terminate_as_exception,
     user_errors,
 )
@@ -126,7 +127,10 @@ def export_model(module: nn.Module, out_dir: str | Path, formats: str = "safeten
                       f"(format={formats}{'' if INT8_FILE not in others else ', onnx.quantize=false'}) does not write: "
                       f"it would be removed, not to sit beside a model.json that no longer describes it; export "
                       f"{wanted} there, or into another folder with output=DIR; nothing was written")
-    out_dir = ensure_writable(out_dir, setting="output=DIR")
+    # the weights once per file written (ONNX: once per ensemble member; int8 a quarter), scratch copies moved in
+    model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    copies = (EXPORT_WEIGHTS in writes) + (ONNX_FILE in writes) * len(members or [None]) + (INT8_FILE in writes) / 4
+    out_dir = ensure_writable(out_dir, min_free_mb=megabytes(model_bytes * copies + 2**20), setting="output=DIR")
     _remove_abandoned_scratch(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out_dir))
     done = False

@@ -35,6 +35,7 @@ from tl.utils import (
     check_required,
     check_sweep_output,
     ensure_writable,
+    megabytes,
     output_target,
     terminate_as_exception,
     user_errors,
@@ -160,9 +161,12 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
             ckpt.parent / "model.json").is_file() else []
     check_sweep_output(output)
     check_output_file(output, "output", ".csv", reads=[ckpt, Path(str(cfg.inputs)), *paths], inside=model_dirs)
-    ensure_writable(output.parent, setting="output=FILE.csv")
     class_names = predictor.class_names
     topk = min(cfg.topk, len(class_names))
+    # each row: the path, then label and probability for each of the top k (an earlier CSV stays until the rename)
+    row = max((len(str(p).encode()) for p in paths), default=0) + topk * (
+        max((len(str(c).encode()) for c in class_names), default=0) + 16) + 32
+    ensure_writable(output.parent, min_free_mb=megabytes(2 * row * len(paths)), setting="output=FILE.csv")
     min_prob = cfg.get("min_prob")
     min_prob = None if min_prob is None else float(min_prob)
     batch_size = cfg.batch_size
