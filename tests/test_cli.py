@@ -97,6 +97,29 @@ def test_a_group_set_to_null_or_removed_is_one_line(arg, says, monkeypatch, caps
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_relative_paths_mean_the_launch_folder_also_under_hydra_job_chdir(tmp_path, monkeypatch, capfd):
+    """Found by a hostile tester: with hydra.job.chdir=true, Hydra runs the job inside the run folder, so a relative
+    data.root was reported missing without a word on why. Relative paths now mean where the command was run; the
+    outputs still go to the run folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("a", "b")):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray((rng.random((24, 24, 3)) * 60 + 90 * k).astype(np.uint8)).save(
+                tmp_path / "imgs" / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    proc = run_train_here("hydra.job.chdir=true", "data=imagefolder", "data.root=imgs", "data.image_size=64",
+                          "scenario=small_similar", "trainer.max_epochs=1", "export=false", "logger=none",
+                          "paths.cache_dir=cache", tmp_path=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
+    assert proc.returncode in (0, None), proc.stderr[-2000:]
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert list((tmp_path / "cache").iterdir()) and not (tmp_path / "run" / "cache").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_empty_class_folder_and_misfit_checkpoint(tmp_path, monkeypatch, capfd):
     from PIL import Image
 

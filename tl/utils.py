@@ -157,6 +157,20 @@ def discard_bare_run_dir() -> None:
         shutil.rmtree(run_dir)
 
 
+def _back_to_launch_dir() -> None:
+    """Relative paths (data.root, paths.cache_dir, ckpt, inputs, model.pretrained) mean the folder the command was
+    run from, also with `hydra.job.chdir=true`, under which Hydra runs the job inside its output folder (found by a
+    hostile tester: `data.root=ds/tex` was then reported missing without a word on why). The outputs do not move:
+    they go to the run directory, an absolute path. Hydra returns to its own folder after the job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+            os.chdir(HydraConfig.get().runtime.cwd)
+    except (ImportError, ValueError, OSError, AttributeError):  # outside Hydra, or the folder is gone: stay
+        pass
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn bad input (a TLError) into one line on stderr and exit status 2, and a SIGTERM or Ctrl-C into one line
     and status 143 or 130 (128 + the signal, as a killed process reports it)."""
@@ -164,6 +178,7 @@ def user_errors(fn: Callable) -> Callable:
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _back_to_launch_dir()
             return fn(*args, **kwargs)
         except TLError as e:
             message = str(e).strip()
