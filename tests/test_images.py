@@ -46,6 +46,17 @@ def test_constant_high_bit_depth_image_is_black_not_a_division_by_zero(tmp_path)
     assert rgb.max() == 0
 
 
+def test_a_float_image_with_no_finite_pixel_is_an_error_not_a_black_image(tmp_path):
+    """Found by a hostile tester: an all-NaN float TIFF was predicted as if it were black (exit 0)."""
+    nan = Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F")
+    with pytest.raises(ValueError, match="no finite pixel value"):
+        roundtrip(nan, tmp_path / "nan.tif")
+    some = np.full((8, 8), np.nan, np.float32)
+    some[0, :4] = [0, 1, 2, 3]
+    rgb = np.asarray(roundtrip(Image.fromarray(some, mode="F"), tmp_path / "some.tif"))
+    assert rgb[0, 3, 0] == 255 and rgb[0, 0, 0] == 0  # the finite pixels stretched; NaN shown as the lowest
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (40, 20), (200, 10, 10))
     exif = Image.Exif()

@@ -92,6 +92,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if values.ndim == 3:  # some PIL versions decode I;16 variants with a trailing channel
             values = values[..., 0]
         finite = values[np.isfinite(values)]
+        if not finite.size and values.size:  # found by a hostile tester: an all-NaN TIFF was labelled as a black one
+            raise ValueError(f"a {img.mode} image with no finite pixel value (all NaN or infinite): nothing to see")
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         scaled = np.zeros_like(values) if high <= low else (np.nan_to_num(values, nan=low) - low) / (high - low)
         img = Image.fromarray(np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8), mode="L")
