@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import csv
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -164,8 +165,8 @@ def predict(cfg: DictConfig) -> tuple[list[dict], dict]:
     class_names = predictor.class_names
     topk = min(cfg.topk, len(class_names))
     # each row: the path, then label and probability for each of the top k (an earlier CSV stays until the rename)
-    row = max((len(str(p).encode()) for p in paths), default=0) + topk * (
-        max((len(str(c).encode()) for c in class_names), default=0) + 16) + 32
+    row = max((len(os.fsencode(str(p))) for p in paths), default=0) + topk * (
+        max((len(str(c).encode(errors="surrogateescape")) for c in class_names), default=0) + 16) + 32
     ensure_writable(output.parent, min_free_mb=megabytes(2 * row * len(paths)), setting="output=FILE.csv")
     min_prob = cfg.get("min_prob")
     min_prob = None if min_prob is None else float(min_prob)
