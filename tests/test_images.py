@@ -251,3 +251,12 @@ def test_a_large_png_with_a_garbled_stream_and_good_checksums_is_unreadable_to_t
     with Image.open(garbled) as img:
         img.verify()  # the CRCs alone pass it
     assert not _is_readable_image(Path(garbled))
+
+
+def test_an_image_over_the_decompression_bomb_guard_says_what_to_do():
+    """A legitimate 20000x20000 scan was an error row with PIL's message only (found by a hostile tester)."""
+    from tl.onnx_runtime import read_error
+
+    error = Image.DecompressionBombError("Image size (400000000 pixels) exceeds limit of 178956970 pixels")
+    assert read_error(error).startswith("DecompressionBombError: Image size") and "tile the image" in read_error(error)
+    assert read_error(OSError("truncated")) == "OSError: truncated"

@@ -245,8 +245,12 @@ def check_regular(path: Path) -> None:
 
 
 def read_error(e: Exception) -> str:
-    """A file's read error for its CSV row: the exception's name and first line."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    """A file's read error for its CSV row: the exception's name and first line (for an image over PIL's guard
+    against decompression bombs, a real one such as a 20000x20000 satellite scene, what to do)."""
+    text = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    if isinstance(e, Image.DecompressionBombError):
+        text += " (downscale or tile the image below that many pixels first)"
+    return text
 
 
 def read_image(path: Path, clf: OnnxClassifier) -> tuple[np.ndarray | None, str]:
