@@ -74,7 +74,10 @@ def test_a_resume_with_another_policy_or_optimizer_is_refused_before_the_config_
                          ("optimizer.lr=0.5", r"was trained with optimizer.lr=.* but this run has optimizer.lr=0.5: a "
                                               "resume goes on with the checkpoint's optimizer state"),
                          ("optimizer.weight_decay=0.3", "optimizer.weight_decay=0.3"),
-                         ("finetune.backbone_lr_mult=0.9", "finetune.backbone_lr_mult=0.9")):
+                         ("finetune.backbone_lr_mult=0.9", "finetune.backbone_lr_mult=0.9"),
+                         # found by a hostile tester: a third "cycle" that never restarted, delivered as a member
+                         ("snapshots.cycles=2", "was trained with snapshots.cycles=0 but this run has "
+                                                "snapshots.cycles=2: the learning-rate cycles")):
         with pytest.raises(TLError, match=says) as e:
             train(tiny_cfg("trainer.max_epochs=2", "ckpt_path=last", change, "export=false"))
         assert "\n" not in str(e.value)

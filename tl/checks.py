@@ -522,6 +522,20 @@ def _check_optimizer_settings(ckpt_path: str, hp: dict, ours, lr_found: bool = F
              if k not in ("_target_", "_partial_") and not (lr_found and k == "lr")]
     if "backbone_lr_mult" in hp:
         pairs.append(("finetune.backbone_lr_mult", hp["backbone_lr_mult"], ours.get("backbone_lr_mult")))
+    # a snapshot ensemble's cycles are laid out over the whole run: another count or first cycle on a resume made a
+    # "cycle" that never restarted its rate, delivered as an ensemble member (found by a hostile tester)
+    saved_sched, our_sched = hp.get("scheduler"), ours.get("scheduler")
+    if isinstance(saved_sched, dict) and our_sched is not None:
+        our_sched = OmegaConf.to_container(our_sched, resolve=True) if isinstance(our_sched, DictConfig) \
+            else dict(our_sched)
+        group = "snapshots" if str(our_sched.get("_target_", "")).endswith(".cosine") else "scheduler"
+        for key, setting in (("cycles", f"{group}.cycles"), ("first_cycle", f"{group}.first_cycle")):
+            if key in saved_sched and not _same_setting(saved_sched.get(key), our_sched.get(key)):
+                raise TLError(f"ckpt_path={ckpt_path!r} was trained with {setting}={saved_sched.get(key)!r} but this "
+                              f"run has {setting}={our_sched.get(key)!r}: the learning-rate cycles are laid out over "
+                              f"the whole run, so the rest of it would not restart where a cycle should; resume with "
+                              f"{setting}={saved_sched.get(key)!r} (the run's config.yaml), or start a new run in "
+                              "another hydra.run.dir")
     for setting, before, after in pairs:
         if not _same_setting(before, after):
             raise TLError(f"ckpt_path={ckpt_path!r} was trained with {setting}={before!r} but this run has "
