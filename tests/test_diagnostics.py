@@ -156,6 +156,26 @@ def test_find_lr_suggests_plots_and_applies(tiny_cfg, tmp_path):
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # weights restored
 
 
+def test_find_lr_does_not_apply_a_suggestion_far_from_the_configured_rate(tiny_cfg, tmp_path):
+    """Found by a hostile tester: a sweep over a few tiny batches diverged early and suggested 700x below the
+    preset's rate; lr_find=apply trained to chance with exit 0. More than 100x away, the configured rate stays (the
+    sweep spans 1e-7..1, so from 1e-10 every suggestion is that far)."""
+    from tl.callbacks.lr_finder import find_lr
+    from tl.train import build_data, build_module
+    from tl.utils import build
+
+    cfg = tiny_cfg("scenario=large_similar", "optimizer.lr=1e-10")
+    datamodule = build_data(cfg)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    module.load_pretrained()
+    result = find_lr(lambda: build(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False),
+                     module, datamodule, apply=True, out_dir=tmp_path, num_training=20)
+    assert result["lr_find/suggestion"] is not None and not result["lr_find/applied"]
+    assert "more than 100x from the configured rate" in result["lr_find/not_applied"]
+    assert module.hparams.optimizer["lr"] == 1e-10
+
+
 @pytest.mark.slow
 def test_find_lr_does_not_apply_a_sweep_over_one_batch(tiny_cfg, tmp_path):
     """Found by a hostile tester: lr_find=apply on a training split of one batch applied an LR ~190x lower in

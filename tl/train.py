@@ -240,6 +240,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
 
     # 3. model: architecture and new head, then the pretrained backbone weights; a checkpoint to resume must fit it
     module = build_module(cfg, datamodule)
+    resumed_lr: dict[str, float] = {}
     if ckpt_path is not None:
         saved = check_resume(ckpt_path, module, cfg.trainer.max_epochs,
                              finished=(run_dir / "results.json").is_file() and own_resume(cfg.ckpt_path, run_dir),
@@ -248,6 +249,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
         saved_lr = (saved.get("optimizer") or {}).get("lr") if isinstance(saved.get("optimizer"), dict) else None
         if cfg.lr_find == "apply" and saved_lr is not None and module.hparams.get("optimizer") is not None:
             module.hparams.optimizer["lr"] = saved_lr  # the finder's rate, which the restored optimizer goes on with
+            resumed_lr = {"lr_find/resumed_lr": float(saved_lr)}  # results.json keeps the rate the run trained at
     pretrained = module.load_pretrained()
     head_init = None
     if cfg.finetune.head_init == "probe" and ckpt_path is None:  # LP-FT: start from the best linear probe
@@ -268,7 +270,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resumed_step: 
         features = FeatureCache(cfg.paths.cache_dir).get(module.model, classifier_names(module.model), datamodule)
         fit_data = FeatureDataModule(features, datamodule.batch_size, datamodule.eval_batch_size,
                                      train_sampler=datamodule.train_sampler, source=datamodule)
-    lr_found: dict[str, Any] = {}
+    lr_found: dict[str, Any] = dict(resumed_lr)
     if cfg.lr_find and ckpt_path is None:  # a resumed run keeps its optimizer state
         from tl.callbacks.lr_finder import find_lr
 

@@ -19,6 +19,7 @@ from pytorch_lightning.tuner import Tuner
 log = logging.getLogger(__name__)
 
 
+FAR = 100.0  # lr_find=apply keeps the configured LR when the suggestion is more than this factor away from it
 MIN_BATCHES = 3  # lr_find=apply below this many training batches keeps the configured LR (and says so)
 
 
@@ -106,6 +107,14 @@ def find_lr(trainer_factory: Callable[[], pl.Trainer], module: pl.LightningModul
         log.warning("LR finder: suggests optimizer.lr=%.3g, not applied: the training split is %d batch(es) of "
                     "data.batch_size (at least %d needed for a range test that means something); keeping "
                     "optimizer.lr=%s", suggestion, int(batches), MIN_BATCHES, before)
+    elif apply and before and not before / FAR <= suggestion <= before * FAR:
+        # found by a hostile tester: a sweep over 5 batches of 2 images diverged early and suggested 700x below the
+        # preset's rate; applied, the run trained to chance with exit 0
+        result["lr_find/not_applied"] = (f"the suggestion is more than {FAR:g}x from the configured rate, which a "
+                                         "range test on this data does not support (see lr_find.png)")
+        log.warning("LR finder: suggests optimizer.lr=%.3g, not applied: more than %gx from optimizer.lr=%s; a range "
+                    "test that far off is usually noise (small batches, few steps; see lr_find.png); set "
+                    "optimizer.lr yourself to use it", suggestion, FAR, before)
     elif apply and optimizer_cfg is not None:
         optimizer_cfg["lr"] = float(suggestion)  # configure_optimizers reads it; the checkpoint records it
         result["lr_find/applied"] = True
