@@ -292,6 +292,10 @@ def main() -> None:
             parser.error(f"--datasets {d}: not a folder (an image folder: DIR/<class>/*.png or DIR/train|val|test/)")
         if names.count(d.name) > 1:
             parser.error(f"--datasets: two folders named {d.name!r} would share {args.out / d.name}: rename one")
+        out, data = args.out.expanduser().resolve(), d.expanduser().resolve()
+        if out == data or data in out.parents:  # found by a hostile tester: the runs' folder became a class
+            parser.error(f"--out {args.out} lies inside --datasets {d}: its run folders would be read as a class "
+                         "of images; choose an --out outside the datasets")
     sys.path.insert(0, str(HERE.parent))
     auto_keys = [o for o in overrides if o.lstrip("+~").startswith("scenario")]
     if auto_keys and (set(args.policies) != {"auto"} or set(args.sweeps) - {"transfer"}):

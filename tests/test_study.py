@@ -64,6 +64,8 @@ def test_probe_sweep_on_tl_splits(tmp_path):
 @pytest.mark.parametrize("args, code, says", [
     (["--datasets", "{tmp}/none"], 2, "--datasets {tmp}/none: not a folder"),
     (["--datasets", "{tmp}/a/ds", "{tmp}/b/ds"], 2, "two folders named 'ds'"),
+    # found by a hostile tester: the runs' folder inside the dataset became a class, after 26 s, left behind
+    (["--datasets", "{tmp}/a/ds", "--out", "{tmp}/a/ds/out"], 2, "--out {tmp}/a/ds/out lies inside --datasets"),
     (["--datasets", "{tmp}/a/ds", "--", "data.batchsize=4"], 2, "did you mean data.batch_size"),
     (["--datasets", "{tmp}/a/ds", "--", "data.batch_size=abc"], 2, "study.py: error: data.batch_size='abc' is invalid"),
     (["--datasets", "{tmp}/a/ds", "--out", "{tmp}/file/x", "--collect-only"], 2,
