@@ -22,9 +22,11 @@ transfer policies to run (default: the four presets and auto).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -97,9 +99,39 @@ def run_sweeps(out: Path, sizes: list[str], seeds: list[int], extra: list[str], 
             cmd = [sys.executable, "-m", "tl.train", "-m", *overrides, *common, f"hydra.sweep.dir={sweep_dir}",
                    "callbacks.progress=null", "trainer.enable_progress_bar=false"]
             print("+", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            run_child(cmd)
         if "probe" in which:
             run_probes(out, size, per_class, seeds, extra)
+
+
+def run_child(cmd: list[str]) -> None:
+    """Run one `tl.train -m` sweep and wait for it, also when this script is signalled: a SIGTERM (a scheduler's, or
+    `timeout`) is passed on to the sweep, which saves its run's state, and Ctrl-C (which reaches both) waits for
+    that. Found by a hostile tester: on SIGTERM the script exited at once and left the sweep running on, orphaned."""
+    proc = subprocess.Popen(cmd)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # the sweep got it too, in the same process group: let it save and exit
+                received.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:
+        name = "SIGTERM" if signal.SIGTERM in received else "Ctrl-C"
+        fail(f"interrupted by {name}: the sweep in progress was stopped and has said above what it kept",
+             code=128 + int(received[0]))
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 def run_probes(out: Path, size: str, per_class: str, seeds: list[int], extra: list[str]) -> None:

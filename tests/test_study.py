@@ -86,3 +86,39 @@ def test_bad_study_arguments_fail_in_one_line_before_any_run(tmp_path, args, cod
                            "--sweeps", "transfer", *out, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == code and says.format(tmp=tmp_path) in proc.stderr, proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_study_reaches_its_sweep_and_leaves_no_orphan(tmp_path):
+    """Found by a hostile tester: on SIGTERM (a scheduler's, `timeout`) the script exited at once and its
+    `tl.train -m` sweep ran on, orphaned. Now the sweep is told, saves its run's state, and the script waits."""
+    import os
+    import signal
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    image_root = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+
+    for k in range(2):
+        (image_root / f"c{k}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray((rng.random((24, 24, 3)) * 60 + 90 * k).astype("uint8")).save(image_root / f"c{k}/{i}.png")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "study.py"), "--out", str(out), "--datasets",
+                             str(image_root), "--sizes", "3", "--seeds", "0", "--policies", "small_different",
+                             "--sweeps", "transfer", "--", "data.image_size=64", "trainer.max_epochs=200"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.rglob("last.ckpt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(1)  # training has begun: a first epoch's checkpoint is written
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.kill(proc.pid, signal.SIGTERM)  # the script alone, as `timeout` does
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "study.py: error: interrupted by SIGTERM" in err and "tl: interrupted by SIGTERM" in err
+    assert list(out.rglob("interrupted.ckpt"))  # the sweep's run saved its state before the script exited
+    orphans = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not orphans
