@@ -145,3 +145,13 @@ def test_a_run_folder_copied_elsewhere_resumes_with_its_best_checkpoint_record(t
     assert Path(resumed["best_ckpt"]) == tmp_path / "b" / "checkpoints" / "epoch000.ckpt"  # the copy's own file
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("epoch*.ckpt")) == ["epoch000.ckpt"]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "checkpoints").iterdir()} == before
+
+
+def test_a_fresh_run_prints_no_warning_about_a_previous_fit(tiny_cfg, recwarn):
+    """Lightning read ckpt_path=None as "last" (tl's interrupt checkpoint is an OnExceptionCheckpoint) and warned,
+    in every run, of "the last model of the previous fit call" and of "no last checkpoint" (found by a hostile
+    tester)."""
+    results, _ = train(tiny_cfg("trainer.max_epochs=1", "export=false", "test=false", "logger=none"))
+    assert results["epochs"] == 1
+    said = [str(w.message) for w in recwarn]
+    assert not [m for m in said if "was called without a model" in m or "there is no last checkpoint" in m], said
