@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tl.errors import TLError
 from tl.models.strategies import STAGED, STRATEGIES
-from tl.utils import check_required, check_resolvable
+from tl.utils import check_required, check_resolvable, to_plain
 
 Rule = tuple[str, Callable[[object], bool], str]
 
@@ -125,13 +125,13 @@ AUTO_RULES: list[Rule] = [
     ("scenario.small_deliver", lambda v: v in ("val", "ensemble", "best"), "ensemble, val or best (snapshots.deliver)"),
 ]
 
-def _pair(lo: float, hi: float | None, low_open: bool = True) -> Callable[[object], bool]:
-    """Two numbers, smallest first, within (lo, hi] (or [lo, hi] where not `low_open`; no upper bound: hi None)."""
+def _pair(lo: float, hi: float | None) -> Callable[[object], bool]:
+    """Two numbers, smallest first, within (lo, hi] (no upper bound: hi None)."""
     def ok(v) -> bool:
         if not isinstance(v, (list, tuple, ListConfig)) or len(v) != 2 or not all(_number(x) for x in v):
             return False
         a, b = float(v[0]), float(v[1])
-        return (a > lo if low_open else a >= lo) and a <= b and (hi is None or b <= hi)
+        return lo < a <= b and (hi is None or b <= hi)
     return ok
 
 
@@ -517,7 +517,7 @@ def _check_optimizer_settings(ckpt_path: str, hp: dict, ours, lr_found: bool = F
     saved, now = hp.get("optimizer"), ours.get("optimizer")
     if not isinstance(saved, dict) or now is None:
         return
-    now = OmegaConf.to_container(now, resolve=True) if isinstance(now, DictConfig) else dict(now)
+    now = dict(to_plain(now))
     pairs = [(f"optimizer.{k}", saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
              if k not in ("_target_", "_partial_") and not (lr_found and k == "lr")]
     if "backbone_lr_mult" in hp:
@@ -526,8 +526,7 @@ def _check_optimizer_settings(ckpt_path: str, hp: dict, ours, lr_found: bool = F
     # "cycle" that never restarted its rate, delivered as an ensemble member (found by a hostile tester)
     saved_sched, our_sched = hp.get("scheduler"), ours.get("scheduler")
     if isinstance(saved_sched, dict) and our_sched is not None:
-        our_sched = OmegaConf.to_container(our_sched, resolve=True) if isinstance(our_sched, DictConfig) \
-            else dict(our_sched)
+        our_sched = dict(to_plain(our_sched))
         group = "snapshots" if str(our_sched.get("_target_", "")).endswith(".cosine") else "scheduler"
         for key, setting in (("cycles", f"{group}.cycles"), ("first_cycle", f"{group}.first_cycle")):
             if key in saved_sched and not _same_setting(saved_sched.get(key), our_sched.get(key)):

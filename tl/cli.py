@@ -32,7 +32,9 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-OPTIONAL_GROUPS = ("experiment", "hparams_search", "debug")  # `optional ...: null` in the defaults lists
+# the training config's `optional GROUP: null` defaults (experiment, hparams_search, debug): off unless chosen
+OPTIONAL_GROUPS = tuple(key.split()[-1] for entry in OmegaConf.load(CONF_DIR / "train.yaml").defaults
+                        if isinstance(entry, DictConfig) for key in entry if key.startswith("optional "))
 REQUIRED_GROUPS = ("data", "model", "optimizer", "trainer", "scenario")  # `~GROUP` leaves the config unusable
 
 

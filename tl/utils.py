@@ -291,7 +291,7 @@ def check_resolvable(cfg: DictConfig) -> None:
                     cause = cause.__cause__ or cause.__context__
                 if any("HydraConfig" in c for c in chain):
                     continue
-                raw = node._get_node(key)._value() if isinstance(node, (DictConfig, ListConfig)) else "?"
+                raw = node._get_node(key)._value()  # the value as written, interpolation and all
                 first = (str(e).splitlines() or [type(e).__name__])[0]
                 raise TLError(f"{path}={raw} cannot be resolved ({first}): set what it refers to (an environment "
                               "variable: export it), or give the value itself") from None
